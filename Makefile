@@ -1,0 +1,35 @@
+# The two README commands: `make train` (set up, then train the default model) and
+# `make test` (set up, then run the test suite). Each creates .venv on first use.
+# TORCH is installed first: on the dev machines torch==2.13.0 is the local CPU wheel;
+# elsewhere set e.g. TORCH="torch>=2.4" (or a CUDA build) to suit the machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup train test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+train: setup
+	$(BIN)/composer-train $(ARGS)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,227 @@
+"""Self-attention: multi-head (mha), grouped-query (gqa), multi-query (mqa), sliding window.
+
+One module serves all four; they differ in how many key/value heads they keep and how far
+back a query may look. Queries, keys and values come from one fused projection; the
+attention itself is ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
+GPUs, grouped key/value heads without copies where torch supports ``enable_gqa``). Only a
+logit soft-cap, which SDPA cannot express, takes the explicit softmax path.
+
+Shapes: B batch, T new tokens, S keys, C hidden, H query heads, Hkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from components.kv_cache import KVCache
+from components.norm import RMSNorm, RMSNormConfig
+from components.protocols import AttentionInputs, BuildContext, ComponentConfig
+from composer.registry import ATTENTION
+from composer.schema import check_probability, inherit, option
+
+# enable_gqa (torch >= 2.5) lets SDPA read grouped key/value heads without copying them
+SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+@dataclass
+class AttentionConfig(ComponentConfig):
+    """Multi-head self-attention: every query head has its own key/value head."""
+
+    num_heads: Optional[int] = option(None, help="query heads (null: model.num_heads)", min=1)
+    head_dim: Optional[int] = option(None, help="dims per head (null: hidden_size / num_heads)", min=1)
+    bias: bool = option(False, help="bias on the query/key/value projection")
+    out_bias: Optional[bool] = option(None, help="bias on the output projection (null: same as bias)")
+    qk_norm: bool = option(False, help="RMS-normalize queries and keys per head before attending")
+    softmax_scale: Optional[float] = option(None, help="score scale (null: 1/sqrt(head_dim))")
+    logit_softcap: Optional[float] = option(None, help="cap scores with c*tanh(s/c) (Gemma 2: 50)")
+    dropout: Optional[float] = option(None, help="attention-probability dropout (null: model.dropout)")
+    causal: bool = option(True, help="attend only to earlier tokens (false for encoders)")
+
+    def kv_heads(self) -> int:
+        return self.num_heads
+
+    def window_size(self) -> Optional[int]:
+        return None
+
+    def resolve(self, model, check) -> None:
+        inherit(self, "num_heads", model.num_heads)
+        if self.head_dim is None:
+            if model.hidden_size % self.num_heads == 0:
+                inherit(self, "head_dim", model.hidden_size // self.num_heads)
+            elif self.num_heads != model.num_heads:  # the model-level rule reports the other case
+                check.fail("num_heads", f"hidden_size {model.hidden_size} is not divisible by {self.num_heads}",
+                           "pick a divisor of hidden_size or set head_dim")
+        inherit(self, "out_bias", self.bias)
+        inherit(self, "dropout", model.dropout)
+        check_probability(self, "dropout", check)
+        if self.softmax_scale is not None and self.softmax_scale <= 0:
+            check.fail("softmax_scale", f"{self.softmax_scale} must be positive", "use null for 1/sqrt(head_dim)")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            check.fail("logit_softcap", f"{self.logit_softcap} must be positive", "use null for no cap, or e.g. 50.0")
+
+
+@dataclass
+class MQAConfig(AttentionConfig):
+    """Multi-query attention: all query heads share one key/value head."""
+
+    def kv_heads(self) -> int:
+        return 1
+
+
+@dataclass
+class GQAConfig(AttentionConfig):
+    """Grouped-query attention: groups of query heads share a key/value head."""
+
+    num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads / 2)",
+                                         min=1)
+
+    def kv_heads(self) -> int:
+        return self.num_kv_heads
+
+    def resolve(self, model, check) -> None:
+        super().resolve(model, check)
+        if self.num_kv_heads is None:
+            if self.num_heads % 2 and self.num_heads > 1:
+                check.missing("num_kv_heads", f"no default for an odd num_heads ({self.num_heads})",
+                              "set num_kv_heads to a divisor of num_heads")
+                return
+            inherit(self, "num_kv_heads", max(1, self.num_heads // 2))
+        if self.num_heads % self.num_kv_heads:
+            divisors = [d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]
+            check.fail("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}",
+                       f"use one of {divisors}")
+
+
+@dataclass(kw_only=True)
+class SlidingWindowConfig(GQAConfig):
+    """Causal local attention: each query sees only the last `window` tokens (Mistral)."""
+
+    num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads)", min=1)
+    window: int = option(help="tokens each query can see, itself included", min=1)
+
+    def window_size(self) -> Optional[int]:
+        return self.window
+
+    def resolve(self, model, check) -> None:
+        inherit(self, "num_kv_heads", self.num_heads or model.num_heads)
+        super().resolve(model, check)
+        if self.window is not None and self.window > model.max_position_embeddings:
+            check.fail("window", f"{self.window} exceeds max_position_embeddings={model.max_position_embeddings}",
+                       f"use a window between 1 and {model.max_position_embeddings}")
+
+
+def build_mask(q_pos: Tensor, k_pos: Tensor, key_valid: Optional[Tensor], causal: bool,
+               window: Optional[int]) -> Tensor:
+    """Boolean mask [B or 1, 1, Tq, Tk], True where query i may attend to key j.
+
+    q_pos [Tq] and k_pos [Tk] are cache slots (k_pos -1: empty slot); key_valid [B, Tk] marks
+    real tokens. A padding query may always see itself, so no row is empty (SDPA would NaN).
+    """
+    dist = q_pos[:, None] - k_pos[None, :]  # [Tq, Tk]
+    allowed = k_pos[None, :] >= 0
+    if causal:
+        allowed = allowed & (dist >= 0)
+    if window is not None:
+        allowed = allowed & (dist.abs() < window)
+    allowed = allowed[None]  # [1, Tq, Tk]
+    if key_valid is not None:
+        allowed = (allowed & key_valid[:, None, :]) | (dist == 0)[None]
+    return allowed[:, None]  # [B|1, 1, Tq, Tk]
+
+
+@ATTENTION.register("mha", config=AttentionConfig)
+@ATTENTION.register("mqa", config=MQAConfig)
+@ATTENTION.register("gqa", config=GQAConfig)
+@ATTENTION.register("sliding_window", config=SlidingWindowConfig)
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: AttentionConfig, ctx: BuildContext):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads(), cfg.head_dim
+        self.window, self.causal = cfg.window_size(), cfg.causal
+        self.scale, self.softcap, self.dropout = cfg.softmax_scale, cfg.logit_softcap, cfg.dropout
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        self.qkv = nn.Linear(ctx.hidden_size, (h + 2 * hkv) * d, bias=cfg.bias)  # C -> (H + 2Hkv) D
+        self.out = nn.Linear(h * d, ctx.hidden_size, bias=cfg.out_bias)  # H D -> C
+        self.out.residual_projection = True  # init scaled by 1/sqrt(2 * layers)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            head_ctx = BuildContext(d, ctx.vocab_size, ctx.max_position_embeddings, ctx.num_layers)
+            self.q_norm = RMSNorm(RMSNormConfig(), head_ctx)
+            self.k_norm = RMSNorm(RMSNormConfig(), head_ctx)
+        # Shared with other layers and owned by the model: kept out of this module's state.
+        self.__dict__["position"] = ctx.position
+
+    def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
+        return KVCache(batch_size, self.num_kv_heads, self.head_dim, capacity, self.window,
+                       dtype=dtype, device=device)
+
+    def forward(self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Optional[KVCache] = None,
+                use_cache: bool = False) -> tuple[Tensor, Optional[KVCache]]:
+        b, t, _ = hidden.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(hidden).split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.position is not None:
+            q, k = self.position.rotate(q, k, inputs)
+
+        q_pos = inputs.cached(("q_slots", t), lambda: torch.arange(
+            inputs.past_length, inputs.past_length + t, device=hidden.device))  # [T]
+        if past_key_value is not None:
+            new_valid = None if inputs.key_valid is None else inputs.key_valid[:, -t:]
+            k, v, k_pos, k_valid = past_key_value.update(k, v, new_valid)  # [B, Hkv, S, D], [S], [B, S]
+            if inputs.key_valid is None:
+                k_valid = None  # the caller says nothing is padded
+        else:
+            k_pos, k_valid = q_pos, inputs.key_valid
+
+        bias = None if self.position is None else self.position.bias(q_pos, k_pos)  # [H, T, S] or None
+        plain = k_valid is None and bias is None
+        # no mask needed: a full causal square, or one new token that may see the whole cache
+        square = plain and past_key_value is None and self.window is None
+        decode = plain and past_key_value is not None and t == 1 and not past_key_value.rolling and (
+            self.window is None or self.window >= k.shape[2])
+        mask = None
+        if not (square or decode):
+            rolling = past_key_value is not None and past_key_value.rolling
+            key = ("mask", self.causal, self.window, t, k.shape[2], rolling, past_key_value is None)
+            mask = inputs.cached(key, lambda: build_mask(q_pos, k_pos, k_valid, self.causal, self.window))
+            if bias is not None:
+                mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))  # [B|1, H, T, S]
+        is_causal = square and self.causal
+        y = self._attend(q, k, v, mask, is_causal=is_causal)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(b, t, h * d)
+        return self.out(y), past_key_value if use_cache else None
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        groups = self.num_heads // self.num_kv_heads
+        if self.softcap is not None:  # explicit softmax: SDPA has no score modifier
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+            scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, S]
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+            if is_causal:
+                t, s = scores.shape[-2:]
+                mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            probs = F.dropout(scores.softmax(-1), p, self.training).type_as(v)
+            return probs @ v
+        kwargs = {}
+        if groups > 1:
+            if SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:  # torch < 2.5
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                              scale=self.scale, **kwargs)

@@ -1,0 +1,99 @@
+"""Output heads: language modelling (next-token logits) and sequence classification.
+
+The head sees the final hidden states [B, T, C] (after the final norm) and the padding mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from components.protocols import BuildContext, ComponentConfig
+from composer.registry import HEAD
+from composer.schema import inherit, option
+
+IGNORE_INDEX = -100  # labels with this value (padding, prompts) do not count in the loss
+
+
+@dataclass
+class LMHeadConfig(ComponentConfig):
+    """Next-token logits; weight tied to the input embedding when model.tie_embeddings is true."""
+
+    bias: bool = option(False, help="learn a per-token logit bias")
+    logit_softcap: Optional[float] = option(None, help="cap logits with c*tanh(x/c) (Gemma 2: 30)")
+
+    def resolve(self, model, check) -> None:
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            check.fail("logit_softcap", f"{self.logit_softcap} must be positive", "use null for no cap")
+
+
+@HEAD.register("lm", config=LMHeadConfig)
+class LMHead(nn.Module):
+    def __init__(self, cfg: LMHeadConfig, ctx: BuildContext):
+        super().__init__()
+        vocab = ctx.embedding.num_embeddings if ctx.embedding is not None else ctx.vocab_size  # padded V
+        self.proj = nn.Linear(ctx.hidden_size, vocab, bias=cfg.bias)  # C -> V
+        self.softcap = cfg.logit_softcap
+        self.vocab_size = ctx.vocab_size
+        self.register_buffer("pad_mask", torch.arange(vocab) >= ctx.vocab_size, persistent=False)  # [V]
+
+    def reset_buffers(self) -> None:
+        self.pad_mask.copy_(torch.arange(self.pad_mask.numel(), device=self.pad_mask.device) >= self.vocab_size)
+
+    def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:  # -> [B, T, V]
+        logits = self.proj(hidden)
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        if self.pad_mask.shape[0] > self.vocab_size:  # padded vocabulary: padding ids never win
+            logits = logits.masked_fill(self.pad_mask, float("-inf"))
+        return logits
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX is skipped."""
+        shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B (T-1), V]
+        return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@dataclass(kw_only=True)
+class ClassificationHeadConfig(ComponentConfig):
+    """Sequence classification: pool the hidden states, then a linear layer to class logits."""
+
+    num_classes: int = option(help="number of classes", min=2)
+    pooling: str = option("last", help="last | mean | first (token whose state is classified)",
+                          choices=("last", "mean", "first"))
+    dropout: Optional[float] = option(None, help="dropout before the classifier (null: model.dropout)")
+
+    def resolve(self, model, check) -> None:
+        inherit(self, "dropout", model.dropout)
+
+
+@HEAD.register("classification", config=ClassificationHeadConfig)
+class ClassificationHead(nn.Module):
+    def __init__(self, cfg: ClassificationHeadConfig, ctx: BuildContext):
+        super().__init__()
+        self.pooling = cfg.pooling
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.proj = nn.Linear(ctx.hidden_size, cfg.num_classes)  # C -> K
+
+    def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:  # -> [B, K]
+        b, t, _ = hidden.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
+        mask = attention_mask[:, -t:].bool()  # [B, T]
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            idx = torch.arange(t, device=hidden.device).expand(b, t)
+            # last: the last real token; first: the first real token (works for either padding side)
+            score = torch.where(mask, idx, -1) if self.pooling == "last" else torch.where(mask, -idx, -t)
+            pick = score.argmax(dim=1)  # [B]
+            pooled = hidden[torch.arange(b, device=hidden.device), pick]
+        return self.proj(self.dropout(pooled))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)

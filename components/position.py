@@ -1,0 +1,179 @@
+"""Position encodings: learned absolute, rotary (RoPE, with linear / Llama 3 scaling and
+partial rotation), ALiBi, and none.
+
+A position encoding acts at up to three places, and implements all three (identity where it
+does not act): ``embed`` adds a vector to the token embeddings (learned), ``rotate`` turns
+queries and keys by their position (RoPE), ``bias`` adds a distance penalty to attention
+scores (ALiBi). Only ``learned`` is model-wide; the others may differ per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from components.protocols import AttentionInputs, BuildContext, ComponentConfig
+from composer.registry import POSITION
+from composer.schema import option
+
+
+class _NoPosition(nn.Module):
+    """Shared identity behaviour: no embedding, no rotation, no bias."""
+
+    def embed(self, position_ids: Tensor) -> Optional[Tensor]:
+        return None
+
+    def rotate(self, q: Tensor, k: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+        return q, k
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Optional[Tensor]:
+        return None
+
+
+# ----------------------------------------------------------------------------- none
+@dataclass
+class NoPositionConfig(ComponentConfig):
+    """No position information (NoPE): order comes from the causal mask alone."""
+
+
+@POSITION.register("none", config=NoPositionConfig)
+class NoPosition(_NoPosition):
+    def __init__(self, cfg: NoPositionConfig, ctx: BuildContext):
+        super().__init__()
+
+
+# ----------------------------------------------------------------------------- learned
+@dataclass
+class LearnedPositionConfig(ComponentConfig):
+    """Learned absolute position embeddings added to the token embeddings (GPT-2, BERT)."""
+
+    model_wide_only: ClassVar[bool] = True
+
+
+@POSITION.register("learned", config=LearnedPositionConfig)
+class LearnedPosition(_NoPosition):
+    def __init__(self, cfg: LearnedPositionConfig, ctx: BuildContext):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ctx.max_position_embeddings, ctx.hidden_size))  # [P, C]
+
+    def embed(self, position_ids: Tensor) -> Tensor:  # [B, T] -> [B, T, C]
+        return self.weight[position_ids]
+
+
+# ----------------------------------------------------------------------------- rope
+@dataclass
+class RopeConfig(ComponentConfig):
+    """Rotary position embeddings: rotate query/key channel pairs by position-dependent angles."""
+
+    theta: float = option(10000.0, help="base of the rotation frequencies", min=1.0)
+    rotary_fraction: float = option(1.0, help="fraction of each head's dims rotated (GPT-NeoX: 0.25)")
+    scaling: str = option("none", help="context extension: none | linear | llama3",
+                          choices=("none", "linear", "llama3"))
+    scaling_factor: float = option(1.0, help="positions are stretched by this factor", min=1.0)
+    low_freq_factor: float = option(1.0, help="llama3 scaling: low-frequency boundary", min=0.0)
+    high_freq_factor: float = option(4.0, help="llama3 scaling: high-frequency boundary", min=0.0)
+    original_max_position_embeddings: int = option(8192, help="llama3 scaling: pre-training context",
+                                                   min=1)
+
+    def resolve(self, model, check) -> None:
+        head_dim = getattr(model.attention, "head_dim", None) or model.head_dim
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            check.fail("rotary_fraction", f"{self.rotary_fraction} is outside (0, 1]", "use e.g. 1.0 or 0.25")
+        elif int(head_dim * self.rotary_fraction) % 2:
+            check.fail("rotary_fraction", f"rotates {int(head_dim * self.rotary_fraction)} dims of head_dim "
+                       f"{head_dim}, which is odd", "rope needs an even number of rotated dims: change "
+                       "hidden_size / num_heads or rotary_fraction")
+        if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            check.fail("high_freq_factor", f"{self.high_freq_factor} <= low_freq_factor {self.low_freq_factor}",
+                       "llama3 scaling needs high_freq_factor > low_freq_factor (Llama 3.1: 4.0 and 1.0)")
+
+
+def _rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]: (x1, x2) -> (-x2, x1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@POSITION.register("rope", config=RopeConfig)
+class Rope(_NoPosition):
+    def __init__(self, cfg: RopeConfig, ctx: BuildContext):
+        super().__init__()
+        self.cfg = cfg
+        self.rotary_dim = int(ctx.head_dim * cfg.rotary_fraction)  # R, even
+        self.register_buffer("inv_freq", torch.empty(self.rotary_dim // 2), persistent=False)  # [R/2]
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        cfg, r = self.cfg, self.rotary_dim
+        inv = 1.0 / (cfg.theta ** (torch.arange(0, r, 2, dtype=torch.float64, device=self.inv_freq.device) / r))
+        if cfg.scaling == "linear":
+            inv = inv / cfg.scaling_factor
+        elif cfg.scaling == "llama3":
+            old = cfg.original_max_position_embeddings
+            low_wavelen, high_wavelen = old / cfg.low_freq_factor, old / cfg.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / cfg.scaling_factor, inv)
+            smooth = (old / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / cfg.scaling_factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            inv = torch.where(medium, smoothed, scaled)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq.copy_(inv.float())
+
+    def cos_sin(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, T] positions -> cos, sin of shape [B, 1, T, R] (float32)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, R]
+        return emb.cos(), emb.sin()
+
+    def rotate(self, q: Tensor, k: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+        # q [B, H, T, D], k [B, Hkv, T, D]; the first R dims of each head are rotated.
+        key = ("rope", self.rotary_dim, self.cfg.theta, self.cfg.scaling, self.cfg.scaling_factor,
+               self.cfg.low_freq_factor, self.cfg.high_freq_factor, self.cfg.original_max_position_embeddings)
+        cos, sin = inputs.cached(key, lambda: self.cos_sin(inputs.position_ids))
+        return self._turn(q, cos, sin), self._turn(k, cos, sin)
+
+    def _turn(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        r = self.rotary_dim
+        rot, keep = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+        rot = (rot.float() * cos + _rotate_half(rot.float()) * sin).type_as(x)
+        return rot if keep is None else torch.cat((rot, keep), dim=-1)
+
+
+# ----------------------------------------------------------------------------- alibi
+@dataclass
+class AlibiConfig(ComponentConfig):
+    """ALiBi: no embeddings; each head penalises attention linearly in the query-key distance."""
+
+    max_bias: float = option(8.0, help="slopes are 2^(-max_bias * h / H) for head h", min=0.0)
+
+
+def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> Tensor:
+    """Per-head slopes [H] (Press et al.; the closest-power-of-two rule for other H)."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-max_bias / n)
+    slopes = [base ** (i + 1) for i in range(n)]
+    if n < num_heads:
+        extra = 2.0 ** (-max_bias / (2 * n))
+        slopes += [extra ** (2 * i + 1) for i in range(num_heads - n)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+@POSITION.register("alibi", config=AlibiConfig)
+class Alibi(_NoPosition):
+    def __init__(self, cfg: AlibiConfig, ctx: BuildContext):
+        super().__init__()
+        self.num_heads, self.max_bias = ctx.num_heads, cfg.max_bias
+        self.register_buffer("slopes", torch.empty(ctx.num_heads), persistent=False)  # [H]
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        if self.slopes.device.type != "meta":
+            self.slopes.copy_(alibi_slopes(self.num_heads, self.max_bias))
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:  # [Tq], [Tk] -> [H, Tq, Tk]
+        distance = (q_pos[:, None] - k_pos[None, :]).abs().float()  # [Tq, Tk]
+        return -self.slopes[:, None, None] * distance

@@ -1,0 +1,149 @@
+"""Loading configs: the packaged Hydra config tree, composed from any working directory.
+
+    cfg = load_config(["model=llama3_8b", "model.num_layers=4"])
+
+Hydra's and OmegaConf's own errors (a preset that does not exist, a misspelt key, a value of
+the wrong type, a malformed override) come back as :class:`~composer.errors.ConfigError`
+naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, Problem
+
+EXPERIMENTS_ENV = "COMPOSER_EXPERIMENTS"
+
+
+def conf_dir() -> Path:
+    """The config tree: ``conf/`` beside the package in a checkout, else the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    spec = importlib.util.find_spec("composer.conf")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / "train.yaml").is_file():
+                return Path(location)
+    raise ConfigError("the config tree (conf/) is missing from this installation; reinstall composer")
+
+
+def _search_path_overrides(config_dirs: Iterable[str | Path]) -> list[str]:
+    dirs = [Path(d).expanduser().resolve() for d in config_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError([Problem("config_dir", f"{d} is not a directory",
+                                       "pass an existing folder of YAML configs")])
+    if not dirs:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"file://{d}" for d in dirs) + "]"]
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "train",
+                config_dirs: Iterable[str | Path] = ()) -> Any:
+    """Compose ``conf/<config_name>.yaml`` with command-line style ``overrides``.
+
+    ``config_dirs`` adds folders to the search path, so a user's own presets
+    (``my_configs/model/my_model.yaml``) are selectable as ``model=my_model``.
+    Returns an OmegaConf DictConfig; raises ConfigError on any composition problem.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [str(o) for o in overrides]
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="composer"):
+            try:
+                return hydra_compose(config_name, overrides=overrides + _search_path_overrides(config_dirs))
+            except (HydraException, OmegaConfBaseException) as exc:
+                raise _wrap(exc, overrides, config_name, config_dirs) from None
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def _siblings(key: str, overrides: list[str], config_name: str, config_dirs: Iterable) -> list[str]:
+    """Keys next to ``key`` in the config composed without the failing override."""
+    from omegaconf import OmegaConf
+
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(key)]
+    try:
+        cfg = load_config(rest, config_name, config_dirs)
+    except ConfigError:
+        return []
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return [str(k) for k in node] if hasattr(node, "keys") else []
+
+
+def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: Iterable) -> ConfigError:
+    from hydra.errors import MissingConfigException
+
+    text = str(exc)
+    if isinstance(exc, MissingConfigException):
+        missing = exc.missing_cfg_file or ""
+        group, _, name = missing.rpartition("/")
+        options = list(exc.options or [])
+        if group and options:
+            close = difflib.get_close_matches(name, options, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            return ConfigError([Problem(group.replace("/", "."), f"no config named {name!r}",
+                                        f"{hint}available: {', '.join(sorted(options))}")])
+        return ConfigError([Problem(missing or config_name, "config not found",
+                                    "check the name and the --config-dir / search path")])
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if m:
+        key = m.group(1)
+        siblings = _siblings(key, overrides, config_name, config_dirs)
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(leaf, siblings, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return ConfigError([Problem(key, "no such key", f"{hint}to add a new key write +{key}=...")])
+    m = re.search(r"full_key: (\S+)", text)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if m:
+        return ConfigError([Problem(m.group(1), first, "fix the value or the override")])
+    return ConfigError([Problem("", first, "check the override syntax (key=value, group=option)")])
+
+
+def to_container(cfg: Any) -> Any:
+    """A DictConfig as plain Python data, interpolations resolved."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    return cfg
+
+
+def model_config(overrides: Sequence[str] = (), config_dirs: Iterable[str | Path] = (),
+                 config_name: str = "train") -> Any:
+    """The validated ModelConfig of ``load_config(overrides).model``."""
+    from .schema import resolve_model_config
+
+    return resolve_model_config(load_config(overrides, config_name, config_dirs).model)
+
+
+def split_overrides(argv: Sequence[str], options: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Separate ``name=value`` arguments for ``options`` from Hydra overrides (for CLI tools)."""
+    wanted, mine, rest = set(options), {}, []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key in wanted:
+            mine[key] = value
+        else:
+            rest.append(arg)
+    return mine, rest
+
+
+__all__ = ["conf_dir", "load_config", "model_config", "split_overrides", "to_container"]

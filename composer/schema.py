@@ -1,0 +1,542 @@
+"""Typed, nested validation of model configs, with every problem reported by its full path.
+
+A model config arrives as a plain mapping (a composed Hydra node, a dict, a saved
+``config.json``). :func:`resolve_model_config` turns it into a :class:`ModelConfig` whose
+component slots hold the typed config dataclass of the registered component they name,
+checks types, unknown keys (with a did-you-mean), cross-field rules and per-layer
+overrides, fills inherited values (``dropout: null`` takes ``model.dropout``), and raises
+one :class:`~composer.errors.ConfigError` listing every problem found. Nothing is
+allocated here.
+
+The checker is hand-written rather than OmegaConf's structured configs because those stop
+at the first error and cannot express type-dependent schemas (the options of ``attention``
+depend on its ``type``, and may change per layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, Problem
+from .registry import FAMILIES
+
+log = logging.getLogger("composer")
+
+MISSING_MARK = "???"  # OmegaConf's mark for a mandatory value
+COMPONENT_SLOTS = ("block", "attention", "ffn", "norm", "position", "head")
+LAYER_SLOTS = ("block", "attention", "ffn", "norm", "position")
+_CHECKPOINT_RE = re.compile(r"^(none|every_layer|every_(\d+)|attention|ffn)$")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A dataclass field with a one-line ``help`` and optional ``choices`` / ``min`` / ``max``
+    / ``family`` (the registry of a nested component) / ``inherit`` (null takes this model field)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, **meta}}
+    if isinstance(default, (list, dict)):
+        kwargs["default_factory"] = lambda d=default: type(d)(d)
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+class Checker:
+    """Collects problems under a config path; passed to each config's ``resolve`` hook."""
+
+    def __init__(self, path: str, problems: list[Problem]):
+        self.path = path
+        self.problems = problems
+
+    def at(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, message: str, fix: str = "") -> None:
+        self.problems.append(Problem(self.at(name), message, fix))
+
+    def missing(self, name: str, message: str, fix: str = "") -> None:
+        self.problems.append(Problem(self.at(name), message, fix, missing=True))
+
+    def warn(self, name: str, message: str) -> None:
+        log.warning("%s: %s", self.at(name), message)
+
+    def child(self, name: str) -> Checker:
+        return Checker(self.at(name), self.problems)
+
+
+def check_probability(cfg: Any, name: str, check: Checker) -> None:
+    """A dropout-like option must lie in [0, 1) (inherited values were checked where they came from)."""
+    value = getattr(cfg, name)
+    if value is not None and name not in cfg.__dict__.get("_inherited", ()) and not 0.0 <= value < 1.0:
+        check.fail(name, f"{value} is outside [0, 1)", "use a probability like 0.1")
+
+
+def inherit(cfg: Any, name: str, value: Any) -> None:
+    """Set ``cfg.name = value`` if it is None, remembering it was inherited (saved as null)."""
+    if getattr(cfg, name) is None:
+        setattr(cfg, name, value)
+        inherited = cfg.__dict__.setdefault("_inherited", set())
+        inherited.add(name)
+
+
+# --------------------------------------------------------------------------- conversion
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " | ".join(_type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Mapping):
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapping) -> Any:
+    """``value`` checked (and lightly coerced) against type ``tp``; problems appended."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            trial: list[Problem] = []
+            out = _convert(arg, value, path, trial, meta)
+            if not trial:
+                return out
+        problems.append(Problem(path, f"expected {_type_name(tp)}, got {value!r}",
+                                f"set {path.rsplit('.', 1)[-1]} to a {_type_name(tp)}"))
+        return None
+    if value is None:
+        problems.append(Problem(path, "must not be null", f"set it to a {_type_name(tp)}"))
+        return None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(Problem(path, f"expected a list, got {value!r}", "write it as [a, b, ...]"))
+            return None
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(item, v, f"{path}[{i}]", problems, {}) for i, v in enumerate(value)]
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            problems.append(Problem(path, f"expected a mapping, got {value!r}", "write it as {key: value}"))
+            return None
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, path, problems)
+    ok = True
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        problems.append(Problem(path, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
+                                f"set it to a {_type_name(tp)}"))
+        return None
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        problems.append(Problem(path, f"{value!r} is not one of {', '.join(map(str, choices))}",
+                                f"{hint}use one of {', '.join(map(str, choices))}"))
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        problems.append(Problem(path, f"{value!r} is below the minimum {lo}", f"use a value >= {lo}"))
+    if hi is not None and value > hi:
+        problems.append(Problem(path, f"{value!r} is above the maximum {hi}", f"use a value <= {hi}"))
+    return value
+
+
+def _unknown_key(path: str, key: str, known: Iterable[str], what: str) -> Problem:
+    known = sorted(known)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return Problem(f"{path}.{key}" if path else str(key), f"unknown option of {what}",
+                   f"{hint}valid options: {', '.join(known)}")
+
+
+def build_dataclass(cls: type, data: Any, path: str, problems: list[Problem]) -> Any:
+    """An instance of dataclass ``cls`` from mapping ``data``; every problem appended."""
+    if not isinstance(data, Mapping):
+        problems.append(Problem(path, f"expected a mapping, got {data!r}", "write it as {key: value}"))
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            problems.append(_unknown_key(path, key, fields, _describe(cls, data)))
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        family = f.metadata.get("family")
+        if name not in data or data[name] == MISSING_MARK:
+            if family and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                values[name] = build_component(family, default, sub, problems)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                what = f.metadata.get("help", "")
+                problems.append(Problem(sub, "is required", f"set {sub}" + (f" ({what})" if what else ""),
+                                        missing=True))
+            continue
+        before = len(problems)
+        if family:
+            values[name] = build_component(family, data[name], sub, problems)
+        else:
+            values[name] = _convert(hints[name], data[name], sub, problems, f.metadata)
+        if len(problems) > before:  # keep checking the rest against a plausible value
+            if family:
+                values[name] = None
+            elif f.default is not dataclasses.MISSING:
+                values[name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[name] = f.default_factory()
+    try:
+        return cls(**values)
+    except TypeError:  # a required field missing: already reported; build a placeholder
+        obj = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            object.__setattr__(obj, f.name, values.get(f.name, default))
+        return obj
+
+
+def _describe(cls: type, data: Mapping) -> str:
+    kind = data.get("type") if isinstance(data, Mapping) else None
+    return f"'{kind}'" if kind else cls.__name__
+
+
+def normalize_component(value: Any) -> Any:
+    """``"rmsnorm"`` -> ``{"type": "rmsnorm"}``; mappings are copied; other values kept."""
+    if isinstance(value, str):
+        return {"type": value}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def build_component(family: str, value: Any, path: str, problems: list[Problem]) -> Any:
+    """The typed config of the ``family`` component named by ``value['type']``."""
+    data = normalize_component(value)
+    if not isinstance(data, Mapping):
+        problems.append(Problem(path, f"expected a {family} type name or a mapping with 'type', got {value!r}",
+                                f"write {path}: {{type: <name>, ...}}"))
+        return None
+    kind = data.get("type")
+    if not kind or kind == MISSING_MARK:
+        names = ", ".join(FAMILIES[family].names())
+        problems.append(Problem(f"{path}.type", f"no {family} type given", f"set it to one of: {names}",
+                                missing=True))
+        return None
+    try:
+        entry = FAMILIES[family].get(kind, f"{path}.type")
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
+    return build_dataclass(entry.config, data, path, problems)
+
+
+# --------------------------------------------------------------------------- the model schema
+@dataclass
+class LayerOverride:
+    """Components that differ on chosen layers. ``select``: a slice ("1::2", "-4:"), an index,
+    or a list of indices."""
+
+    select: Any = option(help="which layers: slice string like '1::2', an index, or a list of indices")
+    block: Any = option(None, help="block override (a type name or {type: ..., options})")
+    attention: Any = option(None, help="attention override")
+    ffn: Any = option(None, help="feed-forward override")
+    norm: Any = option(None, help="normalization override")
+    position: Any = option(None, help="position-encoding override")
+
+
+@dataclass
+class LayerSpec:
+    """The resolved components of one layer."""
+
+    index: int
+    block: Any
+    attention: Any
+    ffn: Any
+    norm: Any
+    position: Any
+
+
+@dataclass
+class ModelConfig:
+    """A whole model: sizes, one config per component family, and per-layer overrides."""
+
+    vocab_size: int = option(help="vocabulary size (rows of the embedding)", min=1)
+    hidden_size: int = option(help="width of the residual stream", min=1)
+    num_layers: int = option(help="number of blocks", min=1)
+    num_heads: int = option(help="attention heads (default for every layer)", min=1)
+    max_position_embeddings: int = option(help="longest sequence the model accepts", min=1)
+    dropout: float = option(0.0, help="sets every dropout whose own value is null", min=0.0)
+    block: Any = option("pre_norm", help="block wiring", family="block")
+    attention: Any = option("mha", help="sequence mixer", family="attention")
+    ffn: Any = option("mlp", help="feed-forward network", family="ffn")
+    norm: Any = option("layernorm", help="normalization", family="norm")
+    position: Any = option("learned", help="position encoding", family="position")
+    head: Any = option("lm", help="output head", family="head")
+    tie_embeddings: bool = option(True, help="share the language-model head's weight with the input embedding")
+    embedding_norm: bool = option(False, help="normalize the embeddings (BERT-style post-norm models)")
+    layers: list = option([], help="per-layer overrides: [{select: '1::2', attention: {...}}, ...]")
+    init_std: float = option(0.02, help="std of the normal initialization", min=0.0)
+    gradient_checkpointing: str = option(
+        "none", help="none | every_layer | every_<k> | attention | ffn (recompute to save memory)")
+    pad_vocab_to_multiple_of: int = option(1, help="pad embedding rows to a multiple (padding logits masked)", min=1)
+    check_inputs_on_accelerator: bool = option(
+        False, help="check token ids are in range on GPUs too (costs a host sync per forward)")
+    name: str = option("", help="preset name, for display")
+
+    def __post_init__(self) -> None:
+        self._layer_specs: list[LayerSpec] = []
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple_of
+        return -(-self.vocab_size // m) * m
+
+    def layer(self, i: int) -> LayerSpec:
+        """The resolved components of layer ``i``."""
+        return self._layer_specs[i]
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return list(self._layer_specs)
+
+    def checkpointed(self, i: int) -> str:
+        """What layer ``i`` recomputes in backward: 'none', 'layer', 'attention' or 'ffn'."""
+        mode = self.gradient_checkpointing
+        if mode == "none":
+            return "none"
+        if mode in ("attention", "ffn"):
+            return mode
+        every = 1 if mode == "every_layer" else int(mode.split("_")[1])
+        return "layer" if i % every == 0 else "none"
+
+    def to_dict(self) -> dict:
+        """The config as plain data (inherited values as null), as saved with checkpoints."""
+        return config_to_dict(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A re-validated copy with top-level fields changed (``cfg.replace(num_layers=2)``)."""
+        data = self.to_dict()
+        data.update(changes)
+        return resolve_model_config(data)
+
+
+def config_to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        inherited = obj.__dict__.get("_inherited", set())
+        return {f.name: (None if f.name in inherited else config_to_dict(getattr(obj, f.name)))
+                for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: config_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_select(select: Any, num_layers: int, path: str, problems: list[Problem]) -> list[int]:
+    """Layer indices for a ``select``: "a:b:c" slice, an int, or a list of ints (negatives count
+    from the end)."""
+    fix = f"use a slice like '1::2', an index in [-{num_layers}, {num_layers}), or a list of them"
+    if isinstance(select, bool):
+        problems.append(Problem(path, f"invalid layer selection {select!r}", fix))
+        return []
+    if isinstance(select, int):
+        select = [select]
+    if isinstance(select, str):
+        parts = select.split(":")
+        if len(parts) == 1 and re.fullmatch(r"-?\d+", parts[0].strip()):
+            select = [int(parts[0])]
+        elif 2 <= len(parts) <= 3 and all(re.fullmatch(r"\s*(-?\d+)?\s*", p) for p in parts):
+            nums = [int(p) if p.strip() else None for p in parts]
+            if len(nums) == 3 and nums[2] == 0:
+                problems.append(Problem(path, "slice step must not be zero", fix))
+                return []
+            out = list(range(num_layers))[slice(*nums)]
+            if not out:
+                problems.append(Problem(path, f"{select!r} selects no layer of {num_layers}", fix))
+            return out
+        else:
+            problems.append(Problem(path, f"invalid layer selection {select!r}", fix))
+            return []
+    if not isinstance(select, (list, tuple)) or not select:
+        problems.append(Problem(path, f"invalid layer selection {select!r}", fix))
+        return []
+    out = []
+    for i, idx in enumerate(select):
+        if isinstance(idx, bool) or not isinstance(idx, int):
+            problems.append(Problem(f"{path}[{i}]", f"layer index must be an integer, got {idx!r}", fix))
+        elif not -num_layers <= idx < num_layers:
+            problems.append(Problem(f"{path}[{i}]", f"layer {idx} does not exist (the model has "
+                                    f"{num_layers} layers)", fix))
+        else:
+            out.append(idx % num_layers)
+    return sorted(set(out))
+
+
+def _merge_override(family: str, base_data: Mapping, override: Any) -> dict:
+    """Override options on top of a component's options. When the type changes, options of
+    the base that the new type also has carry over; the others are dropped."""
+    override = normalize_component(override)
+    if not isinstance(override, Mapping):
+        return override
+    kind = override.get("type", base_data.get("type"))
+    if kind != base_data.get("type"):
+        try:
+            known = {f.name for f in dataclasses.fields(FAMILIES[family].get(kind).config)}
+        except ConfigError:
+            known = set()
+        base_data = {k: v for k, v in base_data.items() if k in known}
+    return {**base_data, **override, "type": kind}
+
+
+def resolve_model_config(raw: Any, path: str = "model") -> ModelConfig:
+    """Validate ``raw`` (mapping, DictConfig or ModelConfig) into a resolved ModelConfig.
+
+    Raises ConfigError (InvalidParameter / MissingParameter) listing every problem.
+    """
+    if isinstance(raw, ModelConfig):
+        raw = raw.to_dict()
+    raw = _plain(raw)
+    problems: list[Problem] = []
+    if not isinstance(raw, Mapping):
+        raise ConfigError([Problem(path, f"expected a mapping of model options, got {type(raw).__name__}",
+                                   "pass a model config (e.g. cfg.model from load_config)")])
+    cfg = build_dataclass(ModelConfig, raw, path, problems)
+    if not isinstance(cfg, ModelConfig) or "_layer_specs" not in cfg.__dict__:
+        cfg.__dict__["_layer_specs"] = []
+    check = Checker(path, problems)
+    sizes_ok = not any(p.path.split(".")[-1] in ("hidden_size", "num_heads", "num_layers",
+                                                   "max_position_embeddings", "vocab_size")
+                       for p in problems)
+    if sizes_ok:
+        _check_model(cfg, check)
+        for slot in COMPONENT_SLOTS:
+            _resolve_component(getattr(cfg, slot), cfg, check.child(slot))
+        _resolve_layers(cfg, check)
+    if problems:
+        raise ConfigError.of(_dedupe(problems))
+    return cfg
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        if str(p) not in seen:
+            seen.add(str(p))
+            out.append(p)
+    return out
+
+
+def _plain(raw: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return raw
+    if isinstance(raw, (DictConfig, ListConfig)):
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            return OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)
+        except OmegaConfBaseException as exc:
+            raise ConfigError([Problem(str(getattr(exc, "full_key", "") or "model"),
+                                       f"cannot resolve interpolation ({exc.msg if hasattr(exc, 'msg') else exc})",
+                                       "fix the ${...} reference")]) from None
+    return raw
+
+
+def _check_model(cfg: ModelConfig, check: Checker) -> None:
+    if cfg.hidden_size % cfg.num_heads:
+        check.fail("hidden_size", f"{cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}",
+                   "make hidden_size a multiple of num_heads (or set attention.head_dim)")
+    if not 0.0 <= cfg.dropout < 1.0:
+        check.fail("dropout", f"{cfg.dropout} is outside [0, 1)", "use a probability like 0.1")
+    if not _CHECKPOINT_RE.match(str(cfg.gradient_checkpointing)):
+        check.fail("gradient_checkpointing", f"{cfg.gradient_checkpointing!r} is not a checkpointing mode",
+                   "use none, every_layer, every_<k> (e.g. every_2), attention or ffn")
+    elif re.fullmatch(r"every_0+", cfg.gradient_checkpointing):
+        check.fail("gradient_checkpointing", "every_<k> needs k >= 1", "use every_1, every_2, ...")
+
+
+def _resolve_component(comp: Any, model: ModelConfig, check: Checker) -> None:
+    if not dataclasses.is_dataclass(comp):
+        return
+    hook = getattr(comp, "resolve", None)
+    if hook is not None:
+        hook(model, check)
+    # nested components (an MoE's experts) resolve under their own path
+    for f in dataclasses.fields(comp):
+        if f.metadata.get("family") and getattr(comp, f.name) is not None:
+            _resolve_component(getattr(comp, f.name), model, check.child(f.name))
+
+
+def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
+    problems = check.problems
+    n_before = len(problems)
+    entries: list[tuple[list[int], dict, str]] = []
+    for i, item in enumerate(cfg.layers or []):
+        path = check.at(f"layers[{i}]")
+        ov = build_dataclass(LayerOverride, item, path, problems)
+        if getattr(ov, "select", None) is None:
+            continue
+        idx = parse_select(ov.select, cfg.num_layers, f"{path}.select", problems)
+        given = {s: getattr(ov, s) for s in LAYER_SLOTS if getattr(ov, s) is not None}
+        if not given and isinstance(item, Mapping):
+            problems.append(Problem(path, "overrides no component",
+                                    f"add one of {', '.join(LAYER_SLOTS)} next to select"))
+        entries.append((idx, given, path))
+    specs = []
+    resolved: dict[str, Any] = {}
+    for layer in range(cfg.num_layers):
+        comps = {s: getattr(cfg, s) for s in LAYER_SLOTS}
+        data: dict[str, Any] = {}
+        source: dict[str, str] = {}
+        for idx, given, path in entries:
+            if layer not in idx:
+                continue
+            for slot, value in given.items():
+                base = data.get(slot, config_to_dict(comps[slot]) or {})
+                data[slot] = _merge_override(slot, base, value)
+                source[slot] = f"{path}.{slot}"
+        for slot, merged in data.items():
+            key = f"{slot}|{source[slot]}|{merged!r}"
+            if key not in resolved:
+                sub_problems: list[Problem] = []
+                comp = build_component(slot, merged, source[slot], sub_problems)
+                if getattr(comp, "model_wide_only", False):
+                    sub_problems.append(Problem(f"{source[slot]}.type", f"'{comp.type}' cannot differ per layer",
+                                                f"set model.{slot}: {comp.type} for the whole model instead"))
+                if comp is not None and not sub_problems:
+                    _resolve_component(comp, cfg, Checker(source[slot], sub_problems))
+                problems.extend(p for p in sub_problems if p not in problems)
+                resolved[key] = comp
+            comps[slot] = resolved[key]
+        specs.append(LayerSpec(index=layer, **comps))
+    if len(problems) == n_before:
+        cfg._layer_specs = specs

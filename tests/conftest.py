@@ -1,0 +1,34 @@
+"""Shared test fixtures. Tests build everything they need: no downloads, no ../shared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two CPU cores: keep each test process to its share so parallel workers do not thrash.
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+def small_model_dict(**changes) -> dict:
+    """A small valid model config (plain dict) for fast CPU tests."""
+    cfg = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 4,
+        "max_position_embeddings": 64,
+        "attention": {"type": "mha"},
+        "ffn": {"type": "mlp"},
+        "norm": {"type": "layernorm"},
+        "position": {"type": "learned"},
+        "head": {"type": "lm"},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.fixture
+def small_config() -> dict:
+    return small_model_dict()
