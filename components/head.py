@@ -39,10 +39,13 @@ class LMHead(nn.Module):
         self.proj = nn.Linear(ctx.hidden_size, vocab, bias=cfg.bias)  # C -> V
         self.softcap = cfg.logit_softcap
         self.vocab_size = ctx.vocab_size
-        self.register_buffer("pad_mask", torch.arange(vocab) >= ctx.vocab_size, persistent=False)  # [V]
+        self.register_buffer("pad_mask", torch.zeros(vocab, dtype=torch.bool), persistent=False)  # [V]
+        self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        self.pad_mask.copy_(torch.arange(self.pad_mask.numel(), device=self.pad_mask.device) >= self.vocab_size)
+        if self.pad_mask.device.type != "meta":  # filled when the model is materialised
+            self.pad_mask.fill_(False)
+            self.pad_mask[self.vocab_size:] = True
 
     def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:  # -> [B, T, V]
         logits = self.proj(hidden)

@@ -107,6 +107,8 @@ class Rope(_NoPosition):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
+        if self.inv_freq.device.type == "meta":  # filled when the model is materialised
+            return
         cfg, r = self.cfg, self.rotary_dim
         inv = 1.0 / (cfg.theta ** (torch.arange(0, r, 2, dtype=torch.float64, device=self.inv_freq.device) / r))
         if cfg.scaling == "linear":
@@ -120,8 +122,7 @@ class Rope(_NoPosition):
             smoothed = (1 - smooth) * scaled / cfg.scaling_factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             inv = torch.where(medium, smoothed, scaled)
-        if self.inv_freq.device.type != "meta":
-            self.inv_freq.copy_(inv.float())
+        self.inv_freq.copy_(inv.float())
 
     def cos_sin(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T] positions -> cos, sin of shape [B, 1, T, R] (float32)."""

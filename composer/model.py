@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -281,6 +282,25 @@ def _with(ctx: BuildContext, **changes: Any) -> BuildContext:
     return replace(ctx, **changes)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextmanager
+def _skip_init():
+    """Constructors' own initialisation is pointless on the meta device (init_weights runs after
+    materialisation) and, on meta, slow: the first random fill imports torch's compiler stack."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def compose(config: Any, device: Any = None, dtype: Optional[torch.dtype] = None,
             seed: Optional[int] = None) -> ComposedModel:
     """Validate ``config`` (a model DictConfig, mapping or ModelConfig) and build the model.
@@ -291,7 +311,7 @@ def compose(config: Any, device: Any = None, dtype: Optional[torch.dtype] = None
     invalid.
     """
     cfg = resolve_model_config(config)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = ComposedModel(cfg)
     if dtype is not None:
         model.to(dtype=dtype)

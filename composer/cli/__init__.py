@@ -1,0 +1,41 @@
+"""Command-line tools. Each prints a ComposerError's message and exits 2 (no traceback unless
+HYDRA_FULL_ERROR=1); an interrupted tool exits 130."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from ..errors import ComposerError
+
+
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Call ``main(argv)``; turn project errors into a message on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return int(main(argv) or 0)
+    except ComposerError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def take_config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull ``--config-dir DIR`` / ``-cd DIR`` / ``--config-dir=DIR`` out of argv."""
+    dirs, rest, it = [], [], iter(argv)
+    for arg in it:
+        if arg in ("--config-dir", "-cd"):
+            value = next(it, None)
+            if value is None:
+                raise ComposerError(f"{arg} needs a folder: {arg} path/to/configs")
+            dirs.append(value)
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return dirs, rest

@@ -1,0 +1,52 @@
+"""composer-plan: parameters, FLOPs, KV cache and training memory of a model, without allocating it.
+
+    composer-plan model=llama3_8b batch_size=8 seq_len=2048 precision=bf16-mixed checkpointing=every_layer
+    composer-plan model=gpt2 model.num_layers=6 --config-dir my_configs
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import load_config, split_overrides
+from ..errors import ConfigError, Problem
+from . import run, take_config_dirs
+
+OPTIONS = ("batch_size", "seq_len", "precision", "checkpointing", "fused_attention")
+USAGE = __doc__
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError([Problem(name, f"{value!r} is not an integer", f"write {name}=<integer>")]) from None
+
+
+def main_(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    from ..plan import plan, render
+
+    dirs, argv = take_config_dirs(argv)
+    opts, overrides = split_overrides(argv, OPTIONS)
+    cfg = load_config(overrides, config_dirs=dirs)
+    report = plan(
+        cfg.model,
+        batch_size=_int("batch_size", opts.get("batch_size", "1")),
+        seq_len=_int("seq_len", opts["seq_len"]) if "seq_len" in opts else None,
+        precision=opts.get("precision", "bf16-mixed"),
+        checkpointing=opts.get("checkpointing"),
+        fused_attention=opts.get("fused_attention", "true").lower() in ("1", "true", "yes"),
+    )
+    render(report)
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(main_))
+
+
+if __name__ == "__main__":
+    main()
