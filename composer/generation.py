@@ -1,0 +1,480 @@
+"""Text generation: greedy and sampled decoding over a pre-allocated KV cache.
+
+    ids = generate(model, prompt_ids, 32)                                     # greedy, [B, T + 32]
+    ids = generate(model, prompt_ids, 32, do_sample=True, top_p=0.9, seed=0)  # nucleus sampling
+    for tokens in stream_generate(model, prompt_ids, 32): ...                 # tokens [B], step by step
+
+One call allocates one cache per layer for prompt + max_new_tokens tokens (rolling for
+sliding-window layers), runs the prompt through the model once (prefill), then feeds one
+token per step. Nothing is concatenated per token: prompt and new tokens live in one output
+buffer, the padding mask in another.
+
+Batches: prompts of different lengths are LEFT-padded, with ``attention_mask`` [B, T]
+(1 token, 0 padding); each row then decodes exactly as it would alone. Right-padded input
+(each row's tokens contiguous, padding after them) is detected and converted to left padding
+with a warning; the returned ids are in the converted (left-padded) layout. Any other mask
+(holes inside a row, an empty row) is refused.
+
+Stopping: with ``eos_token_id`` (one id or a list) a row is finished once it emits one; its
+later positions hold ``pad_token_id`` (default: the first eos id), and decoding stops early
+when every row is finished, so the result may be shorter than T + max_new_tokens.
+
+Shapes: B batch, T prompt length (padded), N new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+Streamer = Callable[[Tensor], Any]  # receives each step's new tokens [B]
+OVERFLOW_MODES = ("error", "truncate_left")
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class SamplingSettings:
+    """How the next token is chosen from the logits (see :func:`generate` for each option)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+
+    def check(self) -> None:
+        """ModelError naming the argument and the fix for any value out of range."""
+        if self.do_sample and not (_is_number(self.temperature) and self.temperature > 0):
+            raise ModelError(f"generate(temperature={self.temperature!r}): temperature must be > 0 when sampling; "
+                             "use e.g. 0.7, or do_sample=False for greedy decoding")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
+            raise ModelError(f"generate(top_k={self.top_k!r}): top_k must be an integer >= 1; "
+                             "use e.g. 50, or None to keep every token")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ModelError(f"generate(top_p={self.top_p!r}): top_p must be in (0, 1]; "
+                             "use e.g. 0.9, or None (1.0) to keep every token")
+        if self.repetition_penalty is not None and not (
+                _is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ModelError(f"generate(repetition_penalty={self.repetition_penalty!r}): the penalty must be > 0; "
+                             "use e.g. 1.2 (1.0 or None: no penalty)")
+        ignored = [n for n in ("top_k", "top_p") if getattr(self, n) is not None]
+        if not self.do_sample and (ignored or self.temperature != 1.0):
+            names = ", ".join(ignored + (["temperature"] if self.temperature != 1.0 else []))
+            warnings.warn(f"generate: {names} only apply when sampling and are ignored by greedy decoding; "
+                          "pass do_sample=True to sample", UserWarning, stacklevel=4)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ----------------------------------------------------------------------------- logits processing
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty (as in transformers): a logit of an already-seen token is divided by
+    ``penalty`` if positive, multiplied if negative. logits [B, V] float, seen [B, V] bool."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest logits of each row (ties with the k-th kept), the rest -inf. [B, V]."""
+    k = min(k, logits.shape[-1])
+    kth = logits.topk(k, dim=-1).values[:, -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability reaches ``p`` (the
+    token that crosses p included, at least one kept), the rest -inf. [B, V]."""
+    if p >= 1.0:
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, before >= p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_tokens(logits: Tensor, s: SamplingSettings, seen: Optional[Tensor] = None,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """Next tokens [B] from the last position's logits [B, V]: repetition penalty, then (when
+    sampling) temperature, top-k and top-p, then a draw; greedy takes the argmax."""
+    if s.repetition_penalty is not None and s.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if s.temperature != 1.0:
+        logits = logits / s.temperature
+    if s.top_k is not None:
+        logits = top_k_filter(logits, s.top_k)
+    if s.top_p is not None:
+        logits = top_p_filter(logits, s.top_p)
+    probs = logits.softmax(dim=-1)  # [B, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- inputs
+def _check_model(model: Any) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "allocate_cache"):
+        raise ModelError(f"generate needs a composer ComposedModel, got {type(model).__name__}")
+    head = getattr(getattr(cfg, "head", None), "type", "lm")
+    if head != "lm":
+        raise ModelError(f"generate needs a language-model head (head.type=lm); this model's head is {head!r}")
+    for i in range(cfg.num_layers):
+        if not getattr(cfg.layer(i).attention, "causal", True):
+            raise ModelError(f"generate needs causal attention; model.layers[{i}].attention has causal=false "
+                             "(an encoder); set attention.causal=true to decode with this model")
+
+
+def _check_ids(model: Any, input_ids: Any) -> Tensor:
+    if not isinstance(input_ids, Tensor):
+        raise ModelError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ModelError(f"input_ids must be 2-D [batch, seq_len] with seq_len >= 1, got shape "
+                         f"{tuple(input_ids.shape)}; add a batch dimension with input_ids.unsqueeze(0)")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ModelError(f"input_ids must be an integer tensor, got {input_ids.dtype}; convert with input_ids.long()")
+    vocab = model.config.vocab_size
+    lo, hi = int(input_ids.min()), int(input_ids.max())  # one sync per call
+    if lo < 0 or hi >= vocab:
+        raise ModelError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab}); "
+                         "check the tokenizer matches the model's vocab_size")
+    return input_ids.long()
+
+
+def _token_ids(name: str, value: Any, vocab: int) -> Optional[list[int]]:
+    if value is None:
+        return None
+    ids = value.tolist() if isinstance(value, Tensor) else value
+    ids = [ids] if _is_int(ids) else list(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else None
+    if not ids or not all(_is_int(i) for i in ids):
+        raise ModelError(f"generate({name}={value!r}): expected a token id or a list of token ids")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ModelError(f"generate({name}={value!r}): id {bad[0]} is outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def left_pad(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Validate a padding mask [B, T] and return (ids, mask) LEFT-padded: each row's tokens
+    end at the last column. Right-padded rows are moved (with a warning); a row with no token
+    or with padding between tokens is refused. An all-ones mask comes back as None."""
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ModelError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+    mask = attention_mask.to(input_ids.device)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ModelError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.bool()
+    b, t = mask.shape
+    count = mask.sum(dim=1)  # [B] real tokens per row
+    if bool((count == 0).any()):
+        row = int((count == 0).nonzero()[0, 0])
+        raise ModelError(f"attention_mask row {row} has no tokens; every prompt needs at least one token")
+    if bool(count.eq(t).all()):
+        return input_ids, None
+    col = torch.arange(t, device=mask.device)
+    last = torch.where(mask, col, -1).amax(dim=1)  # [B] last token column
+    first = torch.where(mask, col, t).amin(dim=1)
+    if bool((last - first + 1 != count).any()):
+        row = int((last - first + 1 != count).nonzero()[0, 0])
+        raise ModelError(f"attention_mask row {row} has padding between tokens; pad prompts on one side only "
+                         "(left padding, e.g. tokenizer padding_side='left')")
+    shift = (t - 1) - last  # [B] trailing padding columns
+    if bool(shift.any()):
+        warnings.warn("generate: input is right-padded; converting to left padding (the returned ids are "
+                      "left-padded). Pad on the left to avoid this copy.", UserWarning, stacklevel=4)
+        index = (col[None, :] - shift[:, None]) % t  # [B, T] roll each row right by its padding
+        input_ids, mask = input_ids.gather(1, index), mask.gather(1, index)
+    return input_ids, mask
+
+
+def _fit_context(ids: Tensor, mask: Optional[Tensor], max_new_tokens: int, limit: int,
+                 prompt_overflow: str) -> tuple[Tensor, Optional[Tensor]]:
+    t = ids.shape[1]
+    if t + max_new_tokens <= limit:
+        return ids, mask
+    keep = limit - max_new_tokens
+    fix = (f"shorten the prompt to at most {keep} tokens, lower max_new_tokens, or pass "
+           f"prompt_overflow='truncate_left' to keep only the last {keep} prompt tokens")
+    if keep < 1:
+        raise ModelError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
+                         f"max_position_embeddings={limit}; use max_new_tokens <= {limit - 1}")
+    if prompt_overflow == "error":
+        raise ModelError(f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} exceeds "
+                         f"max_position_embeddings={limit}; {fix}")
+    log.warning("generate: prompt of %d tokens + max_new_tokens %d exceeds max_position_embeddings=%d; "
+                "keeping the last %d prompt tokens (prompt_overflow='truncate_left')", t, max_new_tokens, limit, keep)
+    ids = ids[:, -keep:]
+    if mask is not None:
+        mask = mask[:, -keep:]
+        if bool(mask.all()):
+            mask = None
+    return ids, mask
+
+
+def _generator(seed: Union[int, torch.Generator, None], device: torch.device) -> Optional[torch.Generator]:
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    if not _is_int(seed):
+        raise ModelError(f"generate(seed={seed!r}): seed must be an integer or a torch.Generator")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+# ----------------------------------------------------------------------------- the decode loop
+class _Decoder:
+    """One batch's decode loop. ``steps()`` yields each step's tokens [B]; ``result()`` is the
+    output buffer up to the last step, [B, T + steps]."""
+
+    def __init__(self, model: Any, ids: Tensor, mask: Optional[Tensor], max_new_tokens: int,
+                 settings: SamplingSettings, eos: Optional[list[int]], pad_id: Optional[int],
+                 generator: Optional[torch.Generator], use_cache: bool):
+        self.model, self.settings, self.generator, self.use_cache = model, settings, generator, use_cache
+        self.prompt, self.mask, self.max_new = ids, mask, max_new_tokens
+        b, t = ids.shape
+        self.out = ids.new_empty(b, t + max_new_tokens)  # [B, T + N] prompt then new tokens
+        self.out[:, :t] = ids
+        self.length = t
+        self.eos = None if eos is None else torch.tensor(eos, device=ids.device)
+        self.pad_id = pad_id
+
+    def result(self) -> Tensor:
+        return self.out[:, : self.length]
+
+    def steps(self) -> Iterator[Tensor]:
+        model, s, ids, mask = self.model, self.settings, self.prompt, self.mask
+        b, t = ids.shape
+        vocab = model.config.vocab_size
+        full_mask = None  # [B, T + N] bool; new tokens are always real
+        if mask is not None:
+            full_mask = torch.ones(b, t + self.max_new, dtype=torch.bool, device=ids.device)
+            full_mask[:, :t] = mask
+            position = mask.sum(dim=1, keepdim=True)  # [B, 1] position of the first new token
+        seen = None  # [B, V] tokens already in each row, for the repetition penalty
+        if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
+            real = torch.ones_like(ids, dtype=torch.float) if mask is None else mask.float()
+            seen = torch.zeros(b, vocab, device=ids.device).scatter_add_(1, ids, real) > 0
+        finished = torch.zeros(b, dtype=torch.bool, device=ids.device) if self.eos is not None else None
+        cache = model.allocate_cache(b, t + self.max_new) if self.use_cache else None
+
+        for step in range(self.max_new):
+            n = self.length
+            if cache is None:  # recompute the whole sequence
+                logits = model(self.out[:, :n], attention_mask=None if mask is None else full_mask[:, :n]).logits
+            elif step == 0:  # prefill
+                logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            else:  # one new token against the cache
+                logits = model(self.out[:, n - 1 : n], attention_mask=None if mask is None else full_mask[:, :n],
+                               past_key_values=cache, use_cache=True,
+                               position_ids=None if mask is None else position).logits
+                if mask is not None:
+                    position = position + 1
+            if logits.dim() != 3:
+                raise ModelError(f"generate needs next-token logits [B, T, V], the model returned shape "
+                                 f"{tuple(logits.shape)}")
+            tokens = choose_tokens(logits[:, -1, :vocab], s, seen, self.generator)  # [B]
+            if finished is not None:
+                tokens = tokens.masked_fill(finished, self.pad_id)
+                finished |= torch.isin(tokens, self.eos)
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            self.out[:, n] = tokens
+            self.length = n + 1
+            yield tokens
+            if finished is not None and bool(finished.all()):  # the only per-step host sync
+                return
+
+
+# ----------------------------------------------------------------------------- public API
+@dataclass
+class _Request:
+    ids: Tensor
+    mask: Optional[Tensor]
+    max_new_tokens: int
+    settings: SamplingSettings
+    eos: Optional[list[int]]
+    pad_id: Optional[int]
+    generator: Optional[torch.Generator]
+    use_cache: bool
+
+
+def _prepare(model: Any, input_ids: Any, max_new_tokens: Any, do_sample: bool, temperature: float,
+             top_k: Optional[int], top_p: Optional[float], repetition_penalty: Optional[float],
+             eos_token_id: Any, pad_token_id: Optional[int], attention_mask: Optional[Tensor], use_cache: bool,
+             seed: Any, prompt_overflow: str) -> _Request:
+    _check_model(model)
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ModelError(f"generate(max_new_tokens={max_new_tokens!r}): expected an integer >= 0")
+    if prompt_overflow not in OVERFLOW_MODES:
+        raise ModelError(f"generate(prompt_overflow={prompt_overflow!r}): use one of {', '.join(OVERFLOW_MODES)}")
+    settings = SamplingSettings(bool(do_sample), temperature, top_k, top_p, repetition_penalty)
+    settings.check()
+    device = model.embed.weight.device
+    ids = _check_ids(model, input_ids).to(device)
+    vocab = model.config.vocab_size
+    eos = _token_ids("eos_token_id", eos_token_id, vocab)
+    pad = _token_ids("pad_token_id", pad_token_id, vocab)
+    if pad is not None and len(pad) != 1:
+        raise ModelError(f"generate(pad_token_id={pad_token_id!r}): expected one token id")
+    pad_id = pad[0] if pad is not None else eos[0] if eos is not None else None
+    mask = None
+    if attention_mask is not None:
+        ids, mask = left_pad(ids, attention_mask)
+    ids, mask = _fit_context(ids, mask, max_new_tokens, model.config.max_position_embeddings, prompt_overflow)
+    return _Request(ids, mask, max_new_tokens, settings, eos, pad_id, _generator(seed, device), bool(use_cache))
+
+
+def _decoder(model: Any, r: _Request, rows: Optional[slice] = None) -> _Decoder:
+    ids, mask = (r.ids, r.mask) if rows is None else (r.ids[rows], None if r.mask is None else r.mask[rows])
+    return _Decoder(model, ids, mask, r.max_new_tokens, r.settings, r.eos, r.pad_id, r.generator, r.use_cache)
+
+
+def _decode_rows(model: Any, r: _Request, rows: slice, streamer: Optional[Streamer], streamed: list[bool]) -> Tensor:
+    decoder = _decoder(model, r, rows)
+    for tokens in decoder.steps():
+        if streamer is not None:
+            streamed[0] = True
+            streamer(tokens)
+    return decoder.result()
+
+
+def _run_split(model: Any, r: _Request, rows: slice, streamer: Optional[Streamer], streamed: list[bool]) -> Tensor:
+    """Decode ``rows`` of the batch; on out-of-memory split them in halves and retry."""
+    try:
+        return _decode_rows(model, r, rows, streamer, streamed)
+    except OutOfMemoryError:
+        pass  # handled below, outside the except block, so the failed attempt's memory is released
+    n = rows.stop - rows.start
+    if streamed[0]:
+        raise ModelError("out of accelerator memory after tokens were streamed; generate fewer prompts at once "
+                         "or lower max_new_tokens")
+    if n == 1:
+        raise ModelError(f"out of accelerator memory generating one prompt of {r.ids.shape[1]} tokens + "
+                         f"{r.max_new_tokens} new; lower max_new_tokens, shorten the prompt, or use a smaller dtype")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = rows.start + n // 2
+    warnings.warn(f"generate: a batch of {n} prompts does not fit in accelerator memory; splitting it into "
+                  f"{n // 2} + {n - n // 2} and retrying", RuntimeWarning, stacklevel=3)
+    parts = [_run_split(model, r, slice(rows.start, half), streamer, streamed),
+             _run_split(model, r, slice(half, rows.stop), streamer, streamed)]
+    width = max(p.shape[1] for p in parts)
+    # a part that stopped early has every row finished: fill with the pad id
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=r.pad_id or 0) for p in parts])
+
+
+@torch.inference_mode()
+def _generate(model: Any, r: _Request, streamer: Optional[Streamer]) -> Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        if r.max_new_tokens == 0:
+            return r.ids.clone()
+        return _run_split(model, r, slice(0, r.ids.shape[0]), streamer, [False])
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: Any,
+    input_ids: Tensor,  # [B, T] prompt token ids (left-padded when attention_mask has zeros)
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: Optional[float] = None,
+    eos_token_id: Union[int, Sequence[int], None] = None,
+    attention_mask: Optional[Tensor] = None,  # [B, T] 1 = token, 0 = padding
+    use_cache: bool = True,
+    seed: Union[int, torch.Generator, None] = None,
+    streamer: Optional[Streamer] = None,
+    prompt_overflow: str = "error",
+    pad_token_id: Optional[int] = None,
+) -> Tensor:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; returns ids [B, T + N], N <= max_new_tokens.
+
+    do_sample:          False: greedy (argmax); True: draw from the (filtered) distribution
+    temperature:        logits are divided by it before sampling (> 0; 1.0: unchanged)
+    top_k:              sample only among the k most likely tokens (>= 1; None: all)
+    top_p:              sample only from the smallest set of tokens whose probability reaches p ((0, 1])
+    repetition_penalty: CTRL penalty (> 0; 1.0 / None: off) on every token already in the row,
+                        prompt included; applies to greedy decoding too
+    eos_token_id:       id or ids ending a row; later positions get ``pad_token_id`` (default: the first
+                        eos id); decoding stops when every row has ended
+    attention_mask:     padding mask of the prompts (see the module docstring for padding rules)
+    use_cache:          False recomputes the whole sequence every step (same tokens, slower; for checks)
+    seed:               an int or a torch.Generator for sampling; the global RNG is used only when None
+    streamer:           called with each step's new tokens [B] as they are chosen (finished rows: pad id)
+    prompt_overflow:    "error": T + max_new_tokens > max_position_embeddings raises ModelError;
+                        "truncate_left": keep only the last prompt tokens that fit (logged)
+
+    Runs under ``torch.inference_mode`` in eval mode; the model's train/eval mode is restored after.
+    If the batch runs out of accelerator memory it is split in halves and retried (with a warning;
+    the streamer then sees the halves one after the other, and sampled tokens differ from an
+    unsplit run). Bad arguments raise ModelError naming the argument and the fix.
+    """
+    if streamer is not None and not callable(streamer):
+        raise ModelError(f"generate(streamer=...): expected a callable receiving token ids [B], got "
+                         f"{type(streamer).__name__}")
+    r = _prepare(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                 eos_token_id, pad_token_id, attention_mask, use_cache, seed, prompt_overflow)
+    return _generate(model, r, streamer).clone()  # a normal tensor, usable outside inference mode
+
+
+def stream_generate(model: Any, input_ids: Tensor, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[Tensor]:
+    """Like :func:`generate` (same arguments but ``streamer``), but returns an iterator over each
+    step's new tokens [B] as they come. Arguments are checked at the call. The model is back in
+    its previous train/eval mode once the iterator is exhausted or closed. Out of accelerator
+    memory raises ModelError here (use generate, which splits the batch)."""
+    if "streamer" in kwargs:
+        raise ModelError("stream_generate yields the tokens itself; pass streamer= to generate instead")
+    r = _prepare(model, input_ids, max_new_tokens, **_defaults(kwargs))
+    return (tokens.clone() for tokens in _stream(model, r))  # cloned outside inference mode: normal tensors
+
+
+def _defaults(kwargs: dict) -> dict:
+    known = dict(do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=None,
+                 eos_token_id=None, pad_token_id=None, attention_mask=None, use_cache=True, seed=None,
+                 prompt_overflow="error")
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ModelError(f"stream_generate got unknown arguments {unknown}; known: {', '.join(known)}")
+    return {**known, **kwargs}
+
+
+@torch.inference_mode()
+def _stream(model: Any, r: _Request) -> Iterator[Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            yield from _decoder(model, r).steps()
+        except OutOfMemoryError:
+            raise ModelError(f"out of accelerator memory streaming {r.ids.shape[0]} prompts; stream fewer at "
+                             "once, lower max_new_tokens, or use generate(), which splits the batch") from None
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["SamplingSettings", "apply_repetition_penalty", "choose_tokens", "generate", "left_pad",
+           "stream_generate", "top_k_filter", "top_p_filter"]
