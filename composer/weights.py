@@ -132,15 +132,18 @@ def read_header(path: Union[str, Path]) -> Header:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
+            prefix = f.read(9)
             if size == 0:
                 raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely; "
                                       "save the model again")
             if len(prefix) < 8:
                 raise CheckpointError(f"{path} is truncated ({size} bytes): too short for a safetensors header")
-            if prefix[:2] == b"PK" or prefix[:1] == b"\x80":  # torch.save zip archive / raw pickle
+            zipped = prefix.startswith(b"PK\x03\x04")  # torch.save's zip archive
+            pickled = prefix[0] == 0x80 and 2 <= prefix[1] <= 5  # a raw pickle (protocol 2-5)
+            if (zipped or pickled) and prefix[8:9] != b"{":  # a safetensors header is a JSON object
                 raise CheckpointError(pickle_hint(path))
-            (n,) = struct.unpack("<Q", prefix)
+            (n,) = struct.unpack("<Q", prefix[:8])
+            f.seek(8)
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path}: header length {n:,} bytes exceeds the limit of "
                                       f"{MAX_HEADER_BYTES:,}; the file is corrupt or not a safetensors file")

@@ -1,0 +1,82 @@
+"""composer-import / composer-export: convert between Hugging Face model folders and composer checkpoints.
+
+    composer-import <hf dir> <out dir> [--dtype bfloat16] [--max-shard-size 5GB]
+    composer-export <model dir> <hf dir> [--dtype bfloat16] [--max-shard-size 5GB]
+
+composer-import reads a local Hugging Face folder (config.json + *.safetensors; GPT-2, Llama,
+Mistral, Qwen2, GPT-NeoX) and writes a composer checkpoint (save_pretrained), copying tokenizer.json.
+composer-export writes a folder transformers.AutoModelForCausalLM.from_pretrained loads, with the
+checkpoint's tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import InvalidParameter, Problem
+from ..weights import atomic_write
+from . import run
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _parser(prog: str, source: str, target: str, help_text: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=help_text)
+    p.add_argument("source", help=source)
+    p.add_argument("target", help=target)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (default 5GB)")
+    return p
+
+
+def _args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    try:
+        return p.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage; bad usage is a configuration error
+        if exc.code in (0, None):
+            raise
+        raise InvalidParameter([Problem("arguments", " ".join(argv) or "(none)",
+                                        f"usage: {p.format_usage().strip().removeprefix('usage: ')}")]) from None
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    return DTYPES[name] if name else None
+
+
+def import_main(argv: list[str]) -> int:
+    from ..hf import import_hf
+
+    args = _args(_parser("composer-import", "Hugging Face model folder", "output checkpoint folder",
+                         "Convert a Hugging Face model folder to a composer checkpoint."), argv)
+    model = import_hf(args.source, dtype=_dtype(args.dtype))
+    model.save_pretrained(args.target, max_shard_size=args.max_shard_size)
+    tokenizer = Path(args.source) / "tokenizer.json"
+    if tokenizer.is_file():
+        atomic_write(Path(args.target) / "tokenizer.json", tokenizer.read_bytes())
+    print(f"imported {model.config.name} ({model.num_parameters():,} parameters) to {args.target}")
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    from ..checkpoint import from_pretrained, load_tokenizer
+    from ..hf import export_hf
+
+    args = _args(_parser("composer-export", "composer checkpoint folder", "output Hugging Face folder",
+                         "Convert a composer checkpoint to a Hugging Face model folder."), argv)
+    model = from_pretrained(args.source, dtype=_dtype(args.dtype))
+    export_hf(model, args.target, tokenizer=load_tokenizer(args.source), max_shard_size=args.max_shard_size)
+    print(f"exported {model.config.name or 'model'} ({model.num_parameters():,} parameters) to {args.target}")
+    return 0
+
+
+def main_import() -> None:
+    sys.exit(run(import_main))
+
+
+def main_export() -> None:
+    sys.exit(run(export_main))

@@ -1,0 +1,262 @@
+"""Hugging Face interop: import a local Hugging Face model folder, export a composed model to one.
+
+    model = import_hf("path/to/hf_llama")          # config.json + *.safetensors -> ComposedModel
+    export_hf(model, "path/to/out")                # -> config.json + model.safetensors for transformers
+
+Families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2 (llama.py) and GPT-NeoX. Each
+family module holds ONE parameter-name table used in both directions. No network access and no
+``transformers`` import: configs are read and written as JSON, weights as safetensors (validated
+like composer checkpoints: names, shapes and dtypes are checked before any data is read).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError, ConfigError, ModelError, Problem
+from ..schema import resolve_model_config
+from ..weights import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_NAME,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    TensorInfo,
+    atomic_write,
+    index_files,
+    materialize,
+    open_safetensors,
+    pickle_hint,
+    read_header,
+    unique_state,
+    write_safetensors,
+)
+from . import gpt2, gpt_neox, llama
+from .common import Exporting, Family, HFConfig, Rule, read_hf_config, to_ours, to_theirs
+
+FAMILIES: tuple[Family, ...] = (gpt2.FAMILY, llama.FAMILY, gpt_neox.FAMILY)
+MODEL_TYPES: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}
+SLOTS = ("block", "attention", "ffn", "norm", "position")
+
+__all__ = ["FAMILIES", "MODEL_TYPES", "export_hf", "import_hf"]
+
+
+def family_of(c: HFConfig) -> Family:
+    family = MODEL_TYPES.get(c.model_type)
+    if family is None:
+        raise ConfigError([Problem(f"{c.path}:model_type", f"'{c.model_type}' is not supported",
+                                   f"supported model types: {', '.join(sorted(MODEL_TYPES))}")],
+                          header="cannot import this Hugging Face model")
+    return family
+
+
+# ----------------------------------------------------------------------------- import
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / INDEX_NAME).is_file():
+        return index_files(folder / INDEX_NAME)
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(pickle_hint(pickles[0]) + "\nWith transformers: AutoModelForCausalLM.from_pretrained("
+                              "folder).save_pretrained(out, safe_serialization=True), then import `out`.")
+    raise CheckpointError(f"{folder} holds no *.safetensors weights beside its config.json")
+
+
+def _attention_of(model: Any, name: str) -> Any:
+    m = re.match(r"layers\.(\d+)\.attn\.", name)
+    return model.layers[int(m.group(1))].attn if m else None
+
+
+def import_hf(directory: Union[str, Path], device: Any = None, dtype: Optional[torch.dtype] = None) -> Any:
+    """Build the composed model equivalent to a local Hugging Face model folder, with its weights.
+
+    directory: config.json + model.safetensors (or shards with model.safetensors.index.json)
+    device:    where the weights go (default CPU)
+    dtype:     cast to this dtype (default: the checkpoint's)
+    Raises ConfigError for an unsupported model_type / option, CheckpointError for bad weights.
+    """
+    from ..model import compose
+
+    folder = Path(directory)
+    c = read_hf_config(folder)
+    family = family_of(c)
+    raw = family.to_composer(c)
+    c.check()
+    try:
+        cfg = resolve_model_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, header=f"{c.path} translates to an invalid composer config") from None
+    files = _weight_files(folder)
+    found: dict[str, tuple[TensorInfo, Path]] = {}
+    for f in files:
+        for name, info in read_header(f).tensors.items():
+            found[name] = (info, f)
+    model = compose(cfg, device="meta")
+    plan = _plan(family, model, found, str(folder))
+    dev = str(torch.device(device)) if device is not None else "cpu"
+    readers = {f: open_safetensors(f, dev) for f in files}
+    target = dtype or found[plan[0][1][0]][0].torch_dtype
+    state: dict[str, Tensor] = {}
+    try:
+        for rule, names, attn in plan:
+            parts = [readers[found[n][1]].get_tensor(n) for n in names]
+            state[rule.ours] = to_ours(rule, parts, attn).to(target)
+    except Exception as exc:  # a file changed or damaged after its header was checked
+        raise CheckpointError(f"cannot read the weights in {folder}: {exc}") from None
+    return materialize(model, state, dev).eval()
+
+
+def _plan(family: Family, model: Any, found: dict[str, tuple[TensorInfo, Path]],
+          where: str) -> list[tuple[Rule, list[str], Any]]:
+    """Match every tensor of ``model`` to Hugging Face names; check presence, shapes and dtypes
+    (no data read); one CheckpointError listing every problem."""
+    expected = unique_state(model)
+    plan, used, missing, lines = [], set(), [], []
+
+    def locate(name: str) -> Optional[str]:
+        if name in found:
+            return name
+        bare = name[len(family.prefix):] if family.prefix and name.startswith(family.prefix) else None
+        return bare if bare in found else None
+
+    mapped = set()
+    for rule in family.table(model.config.num_layers):
+        if rule.ours not in expected:
+            continue
+        mapped.add(rule.ours)
+        attn = _attention_of(model, rule.ours)
+        names = []
+        for theirs, want in zip(rule.theirs, to_theirs(rule, expected[rule.ours], attn), strict=True):
+            name = locate(theirs)
+            if name is None:
+                missing.append(theirs)
+                continue
+            used.add(name)
+            names.append(name)
+            info = found[name][0]
+            if info.shape != tuple(want.shape):
+                lines.append(f"{name}: shape {list(info.shape)}, config.json implies {list(want.shape)}")
+            if not info.torch_dtype.is_floating_point:
+                lines.append(f"{name}: dtype {info.dtype}, expected a floating-point dtype")
+        plan.append((rule, names, attn))
+    unmapped = [k for k in expected if k not in mapped]
+    if unmapped:  # a table gap: report rather than leave weights uninitialised
+        lines.append(f"no {family.name} mapping for: {', '.join(unmapped)}")
+    extra = [n for n in found if n not in used and not family.ignored(n)
+             and not (model.tied and n.endswith("lm_head.weight"))]
+    if missing:
+        lines.insert(0, f"missing tensors: {', '.join(missing)}")
+    if extra:
+        lines.insert(1 if missing else 0, f"unexpected tensors: {', '.join(extra)}")
+    if lines:
+        body = "\n".join(f"  - {line}" for line in lines)
+        raise CheckpointError(f"the weights in {where} do not match its config.json ({len(lines)} problems):\n{body}")
+    return plan
+
+
+# ----------------------------------------------------------------------------- export
+def choose_family(cfg: Any) -> tuple[Family, str]:
+    """The Hugging Face family and model_type a composition exports as; ConfigError naming every
+    component that has no equivalent."""
+    problems: list[Problem] = []
+    _check_universal(cfg, problems)
+    spec = cfg.layer(0)
+    types = {slot: getattr(spec, slot).type for slot in SLOTS}
+
+    def misses(f: Family) -> list[str]:
+        return [s for s in SLOTS if types[s] not in f.signature[s]]
+
+    family = min(FAMILIES, key=lambda f: len(misses(f)))
+    known = {slot: {t for f in FAMILIES for t in f.signature[slot]} for slot in SLOTS}
+    for slot in misses(family):
+        if types[slot] in known[slot]:  # exists in another family, not in this combination
+            problems.append(Problem(f"model.{slot}.type", f"'{types[slot]}' does not fit the nearest Hugging Face "
+                                    f"family, {family.name} (which uses {slot} {' / '.join(family.signature[slot])})",
+                                    "compose the model like one of the supported families"))
+    if problems:
+        raise ConfigError.of(_unique(problems), header="this model has no Hugging Face equivalent")
+    e = Exporting(cfg, family.name)
+    model_type = family.match(e)
+    if e.problems:
+        raise ConfigError.of(_unique(e.problems), header="this model has no Hugging Face equivalent")
+    return family, model_type
+
+
+def _check_universal(cfg: Any, problems: list[Problem]) -> None:
+    """Components no supported family has, named by their config path."""
+    known = {slot: {t for f in FAMILIES for t in f.signature[slot]} for slot in SLOTS}
+    head = cfg.head
+    if head.type != "lm":
+        problems.append(Problem("model.head.type", f"'{head.type}' has no Hugging Face causal-LM equivalent",
+                                "export language models (head: lm)"))
+    elif head.bias or head.logit_softcap is not None:
+        key = "bias" if head.bias else "logit_softcap"
+        problems.append(Problem(f"model.head.{key}", "the supported families have no LM-head "
+                                f"{key.replace('_', ' ')}", f"set head.{key} off"))
+    if cfg.embedding_norm:
+        problems.append(Problem("model.embedding_norm", "no supported family normalizes the embeddings",
+                                "set embedding_norm: false"))
+    for spec in cfg.layer_specs():
+        for slot in SLOTS:
+            comp = getattr(spec, slot)
+            where = f"model.{slot}" if comp is getattr(cfg, slot) else f"model.layers (layer {spec.index}) {slot}"
+            if comp.type not in known[slot]:
+                problems.append(Problem(f"{where}.type", f"'{comp.type}' has no Hugging Face equivalent among the "
+                                        f"supported families ({', '.join(f.name for f in FAMILIES)})",
+                                        f"use {slot} {' / '.join(sorted(known[slot]))}"))
+        a = spec.attention
+        for key, bad in (("qk_norm", a.qk_norm), ("logit_softcap", a.logit_softcap is not None),
+                         ("causal", not a.causal)):
+            if bad:
+                where = "model.attention" if a is cfg.attention else f"model.layers (layer {spec.index}) attention"
+                problems.append(Problem(f"{where}.{key}", f"{key}={getattr(a, key)} has no Hugging Face equivalent "
+                                        "among the supported families", f"use the default {key}"))
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    return list({str(p): p for p in problems}.values())
+
+
+def export_hf(model: Any, directory: Union[str, Path], tokenizer: Any = None,
+              max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write ``model`` as a Hugging Face folder (config.json + safetensors [+ tokenizer.json]) that
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Raises ConfigError naming the
+    component that has no equivalent. Returns the folder."""
+    cfg = model.config
+    family, model_type = choose_family(cfg)
+    state = unique_state(model)
+    tensors: dict[str, Tensor] = {}
+    for rule in family.table(cfg.num_layers):
+        t = state.pop(rule.ours, None)
+        if t is None:
+            continue
+        pieces = to_theirs(rule, t, _attention_of(model, rule.ours))
+        for name, piece in zip(rule.theirs, pieces, strict=True):
+            if rule.vocab:
+                piece = piece[:cfg.vocab_size]  # drop the rows of a padded vocabulary
+            tensors[name] = piece.clone() if len(pieces) > 1 or rule.vocab else piece  # no shared storage
+    if state:
+        raise ModelError(f"parameters with no Hugging Face {family.name} name (hand-made modules?): "
+                         f"{', '.join(state)}")
+    dtypes = {t.dtype for t in tensors.values()}
+    dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    hf = {"architectures": [family.model_types[model_type]], "model_type": model_type,
+          **family.to_hf(cfg, model_type), "tie_word_embeddings": bool(model.tied),
+          "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+          "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, folder, max_shard_size, {"format": "pt"})
+    atomic_write(folder / "config.json", json.dumps(hf, indent=2) + "\n")
+    if tokenizer is not None:
+        atomic_write(folder / "tokenizer.json", tokenizer.to_str())
+    return folder
