@@ -211,7 +211,7 @@ def _check_universal(cfg: Any, problems: list[Problem]) -> None:
             where = f"model.{slot}" if comp is getattr(cfg, slot) else f"model.layers (layer {spec.index}) {slot}"
             if comp.type not in known[slot]:
                 problems.append(Problem(f"{where}.type", f"'{comp.type}' has no Hugging Face equivalent among the "
-                                        f"supported families ({', '.join(f.name for f in FAMILIES)})",
+                                        f"supported families ({', '.join(MODEL_TYPES)})",
                                         f"use {slot} {' / '.join(sorted(known[slot]))}"))
         a = spec.attention
         for key, bad in (("qk_norm", a.qk_norm), ("logit_softcap", a.logit_softcap is not None),
