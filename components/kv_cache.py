@@ -34,8 +34,11 @@ class KVCache:
         return self.k.shape[2]
 
     def _grow(self, needed: int) -> None:
-        """Full caches only: double the buffers when a caller writes past the capacity."""
+        """Full caches only: double the buffers when a caller writes past the capacity. A window's
+        cache stops at W slots and rolls from then on (tokens 0..W-1 already sit in slot t % W)."""
         new = max(needed, 2 * self.size)
+        if self.window is not None and new >= self.window:
+            new, self.rolling = self.window, True
         pad = new - self.size
         self.k = torch.nn.functional.pad(self.k, (0, 0, 0, pad))
         self.v = torch.nn.functional.pad(self.v, (0, 0, 0, pad))
@@ -49,9 +52,9 @@ class KVCache:
         pos = torch.arange(start, start + t, device=k.device)  # [T]
         if valid is None:
             valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
+        if not self.rolling and start + t > self.size:
+            self._grow(start + t)
         if not self.rolling:
-            if start + t > self.size:
-                self._grow(start + t)
             end = start + t
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v

@@ -124,6 +124,15 @@ class Rope(_NoPosition):
             inv = torch.where(medium, smoothed, scaled)
         self.inv_freq.copy_(inv.float())
 
+    def _apply(self, fn, recurse=True):
+        """Casting the model (``model.to(torch.bfloat16)``) keeps the frequencies float32: rounded
+        to bf16 they turn position 4000 by a third of a radian."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = torch.empty(self.inv_freq.shape, dtype=torch.float32, device=self.inv_freq.device)
+            self.reset_buffers()
+        return self
+
     def cos_sin(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T] positions -> cos, sin of shape [B, 1, T, R] (float32)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, R/2]

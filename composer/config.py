@@ -67,8 +67,8 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train",
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="composer"):
             try:
                 return hydra_compose(config_name, overrides=overrides + _search_path_overrides(config_dirs))
-            except (HydraException, OmegaConfBaseException) as exc:
-                raise _wrap(exc, overrides, config_name, config_dirs) from None
+            except (HydraException, OmegaConfBaseException, TypeError, ValueError) as exc:  # Type/ValueError:
+                raise _wrap(exc, overrides, config_name, config_dirs) from None  # Hydra's, on odd group options
     finally:
         restore_gh_from_backup(backup)
 
@@ -77,7 +77,7 @@ def _siblings(key: str, overrides: list[str], config_name: str, config_dirs: Ite
     """Keys next to ``key`` in the config composed without the failing override."""
     from omegaconf import OmegaConf
 
-    rest = [o for o in overrides if not o.lstrip("+~").startswith(key)]
+    rest = [o for o in overrides if not (key + ".").startswith(o.lstrip("+~").partition("=")[0] + ".")]
     try:
         cfg = load_config(rest, config_name, config_dirs)
     except ConfigError:
@@ -87,10 +87,34 @@ def _siblings(key: str, overrides: list[str], config_name: str, config_dirs: Ite
     return [str(k) for k in node] if hasattr(node, "keys") else []
 
 
+def _culprit(exc: Exception, overrides: list[str], config_name: str, config_dirs: Iterable) -> str:
+    """The override that fails on its own (Hydra's parse errors and TypeErrors do not name it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if len(overrides) == 1:
+        return overrides[0]
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+            if isinstance(exc, (TypeError, ValueError)):
+                load_config([override], config_name, config_dirs)
+        except (HydraException, ConfigError):
+            return override
+    return ""
+
+
 def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: Iterable) -> ConfigError:
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     text = str(exc)
+    if isinstance(exc, (OverrideParseException, TypeError, ValueError)):
+        bad = _culprit(exc, overrides, config_name, config_dirs)
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return ConfigError([Problem(bad.partition("=")[0].lstrip("+~"), f"cannot apply override {bad!r} ({first})",
+                                    "write key=value or group=option (one option name, e.g. model=gpt2); "
+                                    "quote values with special characters")])
     if isinstance(exc, MissingConfigException):
         missing = exc.missing_cfg_file or ""
         group, _, name = missing.rpartition("/")
@@ -103,14 +127,16 @@ def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: I
         return ConfigError([Problem(missing or config_name, "config not found",
                                     "check the name and the --config-dir / search path")])
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    cause = str(exc.__cause__ or "")
     if m:
-        key = m.group(1)
+        inner = re.search(r"full_key: (\S+)", cause)  # a mapping merged into a node: the key inside it
+        key = inner.group(1) if inner and inner.group(1).startswith(m.group(1) + ".") else m.group(1)
         siblings = _siblings(key, overrides, config_name, config_dirs)
         leaf = key.rsplit(".", 1)[-1]
         close = difflib.get_close_matches(leaf, siblings, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return ConfigError([Problem(key, "no such key", f"{hint}to add a new key write +{key}=...")])
-    m = re.search(r"full_key: (\S+)", text)
+    m = re.search(r"full_key: (\S+)", text) or re.search(r"full_key: (\S+)", cause)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if m:
         return ConfigError([Problem(m.group(1), first, "fix the value or the override")])

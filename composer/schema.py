@@ -116,13 +116,16 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapp
             out = _convert(arg, value, path, trial, meta)
             if not trial:
                 return out
+            if out is not None:  # the right type with a bad value (range, choices): say that
+                problems.extend(trial)
+                return out
         problems.append(Problem(path, f"expected {_type_name(tp)}, got {value!r}",
                                 f"set {path.rsplit('.', 1)[-1]} to a {_type_name(tp)}"))
         return None
     if value is None:
         problems.append(Problem(path, "must not be null", f"set it to a {_type_name(tp)}"))
         return None
-    if origin in (list, tuple):
+    if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
             problems.append(Problem(path, f"expected a list, got {value!r}", "write it as [a, b, ...]"))
             return None
@@ -435,8 +438,8 @@ def resolve_model_config(raw: Any, path: str = "model") -> ModelConfig:
     sizes_ok = not any(p.path.split(".")[-1] in ("hidden_size", "num_heads", "num_layers",
                                                    "max_position_embeddings", "vocab_size")
                        for p in problems)
+    _check_model(cfg, check, sizes_ok)
     if sizes_ok:
-        _check_model(cfg, check)
         for slot in COMPONENT_SLOTS:
             _resolve_component(getattr(cfg, slot), cfg, check.child(slot))
         _resolve_layers(cfg, check)
@@ -471,10 +474,10 @@ def _plain(raw: Any) -> Any:
     return raw
 
 
-def _check_model(cfg: ModelConfig, check: Checker) -> None:
-    if cfg.hidden_size % cfg.num_heads:
+def _check_model(cfg: ModelConfig, check: Checker, sizes_ok: bool = True) -> None:
+    if sizes_ok and cfg.hidden_size % cfg.num_heads:
         check.fail("hidden_size", f"{cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}",
-                   "make hidden_size a multiple of num_heads (or set attention.head_dim)")
+                   "make hidden_size a multiple of num_heads")
     if not 0.0 <= cfg.dropout < 1.0:
         check.fail("dropout", f"{cfg.dropout} is outside [0, 1)", "use a probability like 0.1")
     if not _CHECKPOINT_RE.match(str(cfg.gradient_checkpointing)):
@@ -504,6 +507,9 @@ def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
         path = check.at(f"layers[{i}]")
         ov = build_dataclass(LayerOverride, item, path, problems)
         if getattr(ov, "select", None) is None:
+            if isinstance(item, Mapping) and "select" in item:  # null (a missing one is reported)
+                problems.append(Problem(f"{path}.select", "must not be null",
+                                        "use a slice like '1::2', an index, or a list of indices"))
             continue
         idx = parse_select(ov.select, cfg.num_layers, f"{path}.select", problems)
         given = {s: getattr(ov, s) for s in LAYER_SLOTS if getattr(ov, s) is not None}
