@@ -244,11 +244,10 @@ def _meta_model(config: Any) -> nn.Module:
     return compose(config, device="meta")
 
 
-def _resolve(doc: dict, source: str) -> Any:
-    from .schema import resolve_model_config
-
+def _build(doc: dict, source: str) -> nn.Module:
+    """The saved model, built on the meta device (validated once; nothing allocated)."""
     try:
-        return resolve_model_config(doc["model"])
+        return _meta_model(doc["model"])
     except ConfigError as exc:
         raise CheckpointError(f"{source}: the saved model config is invalid: {exc}") from None
 
@@ -271,9 +270,8 @@ def from_pretrained(path: Union[str, Path], device: Any = None, dtype: Optional[
     newer major format) naming every problem.
     """
     ckpt = _locate(path)
-    cfg = _resolve(ckpt.doc, ckpt.source)
     saved_dtype = _torch_dtype(ckpt.doc.get("dtype"), ckpt.source)
-    model = _meta_model(cfg)
+    model = _build(ckpt.doc, ckpt.source)
     found: dict[str, TensorInfo] = {}
     owner: dict[str, Path] = {}
     for h in ckpt.headers:
@@ -291,8 +289,6 @@ def from_pretrained(path: Union[str, Path], device: Any = None, dtype: Optional[
             for name in names:
                 t = reader.get_tensor(name)
                 state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        except CheckpointError:
-            raise
         except Exception as exc:  # a file changed or damaged after its header was checked
             raise CheckpointError(f"cannot read {f}: {exc}") from None
     return materialize(model, state, dev).eval()

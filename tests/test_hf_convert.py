@@ -216,3 +216,46 @@ def test_compositions_without_an_equivalent_are_refused(name, tmp_path):
 def test_family_is_chosen_from_the_composition(changes, family, model_type):
     chosen, kind = choose_family(compose(small_model_dict(**changes), device="meta").config)
     assert (chosen.name, kind) == (family, model_type)
+
+
+# ----------------------------------------------------------------------------- config translation
+def _translate(config: dict) -> dict:
+    from composer.hf.common import HFConfig
+
+    c = HFConfig(config, "config.json")
+    out = MODEL_TYPES[config["model_type"]].to_composer(c)
+    c.check()
+    return out
+
+
+MISTRAL = dict(model_type="mistral", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("changes, attention_type, overridden", [
+    (dict(sliding_window=None), "gqa", None),  # Mistral without a window is plain GQA
+    (dict(sliding_window=64), "gqa", None),  # a window as long as the context is no window
+    (dict(sliding_window=8), "sliding_window", None),
+    (dict(model_type="qwen2", sliding_window=8, use_sliding_window=False), "gqa", None),
+    (dict(model_type="qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=3), "gqa", [3]),  # 4.x
+    (dict(model_type="qwen2", sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2), "gqa",
+     [0, 2]),  # 5.x
+])
+def test_sliding_window_translation(changes, attention_type, overridden):
+    model = _translate({**MISTRAL, **changes})
+    assert model["attention"]["type"] == attention_type
+    if overridden is None:
+        assert model["layers"] == []
+    else:
+        (override,) = model["layers"]
+        assert override["select"] == overridden and override["attention"]["window"] == 8
+    if changes.get("model_type") == "qwen2":
+        assert model["attention"]["bias"] and not model["attention"]["out_bias"]
+
+
+def test_gpt2_options_without_an_equivalent_are_named():
+    with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx"):
+        _translate(dict(model_type="gpt2", vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                        scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(ConfigError, match="n_layer: is required"):
+        _translate(dict(model_type="gpt2", vocab_size=V, n_embd=32, n_head=4, n_positions=32))
