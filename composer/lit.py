@@ -1,0 +1,148 @@
+"""The LightningModule: a composed model, its loss, optimizer, schedule and validation metrics.
+
+    lit = LitComposer(model, optim=cfg.optim, scheduler=cfg.scheduler, task="lm", metric="answer_accuracy")
+    Trainer(max_steps=100).fit(lit, datamodule=dm)
+
+Batches are dicts: ``input_ids`` [B, T], ``labels`` [B, T] (lm; -100 = no loss, shifted inside the
+model) or [B] (classification), optional ``attention_mask`` [B, T].
+
+Logged (names as in metrics.csv): ``train_loss`` (cross-entropy + MoE aux loss), ``train_aux_loss``
+(MoE models), ``val_loss`` (token-weighted cross-entropy, no aux loss), ``val_ppl`` = exp(val_loss),
+``val_accuracy`` (argmax accuracy on the positions that carry a label: the recall answers, or
+the class of each sequence). Nothing in the training step reads a tensor on the host: losses
+are logged as tensors and Lightning converts them every ``log_every_n_steps``.
+
+Checkpoints also carry the random-number-generator states (restored just before the first
+training batch after a resume, so dropout continues exactly) and the validation history.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch import Tensor
+from torchmetrics import SumMetric
+
+from .model import ComposedModel
+from .optim import build_optimizer, build_scheduler
+
+IGNORE_INDEX = -100
+
+
+class LitComposer(L.LightningModule):
+    """Trains a :class:`~composer.model.ComposedModel`.
+
+    Args:
+        model: the model to train (built by ``compose`` or ``ComposedModel.from_pretrained``).
+        optim: the ``optim`` config (name, lr, weight_decay, betas, eps, fused, decay_embeddings).
+        scheduler: the ``scheduler`` config (name, warmup_steps, min_lr, decay_steps).
+        task: "lm" (labels [B, T]) or "classification" (labels [B]).
+        metric: "answer_accuracy" / "accuracy" to report ``val_accuracy``; None for loss only.
+        compile: run the model under ``torch.compile`` (parameter names unchanged).
+    """
+
+    def __init__(self, model: ComposedModel, optim: Mapping[str, Any], scheduler: Mapping[str, Any],
+                 task: str = "lm", metric: Optional[str] = None, compile: bool = False):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = dict(optim)
+        self.scheduler_cfg = dict(scheduler)
+        self.task = task
+        self.metric = metric
+        # sums over the validation set; "disable": no NaN check (it would read the tensor on the host)
+        self.val_loss_sum = SumMetric(nan_strategy="disable")
+        self.val_count = SumMetric(nan_strategy="disable")
+        self.val_correct = SumMetric(nan_strategy="disable")
+        self.val_history: list[dict[str, float]] = []  # one entry per validation: step, val_loss, ...
+        self.best_val_loss = math.inf
+        self.progress: dict[str, float] = {}  # shown by the progress bar; refreshed at log intervals
+        self._rng_to_restore: Optional[dict] = None
+        if compile:
+            self.model.compile()
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: Mapping[str, Tensor]) -> Any:
+        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch.get("labels"))
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train_loss", out.loss.detach(), on_step=True, on_epoch=False, batch_size=size)
+        if out.aux_loss is not None:
+            self.log("train_aux_loss", out.aux_loss.detach(), on_step=True, on_epoch=False, batch_size=size)
+        return out.loss
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        labels = batch["labels"]
+        ce = out.loss if out.aux_loss is None else out.loss - out.aux_loss  # cross-entropy only
+        if self.task == "lm":
+            target = labels[:, 1:]  # [B, T-1]: position t predicts token t + 1
+            pred = out.logits[:, :-1].argmax(-1)  # [B, T-1]
+        else:
+            target, pred = labels.reshape(-1), out.logits.argmax(-1)  # [B]
+        valid = target != IGNORE_INDEX
+        count = valid.sum()
+        # a batch without any label contributes nothing (its mean loss is NaN)
+        self.val_loss_sum.update(torch.where(count > 0, ce.float() * count, 0.0))
+        self.val_count.update(count.float())
+        self.val_correct.update(((pred == target) & valid).sum().float())
+
+    def on_validation_epoch_end(self) -> None:
+        count = self.val_count.compute().clamp(min=1)  # synchronised over processes by torchmetrics
+        loss = self.val_loss_sum.compute() / count
+        metrics = {"val_loss": loss, "val_ppl": loss.clamp(max=80).exp()}
+        if self.metric is not None:
+            metrics["val_accuracy"] = self.val_correct.compute() / count
+        for m in (self.val_loss_sum, self.val_count, self.val_correct):
+            m.reset()
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        if self.trainer.sanity_checking:
+            return
+        row = {"step": float(self.global_step), **{k: float(v) for k, v in metrics.items()}}
+        self.val_history.append(row)
+        if row["val_loss"] < self.best_val_loss:
+            self.best_val_loss = row["val_loss"]
+        self.progress["val_loss"] = row["val_loss"]
+        if "val_accuracy" in row:
+            self.progress["val_acc"] = row["val_accuracy"]
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.model, self.optim_cfg)
+        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.scheduler_cfg, max_steps=steps)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["composer"] = {
+            "rng": _collect_rng_states(include_cuda=torch.cuda.is_available()),
+            "best_val_loss": self.best_val_loss,
+            "val_history": list(self.val_history),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("composer", {})
+        self._rng_to_restore = state.get("rng")
+        self.best_val_loss = state.get("best_val_loss", math.inf)
+        self.val_history = list(state.get("val_history", []))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # restored here, not at load time: creating data loader iterators in between draws from
+        # the global generator, so the state is put back right before the next random draw
+        if self._rng_to_restore is not None:
+            states = dict(self._rng_to_restore)
+            if not torch.cuda.is_available():
+                states.pop("torch.cuda", None)
+            _set_rng_states(states)
+            self._rng_to_restore = None
+
+
+__all__ = ["LitComposer"]

@@ -1,0 +1,258 @@
+"""Training building blocks without a training run: optimizer groups, schedules, atomic
+checkpoints, config validation, vocabulary / head / init_from rules, sweep pre-checks."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_train_helpers import cli_env
+
+from composer.callbacks import peak_flops
+from composer.checkpoint_io import AtomicCheckpointIO
+from composer.config import load_config, to_container
+from composer.errors import ConfigError
+from composer.model import compose
+from composer.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
+from composer.train import _sweep_jobs, check_config, fit_model_to_data, init_from_config, precheck
+from composer.training import block_classes, build_strategy, check_trainer
+
+from conftest import small_model_dict
+
+
+# ----------------------------------------------------------------------------- optimizer
+def test_weight_decay_only_on_matrices_and_tied_weight_once():
+    model = compose(small_model_dict(position={"type": "learned"}, tie_embeddings=True), seed=0)
+    decay, no_decay = parameter_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2), name
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    all_params = decay["params"] + no_decay["params"]
+    assert len(all_params) == len({id(p) for p in all_params}) == len(list(model.parameters()))
+    assert model.embed.weight is model.head.proj.weight  # tied: counted once above
+
+    decay, _ = parameter_groups(model, 0.1, decay_embeddings=False)
+    kept = {id(p) for p in decay["params"]}
+    assert id(model.embed.weight) not in kept and id(model.position.weight) not in kept
+    assert any(p.ndim == 2 for p in decay["params"])
+
+
+def test_adamw_settings_and_fused_auto_off_on_cpu():
+    model = compose(small_model_dict(), seed=0)
+    opt = build_optimizer(model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": [0.8, 0.9],
+                                  "eps": 1e-6, "fused": "auto"})
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
+    assert not opt.defaults.get("fused")
+    with pytest.raises(ConfigError, match="optim.betas"):
+        build_optimizer(model, {"lr": 1e-3, "betas": [0.9]})
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_schedules_warm_up_then_decay_to_min_lr():
+    # warmup: (step + 1) / (warmup + 1) of the peak
+    assert lr_factor(0, "cosine", 4, 100, 0.1) == pytest.approx(1 / 5)
+    assert lr_factor(3, "cosine", 4, 100, 0.1) == pytest.approx(4 / 5)
+    assert lr_factor(4, "cosine", 4, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(52, "cosine", 4, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: mid point
+    assert lr_factor(100, "cosine", 4, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, "cosine", 4, 100, 0.1) == pytest.approx(0.1)  # stays at min_lr
+    assert lr_factor(52, "linear", 4, 100, 0.0) == pytest.approx(0.5)
+    assert lr_factor(90, "constant", 4, 100, 0.0) == 1.0
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    sched = build_scheduler(opt, {"name": "cosine", "warmup_steps": 2, "min_lr": 0.1}, max_steps=10)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # monotone decay after warmup
+    assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
+    # the schedule's state survives a checkpoint round trip
+    again = build_scheduler(torch.optim.AdamW(model.parameters(), lr=1.0),
+                            {"name": "cosine", "warmup_steps": 2, "min_lr": 0.1}, max_steps=10)
+    again.load_state_dict(sched.state_dict())
+    assert again.last_epoch == sched.last_epoch
+
+
+def test_scheduler_config_errors_name_the_key():
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    with pytest.raises(ConfigError, match="scheduler.min_lr") as info:
+        build_scheduler(opt, {"name": "cosine", "warmup_steps": 0, "min_lr": 1.0}, max_steps=10)
+    assert "optim.lr" in str(info.value)
+    with pytest.raises(ConfigError, match="scheduler.name.*'cosin'"):
+        build_scheduler(opt, {"name": "cosin"}, max_steps=10)
+
+
+# ----------------------------------------------------------------------------- atomic checkpoints
+def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    good = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):  # writes half a checkpoint, then the process "dies"
+        with open(f, "wb") as out:
+            out.write(good[: len(good) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp file left
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+
+
+CHILD = """
+import sys, torch
+from composer.checkpoint_io import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+step = 0
+while True:
+    step += 1
+    io.save_checkpoint({"step": step, "w": torch.full((4_000_000,), float(step))}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+def test_atomic_checkpoint_killed_mid_write_keeps_a_complete_file(tmp_path):
+    """SIGKILL a process that rewrites a 16 MB checkpoint in a loop: the file on disk is always a
+    complete checkpoint (the previous or the new one), never a partial one."""
+    path = tmp_path / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHILD), str(path)], stdout=subprocess.PIPE,
+                            text=True, env=cli_env())
+    try:
+        for _ in range(3):  # a few complete saves, then kill at an arbitrary moment of the next one
+            assert proc.stdout.readline().strip(), "the child process died"
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] >= 3 and torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["step"])))
+
+
+# ----------------------------------------------------------------------------- config validation
+def test_config_problems_all_reported_with_their_keys():
+    cfg = load_config(["trainer.max_steps=0", "trainer.precision=fp8", "optim.lr=-1", "trainer.val_check_interval=0",
+                       "+trainer.max_epoch=3", "callbacks.progress_bar=fancy", "ckpt_path=/nonexistent.ckpt"])
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    text = str(info.value)
+    for key in ("trainer.max_steps", "trainer.precision", "optim.lr", "trainer.val_check_interval",
+                "trainer.max_epoch", "callbacks.progress_bar", "ckpt_path"):
+        assert key in text, key
+    assert "did you mean 'max_epochs'" in text
+
+
+def test_reserved_trainer_keys_point_to_their_config_group():
+    problems = check_trainer({"precision": "32-true", "callbacks": [], "max_steps": 5})
+    assert any(p.path == "trainer.callbacks" and "callbacks.*" in p.fix for p in problems)
+
+
+def test_16_mixed_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.precision.*bf16-mixed"):
+        check_config(load_config(["trainer.precision=16-mixed"]))
+    check_config(load_config(["trainer.precision=bf16-true"]))
+
+
+def test_corrupt_checkpoint_path_is_a_config_error(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match="ckpt_path.*not a PyTorch checkpoint"):
+        check_config(load_config([f"ckpt_path={bad}"]))
+
+
+def _data(**kw):
+    base = {"vocab_size": 65, "task": "lm", "num_classes": None, "name": "text", "tokenizer": None}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_vocab_follows_the_data_unless_forced():
+    raw = to_container(load_config([]).model)
+    out = fit_model_to_data(raw, _data(), {"tokenizer": "char"}, user_keys=set())
+    assert out["vocab_size"] == 65
+    big = fit_model_to_data({**raw, "vocab_size": 100}, _data(), {"tokenizer": "char"}, user_keys={"vocab_size"})
+    assert big["vocab_size"] == 100
+    with pytest.raises(ConfigError) as info:
+        fit_model_to_data({**raw, "vocab_size": 10}, _data(), {"tokenizer": "char"}, user_keys={"vocab_size"})
+    assert "model.vocab_size" in str(info.value) and "data.tokenizer=char" in str(info.value)
+
+
+def test_classification_data_needs_a_classification_head():
+    lm = to_container(load_config([]).model)
+    data = _data(task="classification", num_classes=3)
+    with pytest.raises(ConfigError, match="model/head=classification.*model=bert_tiny"):
+        fit_model_to_data(lm, data, {}, user_keys=set())
+    bert = to_container(load_config(["model=bert_tiny"]).model)
+    out = fit_model_to_data(bert, data, {}, user_keys=set())
+    assert out["head"]["num_classes"] == 3 and out["head"]["type"] == "classification"
+    compose(out, device="meta")
+    with pytest.raises(ConfigError, match="model.head.*language modelling"):
+        fit_model_to_data(bert, _data(), {}, user_keys=set())
+
+
+def test_init_from_override_that_changes_a_shape_is_named():
+    saved = compose(small_model_dict(), device="meta").config
+    cfg = load_config(["model.hidden_size=64", "model.dropout=0.1"])
+    with pytest.raises(ConfigError) as info:
+        init_from_config(saved, cfg.model, {"hidden_size", "dropout"}, "runs/x/model")
+    text = str(info.value)
+    assert "model.hidden_size" in text and "init_from=runs/x/model" in text and "model.dropout" not in text
+    merged = init_from_config(saved, cfg.model, {"dropout"}, "runs/x/model")
+    assert merged["dropout"] == 0.1 and merged["hidden_size"] == saved.hidden_size
+
+
+# ----------------------------------------------------------------------------- command line pre-checks
+def test_precheck_reports_bad_overrides_as_config_errors():
+    with pytest.raises(ConfigError, match="trainer.max_step.*max_steps"):
+        precheck(["trainer.max_step=3"])
+    with pytest.raises(ConfigError, match="model"):
+        precheck(["-m", "model=tiny,no_such_preset"])  # the second job of the sweep
+    precheck(["-m", "model/attention=mha,gqa", "seed=1,2"])
+
+
+def test_sweep_jobs_enumerate_choices_and_skip_sampled_intervals():
+    jobs = _sweep_jobs(["model/attention=mha,gqa", "seed=range(1,3)", "optim.lr=interval(0.001,0.01)", "a=1"])
+    assert jobs == [["model/attention=mha", "seed=1", "a=1"], ["model/attention=mha", "seed=2", "a=1"],
+                    ["model/attention=gqa", "seed=1", "a=1"], ["model/attention=gqa", "seed=2", "a=1"]]
+
+
+# ----------------------------------------------------------------------------- strategies and MFU
+def test_fsdp_wraps_the_block_classes_and_checkpoints_through_the_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = compose(small_model_dict(gradient_checkpointing="every_layer"), seed=0)
+    strategy = build_strategy({"strategy": "fsdp", "strategy_options": {"activation_checkpointing": True,
+                                                                        "sharding_strategy": "FULL_SHARD"}}, model)
+    assert isinstance(strategy, FSDPStrategy)
+    blocks = block_classes(model)
+    assert blocks == {type(model.layers[0])}
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == blocks
+    assert strategy.kwargs["use_orig_params"]  # per-parameter weight decay groups need the original params
+    # the strategy recomputes the blocks ...
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == blocks
+    assert model.config.gradient_checkpointing == "none"  # ... so the model does not as well
+    assert build_strategy({"strategy": "ddp"}, model) == "ddp"
+
+
+def test_no_mfu_on_cpu():
+    assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
+    assert math.isfinite(lr_factor(0, "constant", 0, 1, 0.0))
