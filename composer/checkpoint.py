@@ -20,7 +20,8 @@ validates each header itself (length limit, JSON, dtypes, shapes, offsets agains
 before safetensors memory-maps the file, checks every tensor's name, shape and dtype against the
 model the config describes (built on the meta device) before any data is read, and reports every
 mismatch in one :class:`~composer.errors.CheckpointError`. Weights are assigned straight into the
-meta-built model, so there is one copy of them and no initialisation work.
+meta-built model, so there is one copy of them (on CPU the memory-mapped file itself, paged in on
+first use and copied on write) and no initialisation work.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .weights import (
     index_files,
     materialize,
     open_safetensors,
+    parse_size,
     pickle_hint,
     read_header,
     unique_state,
@@ -80,6 +82,8 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], tokenizer: An
     max_shard_size: bytes or a string like "5GB"; larger checkpoints are sharded with an index
     Returns the directory.
     """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves as the model itself
+    parse_size(max_shard_size)  # a bad size fails before anything is written
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a folder; save_pretrained writes a folder")

@@ -231,6 +231,7 @@ def export_hf(model: Any, directory: Union[str, Path], tokenizer: Any = None,
     """Write ``model`` as a Hugging Face folder (config.json + safetensors [+ tokenizer.json]) that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Raises ConfigError naming the
     component that has no equivalent. Returns the folder."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     cfg = model.config
     family, model_type = choose_family(cfg)
     state = unique_state(model)
