@@ -92,6 +92,18 @@ class RopeConfig(ComponentConfig):
                        "llama3 scaling needs high_freq_factor > low_freq_factor (Llama 3.1: 4.0 and 1.0)")
 
 
+    def check_layer(self, layer) -> Optional[tuple[str, str]]:
+        """(problem, fix) if ``layer``'s own attention (a per-layer override may change head_dim)
+        would have rope rotate an odd number of dims; None if it fits."""
+        head_dim = getattr(layer.attention, "head_dim", None) or 0
+        rotated = int(head_dim * self.rotary_fraction)
+        if rotated % 2:
+            return (f"head_dim {head_dim} with rope rotary_fraction {self.rotary_fraction} rotates {rotated} dims, "
+                    "which is odd", "rope needs an even number of rotated dims: change num_heads / head_dim here "
+                    "or the rope's rotary_fraction")
+        return None
+
+
 def _rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]: (x1, x2) -> (-x2, x1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -91,10 +92,10 @@ class Registry:
         """The entry for ``name``; a ConfigError listing the known names otherwise."""
         path = path or f"model.{self.family}.type"
         _load_builtins()
-        if name in self._entries:
+        if isinstance(name, str) and name in self._entries:
             return self._entries[name]
         _load_entry_points()
-        if name in self._entries:
+        if isinstance(name, str) and name in self._entries:
             return self._entries[name]
         if isinstance(name, str) and "." in name:
             return self._from_dotted_path(name, path)
@@ -116,7 +117,7 @@ class Registry:
         module_name, _, attr = dotted.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # ImportError, a bad path ('.x'), or the module's own code failing
             raise ConfigError(
                 [Problem(path, f"cannot import {self.family} plugin {dotted!r} ({exc})",
                          "check the module is installed and the class name is spelled right")]
@@ -131,7 +132,15 @@ class Registry:
     def build(self, cfg: ComponentConfig, ctx: BuildContext, path: str = "") -> nn.Module:
         """Construct the component ``cfg.type`` and check it implements the family interface."""
         entry = self.get(cfg.type, path)
-        module = entry.cls(cfg, ctx)
+        try:
+            module = entry.cls(cfg, ctx)
+        except TypeError as exc:  # a class that is not built as Component(cfg, ctx)
+            raise ConfigError(
+                [Problem(path or f"model.{self.family}.type",
+                         f"{entry.cls.__module__}.{entry.cls.__qualname__}(cfg, ctx) failed ({exc})",
+                         "a component's __init__ takes its Config and the BuildContext "
+                         "(see components/protocols.py)")]
+            ) from exc
         missing = interface_gaps(module, self.protocol)
         if missing:
             raise ConfigError(
@@ -146,15 +155,19 @@ class Registry:
 
 def interface_gaps(obj: Any, protocol: type) -> list[str]:
     """What ``obj`` lacks of ``protocol``: missing attributes, methods, or method parameters."""
+    gaps = [f"missing attribute '{name}'" for name in getattr(protocol, "__annotations__", {})
+            if not hasattr(obj, name)]
+    return gaps + list(_method_gaps(type(obj), protocol))
+
+
+@functools.cache
+def _method_gaps(cls: type, protocol: type) -> tuple[str, ...]:
+    """Missing methods / parameters of a class (cached: ``inspect.signature`` is slow)."""
     gaps = []
-    hints = getattr(protocol, "__annotations__", {})
-    for name in hints:
-        if not hasattr(obj, name):
-            gaps.append(f"missing attribute '{name}'")
     for name, member in vars(protocol).items():
         if name.startswith("_") or not callable(member):
             continue
-        impl = getattr(obj, name, None)
+        impl = getattr(cls, name, None)
         if impl is None or not callable(impl):
             gaps.append(f"missing method '{name}()'")
             continue
@@ -168,7 +181,7 @@ def interface_gaps(obj: Any, protocol: type) -> list[str]:
         lacking = [p for p in want if p not in have]
         if lacking:
             gaps.append(f"'{name}()' lacks parameter(s) {', '.join(lacking)}")
-    return gaps
+    return tuple(gaps)
 
 
 ATTENTION = Registry("attention", protocols.Attention)

@@ -543,6 +543,12 @@ def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
                 problems.extend(p for p in sub_problems if p not in problems)
                 resolved[key] = comp
             comps[slot] = resolved[key]
-        specs.append(LayerSpec(index=layer, **comps))
+        spec = LayerSpec(index=layer, **comps)
+        slot = "attention" if "attention" in source else "position" if "position" in source else None
+        check_layer = getattr(spec.position, "check_layer", None)  # e.g. rope vs this layer's head_dim
+        found = check_layer(spec) if slot and check_layer is not None and spec.attention is not None else None
+        if found:
+            problems.append(Problem(source[slot], *found))
+        specs.append(spec)
     if len(problems) == n_before:
         cfg._layer_specs = specs

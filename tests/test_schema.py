@@ -127,6 +127,21 @@ def test_rules_hold_on_per_layer_overrides():
     assert paths(err) == ["model.layers[0].attention.window", "model.layers[1].ffn.dropout"]
 
 
+def test_rope_is_checked_against_each_layers_own_head_dim():
+    err = problems_of(small_model_dict(position={"type": "rope"},
+                                       layers=[{"select": 1, "attention": {"type": "mha", "head_dim": 5}}]))
+    assert paths(err) == ["model.layers[0].attention"] and "rotates 5 dims, which is odd" in str(err)
+    err = problems_of(small_model_dict(position={"type": "rope", "rotary_fraction": 0.5},
+                                       layers=[{"select": "0:", "attention": {"type": "mha", "num_heads": 16}}]))
+    assert "head_dim 2 with rope rotary_fraction 0.5 rotates 1 dims" in str(err)
+    err = problems_of(small_model_dict(attention={"type": "mha", "head_dim": 6}, position="none", layers=[
+        {"select": 0, "position": {"type": "rope", "rotary_fraction": 0.5}}]))
+    assert "rotates 3 dims" in str(err)
+    cfg = resolve_model_config(small_model_dict(position={"type": "rope"}, layers=[
+        {"select": 1, "attention": {"type": "mha", "num_heads": 8}}]))
+    assert cfg.layer(1).attention.head_dim == 4
+
+
 def test_valid_edges_are_accepted():
     for changes in ({"attention": {"type": "sliding_window", "window": 1}},
                     {"attention": {"type": "sliding_window", "window": 64}},
