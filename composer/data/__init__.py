@@ -1,0 +1,88 @@
+"""Data modules for training: ``recall`` (synthetic, the default), ``text``, ``tokens``, ``classification``.
+
+    dm = build_datamodule(cfg.data, seed=cfg.seed, model_max_positions=256)
+    dm.setup("fit")                        # builds the tokenizer / data; cheap to call again
+    dm.vocab_size, dm.tokenizer, dm.task, dm.num_classes, dm.metric, dm.seq_len, dm.batch_size
+    batch = next(iter(dm.train_dataloader()))   # {"input_ids": [B, T], "labels": [B, T] or [B], ...}
+
+Each config in conf/data/ has a ``name`` the factory dispatches on; every other key is a keyword
+argument of the data module class (see their docstrings for meanings and defaults).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from ..errors import ConfigError, Problem
+from .classification import ClassificationDataModule
+from .common import IGNORE_INDEX, DataModule
+from .recall import RecallDataModule
+from .text import TextDataModule
+from .tokenizer import KINDS as TOKENIZERS
+from .tokens import TokensDataModule
+
+DATAMODULES: dict[str, type[DataModule]] = {
+    "recall": RecallDataModule,
+    "text": TextDataModule,
+    "tokens": TokensDataModule,
+    "classification": ClassificationDataModule,
+}
+_NOT_CONFIG = {"self", "seed", "model_max_positions"}  # arguments given by the trainer, not data.*
+
+
+def options(name: str) -> dict[str, Any]:
+    """The config keys of data module ``name`` with their defaults (``inspect.Parameter.empty``: required)."""
+    params = inspect.signature(DATAMODULES[name].__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in _NOT_CONFIG}
+
+
+def build_datamodule(cfg_data: Any, *, seed: int, model_max_positions: Optional[int] = None) -> DataModule:
+    """The data module that ``cfg_data`` (the ``data`` config node or a dict) describes.
+
+    Raises ConfigError for an unknown ``name`` or key (naming ``data.<key>`` and the closest match),
+    DataError for unusable data (missing or empty path, ``seq_len`` over ``model_max_positions``).
+    """
+    raw = _plain(cfg_data)
+    name = raw.pop("name", None)
+    if name not in DATAMODULES:
+        raise ConfigError([Problem("data.name", f"unknown data module {name!r}",
+                                   f"use data=<one of {', '.join(DATAMODULES)}>")])
+    known = options(name)
+    problems = []
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean data.{close[0]}? " if close else ""
+            problems.append(Problem(f"data.{key}", f"not an option of data={name}",
+                                    f"{hint}options: {', '.join(known)}"))
+    if problems:
+        raise ConfigError.of(problems)
+    return DATAMODULES[name](seed=seed, model_max_positions=model_max_positions, **raw)
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    if not isinstance(cfg, Mapping):
+        raise ConfigError([Problem("data", f"expected a mapping, got {type(cfg).__name__}",
+                                   "select a data config: data=recall | text | tokens | classification")])
+    return dict(cfg)
+
+
+__all__ = [
+    "DATAMODULES",
+    "IGNORE_INDEX",
+    "TOKENIZERS",
+    "ClassificationDataModule",
+    "DataModule",
+    "RecallDataModule",
+    "TextDataModule",
+    "TokensDataModule",
+    "build_datamodule",
+    "options",
+]
