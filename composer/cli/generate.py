@@ -1,0 +1,247 @@
+"""composer-generate: continue a prompt with a saved model, streaming the text as it is decoded.
+
+    composer-generate ckpt=runs/tiny/model prompt="Once upon a time" max_new_tokens=64
+    composer-generate ckpt=runs/tiny/model prompt="Once" temperature=0.8 top_p=0.95 seed=0
+    composer-generate ckpt=runs/tiny/model prompt_ids=1,2,3 max_new_tokens=8     # no tokenizer: ids
+
+Options (key=value):
+  ckpt=DIR                 a folder written by save_pretrained (model + tokenizer.json beside it); required
+  prompt=TEXT              encoded with the folder's tokenizer.json
+  prompt_ids=1,2,3         token ids instead of text (needed when the folder has no tokenizer)
+  max_new_tokens=64        tokens to add
+  do_sample=false          sample instead of greedy decoding; temperature / top_k / top_p set it to true
+                           unless do_sample is given
+  temperature=1.0  top_k=null  top_p=null  repetition_penalty=null  seed=null
+  eos_token_id=null        id(s) (3 or 3,7) or token text ("</s>") that end the generation
+  prompt_overflow=error    error | truncate_left (keep the last tokens that fit the context)
+  device=auto              auto (cuda if available) | cpu | cuda | cuda:1 ...
+  dtype=null               load weights as float32 | bfloat16 | float16 (null: as saved)
+  echo=true                print the prompt before the continuation
+
+Prints the prompt and the continuation (ids separated by spaces without a tokenizer). Errors
+print a message and exit 2 (full traceback with HYDRA_FULL_ERROR=1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+from ..errors import ConfigError, Problem
+from . import run
+
+USAGE = __doc__
+OPTIONS = ("ckpt", "prompt", "prompt_ids", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+           "repetition_penalty", "seed", "eos_token_id", "prompt_overflow", "device", "dtype", "echo")
+SAMPLING = ("temperature", "top_k", "top_p")
+DTYPES = ("float32", "bfloat16", "float16")
+NULL = ("null", "none", "~", "")
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """``key=value`` arguments -> {key: value}; unknown keys and bare words are ConfigErrors."""
+    opts, problems = {}, []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        key = key.lstrip("+")
+        if not eq:
+            problems.append(Problem(arg, "expected key=value", f"e.g. prompt={arg!r} or ckpt={arg}"))
+        elif key not in OPTIONS:
+            close = difflib.get_close_matches(key, OPTIONS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(Problem(key, "unknown option", f"{hint}options: {', '.join(OPTIONS)}"))
+        else:
+            opts[key] = value
+    if problems:
+        raise ConfigError(problems, header="invalid composer-generate arguments")
+    return opts
+
+
+def _typed(opts: dict[str, str], key: str, kind: Callable[[str], Any], default: Any, what: str) -> Any:
+    text = opts.get(key)
+    if text is None or text.strip().lower() in NULL:
+        return default
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ConfigError([Problem(key, f"{text!r} is not {what}", f"write {key}=<{what}>")],
+                          header="invalid composer-generate arguments") from None
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _ids(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+# ----------------------------------------------------------------------------- loading
+def load(ckpt: Optional[str], device: str, dtype: Optional[str]) -> tuple[Any, Any]:
+    """The model and the tokenizer (or None) saved in ``ckpt``."""
+    import torch
+
+    from ..checkpoint import load_tokenizer
+    from ..model import ComposedModel
+
+    if not ckpt:
+        raise ConfigError([Problem("ckpt", "is required", "pass ckpt=<folder written by save_pretrained>")],
+                          header="invalid composer-generate arguments")
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        raise ConfigError([Problem("ckpt", f"{path} does not exist",
+                                   "pass the folder written by model.save_pretrained (or composer-train)")],
+                          header="invalid composer-generate arguments")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError([Problem("device", f"{device!r} is not a device", "use auto, cpu, cuda or cuda:<index>")],
+                          header="invalid composer-generate arguments") from None
+    model = ComposedModel.from_pretrained(path, device=torch_device,
+                                          dtype=getattr(torch, dtype) if dtype else None)
+    return model, load_tokenizer(path)
+
+
+def _eos(text: Optional[str], tokenizer: Any) -> Optional[list[int]]:
+    if text is None or text.strip().lower() in NULL:
+        return None
+    try:
+        return _ids(text)
+    except ValueError:
+        pass
+    token_id = tokenizer.token_to_id(text) if tokenizer is not None else None
+    if token_id is None:
+        where = "the tokenizer's vocabulary" if tokenizer is not None else "a model without a tokenizer"
+        raise ConfigError([Problem("eos_token_id", f"{text!r} is not a token id and not a token of {where}",
+                                   "pass ids (eos_token_id=2 or 2,7) or a token text of the vocabulary")],
+                          header="invalid composer-generate arguments")
+    return [token_id]
+
+
+# ----------------------------------------------------------------------------- printing
+class TextPrinter:
+    """Streams decoded text: re-decodes prompt + new ids each step and prints what was added,
+    holding back an incomplete UTF-8 character (decoded as U+FFFD) until it completes. The
+    prompt is echoed with the first token, so argument errors print nothing on stdout."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], out: TextIO, echo: bool):
+        self.tokenizer, self.ids, self.out, self.echo = tokenizer, list(prompt_ids), out, echo
+        self.printed: Optional[str] = None
+
+    def __call__(self, tokens: Any) -> None:  # tokens [1]
+        self.ids.append(int(tokens[0]))
+        self.emit(final=False)
+
+    def emit(self, final: bool) -> None:
+        if self.printed is None:  # first call: the prompt, as the tokenizer decodes it
+            n = len(self.ids) - (0 if final else 1)
+            self.printed = self.tokenizer.decode(self.ids[:n])
+            if self.echo:
+                self.out.write(self.printed)
+        text = self.tokenizer.decode(self.ids)
+        if final or not text.endswith("\ufffd"):
+            new = text[len(self.printed):] if text.startswith(self.printed) else text
+            self.out.write(new)
+            self.printed = text
+        self.out.flush()
+
+    def close(self) -> None:
+        self.emit(final=True)
+        self.out.write("\n")
+        self.out.flush()
+
+
+class IdPrinter:
+    """Streams token ids separated by spaces (for models saved without a tokenizer)."""
+
+    def __init__(self, prompt_ids: list[int], out: TextIO, echo: bool):
+        self.pending = [str(i) for i in prompt_ids] if echo else []  # echoed with the first token
+        self.out, self.first = out, True
+
+    def __call__(self, tokens: Any) -> None:  # tokens [1]
+        self._write([str(int(tokens[0]))])
+
+    def _write(self, words: list[str]) -> None:
+        words, self.pending = self.pending + words, []
+        if words:
+            self.out.write(("" if self.first else " ") + " ".join(words))
+            self.first = False
+        self.out.flush()
+
+    def close(self) -> None:
+        self._write([])
+        self.out.write("\n")
+        self.out.flush()
+
+
+# ----------------------------------------------------------------------------- main
+def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    out = out or sys.stdout
+    opts = parse_args(argv)
+    if "prompt" in opts and "prompt_ids" in opts:
+        raise ConfigError([Problem("prompt_ids", "given together with prompt", "pass either prompt or prompt_ids")],
+                          header="invalid composer-generate arguments")
+    if "prompt" not in opts and "prompt_ids" not in opts:
+        raise ConfigError([Problem("prompt", "is required", 'pass prompt="some text" (or prompt_ids=1,2,3)')],
+                          header="invalid composer-generate arguments")
+    dtype = _typed(opts, "dtype", str, None, "a dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError([Problem("dtype", f"{dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")],
+                          header="invalid composer-generate arguments")
+    settings = dict(
+        max_new_tokens=_typed(opts, "max_new_tokens", int, 64, "an integer"),
+        temperature=_typed(opts, "temperature", float, 1.0, "a number"),
+        top_k=_typed(opts, "top_k", int, None, "an integer"),
+        top_p=_typed(opts, "top_p", float, None, "a number"),
+        repetition_penalty=_typed(opts, "repetition_penalty", float, None, "a number"),
+        seed=_typed(opts, "seed", int, None, "an integer"),
+        prompt_overflow=_typed(opts, "prompt_overflow", str, "error", "error or truncate_left"),
+    )
+    sampling_given = any(_typed(opts, k, str, None, "") is not None for k in SAMPLING)
+    settings["do_sample"] = _typed(opts, "do_sample", _bool, sampling_given, "true or false")
+    echo = _typed(opts, "echo", _bool, True, "true or false")
+    prompt_ids = _typed(opts, "prompt_ids", _ids, None, "comma-separated integers")
+
+    model, tokenizer = load(opts.get("ckpt"), opts.get("device", "auto"), dtype)
+    if prompt_ids is None:
+        if tokenizer is None:
+            raise ConfigError([Problem("prompt", f"the model folder {opts['ckpt']} has no tokenizer.json to encode "
+                                       "text", "pass token ids (prompt_ids=1,2,3), or save the tokenizer with "
+                                       "model.save_pretrained(dir, tokenizer=tok)")],
+                              header="invalid composer-generate arguments")
+        prompt_ids = tokenizer.encode(opts["prompt"]).ids
+    if not prompt_ids:
+        raise ConfigError([Problem("prompt", "encodes to no tokens", "pass a non-empty prompt")],
+                          header="invalid composer-generate arguments")
+    eos = _eos(opts.get("eos_token_id"), tokenizer)
+
+    import torch
+
+    printer = TextPrinter(tokenizer, prompt_ids, out, echo) if tokenizer is not None else \
+        IdPrinter(prompt_ids, out, echo)
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    model.generate(ids, eos_token_id=eos, streamer=printer, **settings)
+    printer.close()
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(main_))
+
+
+if __name__ == "__main__":
+    main()
