@@ -1,6 +1,7 @@
 """Training callbacks: throughput / MFU, NaN guard, final validation, text samples, progress bar.
 
     Throughput(flops_per_token=..., precision="bf16-mixed")   # tokens_per_s and mfu every log interval
+    LearningRate()             # lr every log interval
     NanGuard()                 # stops at the first non-finite loss; never lets a NaN checkpoint be written
     ValidateAtEnd()            # validates (and checkpoints) after the last step
     SampleText(tokenizer)      # text data: prints a generated sample after validations
@@ -132,6 +133,17 @@ class Throughput(Callback):
         if not hasattr(self, "_validation_started"):
             self.train_seconds += time.perf_counter() - self._mark
         self._mark = time.perf_counter()
+
+
+class LearningRate(Callback):
+    """Logs ``lr`` (the scheduled learning rate of the step) every ``log_every_n_steps``; every
+    parameter group follows the same schedule, so one value describes them all."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.optimizers and _should_log(trainer):
+            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+            pl_module.log("lr", lr, on_step=True, on_epoch=False, rank_zero_only=True)
 
 
 class NonFiniteLoss(ComposerError):
@@ -285,5 +297,5 @@ class ComposerTQDMProgressBar(TQDMProgressBar):
         return items
 
 
-__all__ = ["ComposerProgressBar", "ComposerTQDMProgressBar", "NanGuard", "NonFiniteLoss", "SampleText",
+__all__ = ["ComposerProgressBar", "ComposerTQDMProgressBar", "LearningRate", "NanGuard", "NonFiniteLoss", "SampleText",
            "Throughput", "ValidateAtEnd", "peak_flops"]

@@ -19,12 +19,13 @@ training batch after a resume, so dropout continues exactly) and the validation 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import Tensor
 from torchmetrics import SumMetric
 
@@ -123,7 +124,7 @@ class LitComposer(L.LightningModule):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["composer"] = {
-            "rng": _collect_rng_states(include_cuda=torch.cuda.is_available()),
+            "rng": rng_states(),
             "best_val_loss": self.best_val_loss,
             "val_history": list(self.val_history),
         }
@@ -138,11 +139,35 @@ class LitComposer(L.LightningModule):
         # restored here, not at load time: creating data loader iterators in between draws from
         # the global generator, so the state is put back right before the next random draw
         if self._rng_to_restore is not None:
-            states = dict(self._rng_to_restore)
-            if not torch.cuda.is_available():
-                states.pop("torch.cuda", None)
-            _set_rng_states(states)
+            set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states, in types ``torch.load(weights_only=True)``
+    accepts (Lightning loads checkpoints that way)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA states only where CUDA is available)."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "torch.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
 
 
 __all__ = ["LitComposer"]

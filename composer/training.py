@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from .callbacks import (
     ComposerProgressBar,
     ComposerTQDMProgressBar,
+    LearningRate,
     NanGuard,
     SampleText,
     Throughput,
@@ -213,7 +214,7 @@ def build_callbacks(c: Mapping[str, Any], run_dir: Path, data: Any, flops_per_to
     if c.get("nan_guard", True):
         callbacks.append(NanGuard())
     if c.get("lr_monitor", True):
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(LearningRate())
     bar = c.get("progress_bar", "rich")
     if bar == "rich":
         callbacks.append(ComposerProgressBar(leave=True))

@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,14 +23,17 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def one_thread():
+@contextmanager
+def one_thread() -> Iterator[None]:
     """One intra-op thread: the test machines' cores are shared, and oversubscribed OpenMP
-    threads make small CPU steps many times slower."""
+    threads make small CPU steps many times slower. (Each test module uses it in an autouse
+    fixture.)"""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_inprocess(run_dir: Path, *overrides: str, console=None) -> dict:

@@ -1,0 +1,105 @@
+"""The LightningModule on its own: overfitting one batch, precisions, validation metrics."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import small_model_dict
+from test_train_helpers import one_thread
+from torch.utils.data import DataLoader, Dataset
+
+from composer.lit import LitComposer
+from composer.model import compose
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+OPTIM = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8}
+CONSTANT = {"name": "constant", "warmup_steps": 0, "min_lr": 0.0}
+
+
+class Repeat(Dataset):
+    """The same batch ``n`` times (batches are ready-made: DataLoader(batch_size=None))."""
+
+    def __init__(self, batch: dict, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batch
+
+
+def _batch(vocab: int = 32, b: int = 4, t: int = 16, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _trainer(steps: int, **kw) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+def test_overfits_one_batch_to_near_zero_loss():
+    torch.manual_seed(0)
+    model = compose(small_model_dict(vocab_size=32, hidden_size=64, num_layers=2, max_position_embeddings=16), seed=0)
+    lit = LitComposer(model, OPTIM, CONSTANT)
+    batch = _batch()
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
+            losses.append(float(outputs["loss"]))
+
+    _trainer(150, callbacks=[Record()]).fit(lit, DataLoader(Repeat(batch, 150), batch_size=None))
+    assert losses[0] > 3.0  # ~ln(32) at the start
+    assert losses[-1] < 0.05, losses[-10:]
+    lit.eval()
+    with torch.no_grad():
+        out = lit(batch)
+    assert out.loss.item() < 0.05
+    assert torch.equal(out.logits[:, :-1].argmax(-1), batch["labels"][:, 1:])  # every next token memorised
+
+
+def test_validation_metrics_count_only_labelled_positions():
+    model = compose(small_model_dict(vocab_size=32, max_position_embeddings=16), seed=0)
+    lit = LitComposer(model, OPTIM, CONSTANT, metric="answer_accuracy")
+    batch = _batch()
+    labels = torch.full_like(batch["labels"], -100)
+    labels[:, 5] = batch["input_ids"][:, 5]  # one answer per row, predicted at position 4
+    batch = {"input_ids": batch["input_ids"], "labels": labels}
+    trainer = _trainer(1)
+    trainer.validate(lit, DataLoader(Repeat(batch, 3), batch_size=None), verbose=False)
+    metrics = trainer.callback_metrics
+    with torch.no_grad():
+        out = model(batch["input_ids"], labels=labels)
+    pred = out.logits[:, 4].argmax(-1)
+    assert metrics["val_loss"].item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert metrics["val_ppl"].item() == pytest.approx(out.loss.exp().item(), rel=1e-5)
+    assert metrics["val_accuracy"].item() == pytest.approx((pred == labels[:, 5]).float().mean().item())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bfloat16_precisions_train_on_cpu(precision):
+    model = compose(small_model_dict(vocab_size=32, max_position_embeddings=16), seed=0)
+    lit = LitComposer(model, OPTIM, CONSTANT)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
+            losses.append(float(outputs["loss"]))
+
+    before = model.layers[0].attn.qkv.weight.detach().float().clone()
+    _trainer(8, precision=precision, callbacks=[Record()]).fit(lit, DataLoader(Repeat(_batch(), 8), batch_size=None))
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert not torch.equal(before, model.layers[0].attn.qkv.weight.detach().float())
+    if precision == "bf16-true":
+        assert model.embed.weight.dtype == torch.bfloat16
