@@ -32,3 +32,14 @@ def small_model_dict(**changes) -> dict:
 @pytest.fixture
 def small_config() -> dict:
     return small_model_dict()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the tiny CPU tensors of the core tests: on the shared 2-core
+    machines a second OpenMP thread mostly spins and makes small ops many times slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

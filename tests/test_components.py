@@ -34,6 +34,8 @@ from components.position import alibi_slopes
 from composer import compose
 from composer.registry import ATTENTION, NORM, POSITION
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COMPONENTS = registered()
 ATTENTIONS = ATTENTION.names()
 POSITIONS = POSITION.names()

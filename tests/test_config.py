@@ -14,6 +14,8 @@ from composer.config import split_overrides
 from composer.registry import FAMILIES
 from composer.schema import COMPONENT_SLOTS, ModelConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Families selectable as config groups (conf/model/<family>/<name>.yaml). Blocks are chosen
 # inline (`block: parallel` in _base.yaml), not as a group.
 GROUP_FAMILIES = ("attention", "ffn", "norm", "position", "head")

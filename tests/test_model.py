@@ -15,6 +15,8 @@ from components.kv_cache import Cache, KVCache
 from composer import ComposedModel, ConfigError, ModelBuilder, ModelConfig, ModelError, ModelOutput, compose
 from composer.registry import ATTENTION, POSITION
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 B, T, V = 2, 12, 64
 ATTENTIONS = ATTENTION.names()
 POSITIONS = POSITION.names()

@@ -7,6 +7,8 @@ import torch
 
 from composer import compose, conf_dir, load_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PRESETS = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml") if not p.stem.startswith("_"))
 
 # Published parameter counts (tied embeddings counted once).

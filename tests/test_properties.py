@@ -16,6 +16,8 @@ from composer import ConfigError, compose, resolve_model_config
 from composer.registry import FAMILIES
 from composer.schema import ModelConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Small example counts keep the file at a few seconds; a run with max_examples=500 passed too.
 VALID_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 INVALID_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -23,6 +23,8 @@ from composer.catalogue import catalogue, component_yaml, options, render
 from composer.registry import FAMILIES, FFN, NORM
 from composer.schema import option
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "tests.plugins.my_attention.MyAttention"
 

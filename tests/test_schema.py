@@ -6,16 +6,18 @@ import json
 import logging
 
 import pytest
+import torch
 from conftest import small_model_dict
 from core_helpers import component
 from omegaconf import OmegaConf
 
-from components.attention import SelfAttention
 from components.block import ParallelBlock, PreNormBlock
 from components.ffn import MLP, GatedMLP
 from components.norm import LayerNorm, RMSNorm
 from composer import ConfigError, InvalidParameter, MissingParameter, ModelConfig, compose, resolve_model_config
 from composer.schema import parse_select
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def problems_of(raw) -> ConfigError:
@@ -281,7 +283,7 @@ def test_per_layer_overrides_change_the_built_layer():
     assert changed.attn.position is not model.position and changed.attn.position.cfg.theta == 100.0
     assert plain.attn.position is model.position and type(model.layers[2]) is PreNormBlock
     assert model.state_dict()["layers.1.attn.qkv.weight"].shape == ((4 + 2 * 2) * 8, 32)
-    out = model(__import__("torch").randint(0, 64, (2, 6)))
+    out = model(torch.randint(0, 64, (2, 6)))
     assert out.logits.shape == (2, 6, 64)
 
 
@@ -296,7 +298,6 @@ def test_type_change_carries_shared_options_and_drops_others():
     assert l0.type == "mha" and l0.bias and l0.qk_norm and not hasattr(l0, "window")
     assert l1.type == "gqa" and l1.num_kv_heads == 2 and l1.qk_norm and not l1.bias, "later overrides stack"
     assert l2.type == "sliding_window" and l2.window == 8 and not l2.bias
-    assert isinstance(SelfAttention, type)
 
 
 def test_override_isolated_from_other_layers_and_model_config():
