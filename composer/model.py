@@ -103,10 +103,11 @@ class ComposedModel(nn.Module):
         return proj is not None and proj.weight is self.embed.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None) -> None:
+    def init_weights(self, seed: Optional[int] = None) -> list[str]:
         """GPT-2 initialisation: normal(0, init_std) for matrices and embeddings, residual output
         projections scaled by 1/sqrt(2 * num_layers), zero biases, unit norm weights.
-        Deterministic for a given ``seed``. Modules with their own ``init_weights`` use it."""
+        Deterministic for a given ``seed``. Modules with their own ``init_weights`` use it.
+        Returns the names of parameters no rule covers (they keep their current values)."""
         gen = torch.Generator(device=self.embed.weight.device)
         gen.manual_seed(0 if seed is None else seed)
         std = self.config.init_std
@@ -115,7 +116,8 @@ class ComposedModel(nn.Module):
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
         done: set[int] = set()
-        for module in self.modules():
+        left: list[str] = []
+        for name, module in self.named_modules():
             own = [p for p in module.parameters(recurse=False) if id(p) not in done]
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights(gen)
@@ -134,8 +136,10 @@ class ComposedModel(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std, generator=gen)
             elif hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-            # other parameters (gates, scales) keep their constructor values
+            else:  # other parameters (gates, scales) keep their current values
+                left += [f"{name}.{n}" for n, p in module.named_parameters(recurse=False) if id(p) not in done]
             done.update(id(p) for p in own)
+        return left
 
     def _apply_checkpointing(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -319,7 +323,11 @@ def compose(config: Any, device: Any = None, dtype: Optional[torch.dtype] = None
         return model
     model.to_empty(device=device or "cpu")
     model.tie_weights()
-    model.init_weights(seed)
+    left = model.init_weights(seed)
+    if left:  # built on meta, these never had values: refuse rather than return uninitialised memory
+        raise ConfigError([Problem(", ".join(left), "parameters with no initialisation (the model is built on "
+                                   "the meta device, so constructor values are not kept)",
+                                   "give their module a reset_parameters() or init_weights(generator) method")])
     return model
 
 

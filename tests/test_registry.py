@@ -147,6 +147,16 @@ def test_plugin_not_fitting_the_interface_is_refused(clean_registry, plugin, mis
     assert info.value.problems[0].path.startswith("model.") and "components/protocols.py" in text
 
 
+def test_plugin_parameters_without_initialisation_are_refused(clean_registry):
+    """Models are built on meta, so a plugin parameter no init rule covers would hold garbage."""
+    raw = small_model_dict(attention={"type": "tests.plugins.broken_attention.UninitialisedGate"})
+    with pytest.raises(ConfigError) as info:
+        compose(raw)
+    assert info.value.problems[0].path == "layers.0.attn.extra.gate, layers.1.attn.extra.gate"
+    assert "reset_parameters()" in str(info.value)
+    assert compose(raw, device="meta").layers[0].attn.extra.gate.is_meta  # nothing to initialise on meta
+
+
 def test_dotted_path_to_a_non_component_is_refused(clean_registry):
     for bad, fragment in [("tests.plugins.my_attention.math", "not an nn.Module subclass"),
                           ("tests.plugins.nowhere.Attention", "cannot import attention plugin"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from tests.plugins.my_attention import MyAttention
 
@@ -26,3 +27,17 @@ class NoCache(MyAttention):
     """Cannot make a KV cache."""
 
     make_cache = None
+
+
+class UninitialisedGate(MyAttention):
+    """Adds a parameter no initialisation rule covers (no reset_parameters / init_weights)."""
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.extra = _Gate(self.num_heads)
+
+
+class _Gate(nn.Module):
+    def __init__(self, heads: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.ones(heads))  # [H]; on the meta device this value is never kept
