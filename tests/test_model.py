@@ -129,6 +129,21 @@ def test_incremental_decoding_matches_full_forward(attention_type, position):
         torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_incremental_decoding_with_attention_options(attention_type):
+    """The explicit-softmax path (logit soft-cap), qk-norm and biases decode like a full forward."""
+    options = {"logit_softcap": 5.0, "qk_norm": True, "bias": True}
+    model = compose(small_model_dict(attention=attention(attention_type, window=3, **options),
+                                     position={"type": "rope"}), seed=0).eval()
+    x = ids(B, T)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.allocate_cache(B, T)
+        steps = [model(x[:, :4], past_key_values=cache, use_cache=True).logits]
+        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(4, T)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("prefill", [2, 6])
 def test_sliding_window_cache_rolls_with_w_slots(prefill):
     model = _decode_model("sliding_window", "rope", window=4)
