@@ -56,6 +56,7 @@ class Registry:
         self.family = family
         self.protocol = protocol
         self._entries: dict[str, Entry] = {}
+        self._dotted: dict[str, Entry] = {}
 
     # ---------------------------------------------------------------- registration
     def register(self, name: str, *, config: type | None = None, description: str | None = None):
@@ -125,8 +126,15 @@ class Registry:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ConfigError([Problem(path, f"{dotted!r} is not an nn.Module subclass",
                                        "point type: at a torch.nn.Module class")])
-        self.register(dotted)(cls)
-        return self._entries[dotted]
+        # Kept apart from the registered names: a dotted path is not advertised in catalogues
+        # or "registered types" lists (and a class that then fails its build leaves no trace).
+        if dotted not in self._dotted:
+            cfg = getattr(cls, "Config", ComponentConfig)
+            if not (dataclasses.is_dataclass(cfg) and issubclass(cfg, ComponentConfig)):
+                raise ConfigError([Problem(path, f"{dotted}.Config must be a dataclass subclassing "
+                                           "components.protocols.ComponentConfig", "declare its options there")])
+            self._dotted[dotted] = Entry(dotted, cls, cfg, _summary(cfg) or _summary(cls))
+        return self._dotted[dotted]
 
     # ---------------------------------------------------------------- building
     def build(self, cfg: ComponentConfig, ctx: BuildContext, path: str = "") -> nn.Module:

@@ -254,7 +254,23 @@ def build_component(family: str, value: Any, path: str, problems: list[Problem])
     except ConfigError as exc:
         problems.extend(exc.problems)
         return None
-    return build_dataclass(entry.config, data, path, problems)
+    return build_dataclass(entry.config, _drop_untouched_defaults(family, entry, data), path, problems)
+
+
+def _drop_untouched_defaults(family: str, entry: Any, data: Mapping) -> Mapping:
+    """Options the new type does not have, left at another built-in type's default, are leftovers
+    of a type switch (``model.attention.type=my_pkg.Attn`` over a preset's ``mha`` group) and are
+    dropped; an option the user actually set stays and is reported as unknown."""
+    known = {f.name for f in dataclasses.fields(entry.config)}
+    extra = [k for k in data if k not in known]
+    if not extra:
+        return data
+    defaults: dict[str, set] = {}
+    for other in FAMILIES[family].entries():
+        for f in dataclasses.fields(other.config):
+            if f.default is not dataclasses.MISSING:
+                defaults.setdefault(f.name, set()).add(repr(f.default))
+    return {k: v for k, v in data.items() if k in known or repr(v) not in defaults.get(k, ())}
 
 
 # --------------------------------------------------------------------------- the model schema

@@ -166,6 +166,27 @@ def test_dotted_path_to_a_non_component_is_refused(clean_registry):
             compose(small_model_dict(attention={"type": bad}), device="meta")
 
 
+def test_dotted_paths_are_not_advertised_as_registered_names(clean_registry):
+    with pytest.raises(ConfigError):
+        compose(small_model_dict(attention={"type": "torch.nn.Linear"}), device="meta")
+    compose(small_model_dict(attention={"type": PLUGIN}), device="meta")
+    names = registry.ATTENTION.names()
+    assert "torch.nn.Linear" not in names and PLUGIN not in names
+    with pytest.raises(ConfigError) as info:
+        compose(small_model_dict(attention={"type": "mhaa"}), device="meta")
+    assert "torch.nn.Linear" not in str(info.value)
+
+
+def test_switching_a_preset_to_a_plugin_on_the_command_line(clean_registry):
+    """The preset's mha group left its options at their defaults: they do not block the switch."""
+    cfg = load_config(["model=tiny", f"model.attention.type={PLUGIN}"])
+    assert type(compose(cfg.model, device="meta").layers[0].attn).__name__ == "MyAttention"
+    # an option the user changed from its default is not silently dropped
+    cfg = load_config(["model=tiny", "model.attention.qk_norm=true", f"model.attention.type={PLUGIN}"])
+    with pytest.raises(ConfigError, match=r"model\.attention\.qk_norm: unknown option"):
+        compose(cfg.model, device="meta")
+
+
 # ============================================================================ entry points
 ENTRY_POINT_MODULE = '''
 """ScaleNorm (Nguyen & Salazar, 2019): g * x / ||x||, one learned scalar g."""
