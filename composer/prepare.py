@@ -28,8 +28,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from .data.common import atomic_write_json, check_fraction, token_dtype
 from .data.sources import BLOCK_BYTES, Corpus
+from .data.tokenfiles import FORMAT, META, SPLITS, VERSION
 from .data.tokenizer import (
     KINDS,
     StreamEncoder,
@@ -38,7 +38,7 @@ from .data.tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
-from .data.tokens import FORMAT, META, SPLITS, VERSION
+from .data.util import atomic_write_json, check_fraction, token_dtype
 from .errors import ComposerError, ConfigError, DataError, Problem
 
 STATE = ".prepare-state.json"

@@ -7,40 +7,53 @@
 
 Each config in conf/data/ has a ``name`` the factory dispatches on; every other key is a keyword
 argument of the data module class (see their docstrings for meanings and defaults).
+
+The data module classes (and with them torch and Lightning) are imported on first use, so tools
+that only read or write files (``composer-prepare``) start quickly.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
 
 from ..errors import ConfigError, Problem
-from .classification import ClassificationDataModule
-from .common import IGNORE_INDEX, DataModule
-from .recall import RecallDataModule
-from .text import TextDataModule
-from .tokenizer import KINDS as TOKENIZERS
-from .tokens import TokensDataModule
+from .util import IGNORE_INDEX
 
-DATAMODULES: dict[str, type[DataModule]] = {
-    "recall": RecallDataModule,
-    "text": TextDataModule,
-    "tokens": TokensDataModule,
-    "classification": ClassificationDataModule,
+# data=<name> -> (module, class)
+DATAMODULES: dict[str, tuple[str, str]] = {
+    "recall": ("recall", "RecallDataModule"),
+    "text": ("text", "TextDataModule"),
+    "tokens": ("tokens", "TokensDataModule"),
+    "classification": ("classification", "ClassificationDataModule"),
 }
+_LAZY = {cls: module for module, cls in DATAMODULES.values()} | {"DataModule": "common"}
 _NOT_CONFIG = {"self", "seed", "model_max_positions"}  # arguments given by the trainer, not data.*
+
+
+def __getattr__(name: str) -> Any:  # the classes, imported on first use
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def datamodule_class(name: str) -> type:
+    """The class behind ``data=<name>``."""
+    module, cls = DATAMODULES[name]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
 def options(name: str) -> dict[str, Any]:
     """The config keys of data module ``name`` with their defaults (``inspect.Parameter.empty``: required)."""
-    params = inspect.signature(DATAMODULES[name].__init__).parameters
+    params = inspect.signature(datamodule_class(name).__init__).parameters
     return {k: p.default for k, p in params.items() if k not in _NOT_CONFIG}
 
 
-def build_datamodule(cfg_data: Any, *, seed: int, model_max_positions: Optional[int] = None) -> DataModule:
-    """The data module that ``cfg_data`` (the ``data`` config node or a dict) describes.
+def build_datamodule(cfg_data: Any, *, seed: int, model_max_positions: Optional[int] = None) -> Any:
+    """The data module (a LightningDataModule) that ``cfg_data`` (the ``data`` config node or a dict) describes.
 
     Raises ConfigError for an unknown ``name`` or key (naming ``data.<key>`` and the closest match),
     DataError for unusable data (missing or empty path, ``seq_len`` over ``model_max_positions``).
@@ -60,7 +73,7 @@ def build_datamodule(cfg_data: Any, *, seed: int, model_max_positions: Optional[
                                     f"{hint}options: {', '.join(known)}"))
     if problems:
         raise ConfigError.of(problems)
-    return DATAMODULES[name](seed=seed, model_max_positions=model_max_positions, **raw)
+    return datamodule_class(name)(seed=seed, model_max_positions=model_max_positions, **raw)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -74,15 +87,15 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-__all__ = [
+__all__ = [  # noqa: F822  (the classes resolve through __getattr__)
     "DATAMODULES",
     "IGNORE_INDEX",
-    "TOKENIZERS",
     "ClassificationDataModule",
     "DataModule",
     "RecallDataModule",
     "TextDataModule",
     "TokensDataModule",
     "build_datamodule",
+    "datamodule_class",
     "options",
 ]

@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from .common import DataModule, check_fraction, check_positive, missing_path, pad_sequences, rng_for
+from .common import DataModule, pad_sequences
 from .sources import read_text_file
 from .tokenizer import build_tokenizer, check_tokenizer_options, load_tokenizer
+from .util import check_fraction, check_positive, missing_path, rng_for, stream_problems
 
 SPLIT_SEED = 0  # the train / validation shuffle does not depend on the training seed
 EXAMPLE = '{"text": "...", "label": 0}'
@@ -150,7 +151,7 @@ class ClassificationDataModule(DataModule):
                  val_fraction: float = 0.1, tokenizer: str = "char", bpe_vocab_size: int = 4096,
                  tokenizer_path: Optional[str] = None, num_classes: Optional[int] = None, seq_len: int = 128,
                  batch_size: int = 32, num_workers: int = 0, model_max_positions: Optional[int] = None):
-        problems = missing_path(path) + check_fraction(val_fraction)
+        problems = stream_problems(seq_len, batch_size, num_workers) + missing_path(path) + check_fraction(val_fraction)
         if tokenizer_path is None:
             problems += check_tokenizer_options(tokenizer, bpe_vocab_size)
         if num_classes is not None:

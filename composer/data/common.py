@@ -12,12 +12,8 @@ resuming at batch ``n`` is just starting the counter at ``n``, and ranks never s
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import lightning as L
@@ -25,14 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..errors import ConfigError, DataError, Problem
-
-IGNORE_INDEX = -100  # labels with this value do not count in the loss
-
-
-def rng_for(seed: int, *stream: int) -> np.random.Generator:
-    """A NumPy generator that depends only on ``seed`` and the integers in ``stream``."""
-    return np.random.default_rng([seed % 2**63, *stream])
+from ..errors import ConfigError, DataError
+from .util import stream_problems
 
 
 class BatchSource(Protocol):
@@ -79,10 +69,7 @@ class DataModule(L.LightningDataModule, ABC):
     def __init__(self, *, seed: int, seq_len: int, batch_size: int, num_workers: int = 0,
                  model_max_positions: Optional[int] = None, where: str = ""):
         super().__init__()
-        problems = check_positive({"seq_len": seq_len, "batch_size": batch_size})
-        if not isinstance(num_workers, int) or num_workers < 0:
-            problems.append(Problem("data.num_workers", f"{num_workers!r} must be an integer >= 0",
-                                    "use 0 (load in the training process) or a small worker count"))
+        problems = stream_problems(seq_len, batch_size, num_workers)  # subclasses report these with their own
         if problems:
             raise ConfigError.of(problems)
         if model_max_positions is not None and seq_len > model_max_positions:
@@ -154,30 +141,6 @@ class DataModule(L.LightningDataModule, ABC):
         self._batches_consumed = int(state_dict["batches_consumed"])
 
 
-# ---------------------------------------------------------------------- helpers
-def check_positive(values: dict[str, Any]) -> list[Problem]:
-    """Problems for each ``data.<key>`` that is not a positive integer."""
-    return [Problem(f"data.{k}", f"{v!r} must be a positive integer", "set it to an integer >= 1")
-            for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-
-
-def missing_path(path: Any, key: str = "data.path") -> list[Problem]:
-    if path is None or str(path) in ("", "???"):
-        return [Problem(key, "no path given", f"set {key}=<file or folder> on the command line", missing=True)]
-    return []
-
-
-def check_fraction(value: Any, key: str = "val_fraction") -> list[Problem]:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
-    return [] if ok else [Problem(f"data.{key}", f"{value!r} must be a number strictly between 0 and 1",
-                                  "e.g. 0.1 keeps the last 10% for validation")]
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits (vocab <= 65536), else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
 def pad_sequences(seqs: Sequence[np.ndarray], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id arrays to the longest: (input_ids [B, T], attention_mask [B, T], 1 token / 0 pad)."""
     t = max(len(s) for s in seqs)
@@ -187,22 +150,3 @@ def pad_sequences(seqs: Sequence[np.ndarray], pad_id: int = 0) -> tuple[torch.Te
         ids[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
         mask[i, : len(s)] = 1
     return ids, mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # permissions from the umask, like any new file
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import ConfigError, Problem
-from .common import IGNORE_INDEX, DataModule, check_positive, rng_for
+from .common import DataModule
+from .util import IGNORE_INDEX, check_positive, rng_for, stream_problems
 
 FILLER = 0
 
@@ -82,10 +83,10 @@ class RecallDataModule(DataModule):
                  seq_len: int = 64, batch_size: int = 32, num_val_examples: int = 512, val_seed: int = 1234,
                  num_workers: int = 0, model_max_positions: Optional[int] = None):
         num_queries = num_pairs if num_queries is None else num_queries
-        problems = check_positive({"vocab_size": vocab_size, "num_pairs": num_pairs, "num_queries": num_queries,
-                                   "num_val_examples": num_val_examples})
-        if not problems:
-            problems += _shape_problems(vocab_size, num_pairs, num_queries, seq_len)
+        problems = stream_problems(seq_len, batch_size, num_workers)
+        sizes = check_positive({"vocab_size": vocab_size, "num_pairs": num_pairs, "num_queries": num_queries,
+                                "num_val_examples": num_val_examples})
+        problems += sizes or _shape_problems(vocab_size, num_pairs, num_queries, seq_len)
         if problems:
             raise ConfigError.of(problems)
         super().__init__(seed=seed, seq_len=seq_len, batch_size=batch_size, num_workers=num_workers,
@@ -121,7 +122,7 @@ def _shape_problems(vocab_size: int, num_pairs: int, num_queries: int, seq_len: 
     if num_queries > num_pairs:
         problems.append(Problem("data.num_queries", f"{num_queries} queries but only {num_pairs} pairs",
                                 "use data.num_queries <= data.num_pairs (each key is asked at most once)"))
-    if isinstance(seq_len, int) and 2 * (num_pairs + num_queries) > seq_len:
+    if isinstance(seq_len, int) and not isinstance(seq_len, bool) and 2 * (num_pairs + num_queries) > seq_len:
         problems.append(Problem("data.seq_len", f"{seq_len} is too short for {num_pairs} pairs and "
                                 f"{num_queries} queries", f"use data.seq_len >= {2 * (num_pairs + num_queries)}"))
     return problems

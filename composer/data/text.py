@@ -14,9 +14,10 @@ from typing import Optional
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .common import DataModule, check_fraction, missing_path, token_dtype
+from .common import DataModule
 from .sources import Corpus
 from .tokenizer import build_tokenizer, check_tokenizer_options, encode_text, load_tokenizer
+from .util import check_fraction, missing_path, stream_problems, token_dtype
 from .windows import WindowDataset, WindowSource, check_split_sizes
 
 
@@ -38,7 +39,7 @@ class TextDataModule(DataModule):
                  bpe_vocab_size: int = 4096, tokenizer_path: Optional[str] = None, seq_len: int = 256,
                  batch_size: int = 32, val_fraction: float = 0.1, num_workers: int = 0,
                  model_max_positions: Optional[int] = None):
-        problems = missing_path(path) + check_fraction(val_fraction)
+        problems = stream_problems(seq_len, batch_size, num_workers) + missing_path(path) + check_fraction(val_fraction)
         if tokenizer_path is None:
             problems += check_tokenizer_options(tokenizer, bpe_vocab_size)
         if problems:

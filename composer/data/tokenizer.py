@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..errors import ConfigError, DataError, Problem
-from .common import atomic_write_bytes
+from .util import atomic_write_bytes
 
 KINDS = ("char", "byte", "bpe")
 UNK = "[UNK]"

@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .common import IGNORE_INDEX, rng_for
-
-
-class TokenFile:
-    """A ``.bin`` file of ``count`` token ids of ``dtype``, memory-mapped on first use (pickles without data)."""
-
-    def __init__(self, path: Path, dtype: np.dtype, count: int):
-        self.path, self.dtype, self.count = Path(path), np.dtype(dtype), count
-        self._array: Optional[np.memmap] = None
-
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            if self.count == 0:
-                return np.zeros(0, dtype=self.dtype)
-            self._array = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.count,))
-        return self._array
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_array": None}
-
+from .tokenfiles import TokenFile
+from .util import IGNORE_INDEX, rng_for
 
 Tokens = Union[np.ndarray, TokenFile]
 
