@@ -44,11 +44,12 @@ class LitComposer(L.LightningModule):
         scheduler: the ``scheduler`` config (name, warmup_steps, min_lr, decay_steps).
         task: "lm" (labels [B, T]) or "classification" (labels [B]).
         metric: "answer_accuracy" / "accuracy" to report ``val_accuracy``; None for loss only.
-        compile: run the model under ``torch.compile`` (parameter names unchanged).
+        compile: run the model under ``torch.compile`` (in place: parameter names unchanged); a
+            mapping is passed to it as keyword arguments, e.g. ``{"mode": "max-autotune"}``.
     """
 
     def __init__(self, model: ComposedModel, optim: Mapping[str, Any], scheduler: Mapping[str, Any],
-                 task: str = "lm", metric: Optional[str] = None, compile: bool = False):
+                 task: str = "lm", metric: Optional[str] = None, compile: bool | Mapping[str, Any] = False):
         super().__init__()
         self.model = model
         self.optim_cfg = dict(optim)
@@ -64,7 +65,7 @@ class LitComposer(L.LightningModule):
         self.progress: dict[str, float] = {}  # shown by the progress bar; refreshed at log intervals
         self._rng_to_restore: Optional[dict] = None
         if compile:
-            self.model.compile()
+            self.model.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: Mapping[str, Tensor]) -> Any:
@@ -102,7 +103,9 @@ class LitComposer(L.LightningModule):
             metrics["val_accuracy"] = self.val_correct.compute() / count
         for m in (self.val_loss_sum, self.val_count, self.val_correct):
             m.reset()
-        self.log_dict(metrics, on_step=False, on_epoch=True)
+        # already reduced over processes by torchmetrics; sync_dist averages equal values (a no-op
+        # that keeps Lightning from warning about unsynchronised epoch metrics)
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
         row = {"step": float(self.global_step), **{k: float(v) for k, v in metrics.items()}}

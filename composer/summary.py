@@ -85,7 +85,7 @@ def answer_sample(model: Any, batch: Mapping[str, torch.Tensor], tokenizer: Any 
         parts.append(f"{after}: {_token(tokenizer, p)} ok" if p == t else
                      f"{after}: {_token(tokenizer, p)} (true {_token(tokenizer, t)})")
     more = f", ... ({len(where) - limit} more)" if len(where) > limit else ""
-    return f"{right}/{len(where)} answers right [after token: predicted]: " + ", ".join(parts) + more
+    return f"{right}/{len(where)} answers right (token before the answer: predicted answer): " + ", ".join(parts) + more
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -124,6 +124,7 @@ def summary_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
 def print_summary(record: Mapping[str, Any], console: Optional[Any] = None) -> None:
     """The closing rich table."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -132,7 +133,7 @@ def print_summary(record: Mapping[str, Any], console: Optional[Any] = None) -> N
     table.add_column("", style="bold")
     table.add_column("", overflow="fold")
     for label, value in summary_rows(record):
-        table.add_row(label, value)
+        table.add_row(label, escape(value))  # values are plain text, not rich markup
     console.print(table)
 
 

@@ -31,6 +31,8 @@ from .errors import ComposerError, ConfigError, Problem
 
 log = logging.getLogger(__name__)
 MAX_PRECHECKED_JOBS = 64  # sweeps larger than this compose only their first jobs up front
+# what Lightning's DDP launcher sets in the launching process's environment
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -71,8 +73,9 @@ def check_config(cfg: Any) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         problems.append(Problem("seed", f"{seed!r} must be an integer", "e.g. seed=0"))
-    if not isinstance(cfg.get("compile", False), bool):
-        problems.append(Problem("compile", f"{cfg['compile']!r} must be true or false", "compile=true"))
+    if not isinstance(cfg.get("compile", False), (bool, dict)):
+        problems.append(Problem("compile", f"{cfg['compile']!r} must be true, false or a mapping of torch.compile "
+                                "arguments", "compile=true or compile='{mode: max-autotune}'"))
     if cfg.get("ckpt_path") is not None:
         path = Path(str(cfg["ckpt_path"]))
         if not path.is_file():
@@ -234,7 +237,7 @@ def prepare(cfg: Any, overrides: Sequence[str] = ()) -> Prepared:
     if saved is not None:
         model.load_state_dict(saved.state_dict())
     lit = LitComposer(model, optim=to_container(cfg.optim), scheduler=to_container(cfg.scheduler), task=data.task,
-                      metric=data.metric, compile=bool(cfg.get("compile", False)))
+                      metric=data.metric, compile=to_container(cfg.get("compile", False)))
     flops = None
     try:
         from .plan import training_flops_per_token
@@ -307,6 +310,10 @@ def train(cfg: Any, run_dir: str | os.PathLike, overrides: Sequence[str] = (), c
             if cfg.get("callbacks", {}).get("summary", True) and record.get("steps"):
                 print_summary(record, console)
         raise
+    finally:
+        from lightning.fabric.utilities.distributed import _destroy_dist_connection
+
+        _destroy_dist_connection()  # a later run in this process (a sweep job) starts a new group
 
 
 def _train(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, start: float, console: Any) -> dict:
@@ -421,6 +428,9 @@ def _task(cfg: Any) -> Optional[float]:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     overrides = list(hc.overrides.task)
+    # Lightning's DDP launcher leaves its variables in this process's environment; a sweep's
+    # next job must find the environment as it was, or it would not launch its own processes
+    saved_env = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     if multirun and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
         sys.argv = _single_run_argv(hc)
     try:
@@ -432,6 +442,13 @@ def _task(cfg: Any) -> Optional[float]:
         if isinstance(exc, ComposerError):
             _fail(exc)
         raise
+    finally:
+        if multirun:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     value = record.get(str(cfg.get("optimized_metric", "best_val_loss")))
     return float(value) if isinstance(value, (int, float)) else None
 

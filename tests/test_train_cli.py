@@ -211,3 +211,19 @@ def test_ddp_with_two_cpu_processes_writes_one_run_folder(tmp_path):
     assert record["tokens"] == 4 * 2 * 8 * 16  # both processes' batches
     assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     shutil.rmtree(tmp_path / "outputs")
+
+
+def test_ddp_inside_a_sweep_gives_each_run_its_own_folder(tmp_path):
+    """Lightning's launcher re-runs the command in each new process: in a sweep that must be
+    the job's own single run (its overrides, its folder), and the next job launches afresh."""
+    sweep = tmp_path / "sweep"
+    res = cli(["-m", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2",
+               "trainer.val_check_interval=2", "callbacks.summary=false", "seed=1,2", f"hydra.sweep.dir={sweep}"],
+              cwd=tmp_path, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert len(list(tmp_path.rglob("metrics.json"))) == 2 and len(list(tmp_path.rglob(".hydra"))) == 2
+    for job in ("0", "1"):
+        record = metrics(sweep / job)
+        assert record["status"] == "completed" and record["world_size"] == 2 and record["steps"] == 2
+    assert not (tmp_path / "outputs").exists()

@@ -255,3 +255,27 @@ def test_fsdp_wraps_the_block_classes_and_checkpoints_through_the_strategy():
 def test_no_mfu_on_cpu():
     assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
     assert math.isfinite(lr_factor(0, "constant", 0, 1, 0.0))
+
+
+# ----------------------------------------------------------------------------- experiments
+def test_packaged_experiments_compose_and_override_the_groups():
+    from composer.config import conf_dir
+
+    names = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+    assert {"char_text", "smoke"} <= set(names)
+    for name in names:
+        cfg = load_config([f"experiment={name}", "data.path=any.txt"] if name == "char_text" else
+                          [f"experiment={name}"])
+        check_config(cfg)
+        compose({**to_container(cfg.model), "vocab_size": 65}, device="meta")
+    char = load_config(["experiment=char_text", "data.path=any.txt"])
+    assert (char.model.name, char.model.num_layers, char.model.hidden_size) == ("gpt2", 4, 128)
+    assert (char.data.name, char.data.tokenizer, char.data.seq_len, char.data.batch_size) == ("text", "char", 64, 12)
+    assert char.trainer.max_steps == 2000
+
+
+def test_plus_experiment_means_the_experiment_group():
+    from composer.train import _normalise
+
+    assert _normalise(["+experiment=smoke", "seed=1"]) == ["experiment=smoke", "seed=1"]
+    precheck(_normalise(["+experiment=smoke"]))
