@@ -76,9 +76,9 @@ def test_interface_attributes_and_default_config():
     dm.setup("fit")
     dm.setup("fit")  # idempotent
     assert (dm.task, dm.metric, dm.tokenizer, dm.num_classes) == ("lm", "answer_accuracy", None, None)
-    assert (dm.vocab_size, dm.seq_len, dm.batch_size) == (64, 64, 32)
+    assert (dm.vocab_size, dm.seq_len, dm.batch_size) == (64, 32, 64)
     b = batches(dm, 1)[0]
-    assert b["input_ids"].shape == (32, 64) and int((b["labels"] != IGNORE).sum()) == 32 * 8
+    assert b["input_ids"].shape == (64, 32) and int((b["labels"] != IGNORE).sum()) == 64 * 4
 
 
 def test_batches_fit_the_lm_model_and_the_loss_counts_answers_only():

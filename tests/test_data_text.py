@@ -83,6 +83,9 @@ def test_stream_encoder_holds_back_only_the_last_pre_token():
     first = enc.feed("the quick brown")
     assert enc.carry == " brown"
     assert BPE.decode(first.tolist()) == "the quick"
+    for tok, most in ((byte_tokenizer(), 256), (char_tokenizer(["ab"]), 1)):  # long text without spaces
+        enc = StreamEncoder(tok)
+        assert len(enc.feed("ab" * 5000)) >= 10_000 - most and len(enc.carry) <= most
 
 
 # ---------------------------------------------------------------------------- reading and splitting

@@ -79,8 +79,8 @@ class RecallDataModule(DataModule):
     name = "recall"
     metric = "answer_accuracy"
 
-    def __init__(self, *, seed: int = 0, vocab_size: int = 64, num_pairs: int = 8, num_queries: Optional[int] = None,
-                 seq_len: int = 64, batch_size: int = 32, num_val_examples: int = 512, val_seed: int = 1234,
+    def __init__(self, *, seed: int = 0, vocab_size: int = 64, num_pairs: int = 4, num_queries: Optional[int] = None,
+                 seq_len: int = 32, batch_size: int = 64, num_val_examples: int = 512, val_seed: int = 1234,
                  num_workers: int = 0, model_max_positions: Optional[int] = None):
         num_queries = num_pairs if num_queries is None else num_queries
         problems = stream_problems(seq_len, batch_size, num_workers)

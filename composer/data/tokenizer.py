@@ -9,7 +9,8 @@ special tokens, so no text is ever read as one.
 
 ``StreamEncoder`` encodes text handed over in pieces exactly as if it were one string: it holds
 back the last pre-token of each piece (the only one the next piece can change), which is what lets
-``composer-prepare`` work in blocks and resume midway.
+``composer-prepare`` work in blocks and resume midway. Pre-tokens are short (char: one character;
+byte: at most 256 characters; bpe: a word, a number or a run of spaces), so little is held back.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def byte_tokenizer() -> Tokenizer:
     """256 tokens; token id = byte value."""
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # pieces of <= 256 characters (any cut is safe: no token spans two bytes), then bytes to characters
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[\s\S]{1,256}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     return tok
 
