@@ -112,6 +112,10 @@ def test_reading_in_small_blocks_never_splits_a_character(tmp_path, block):
     assert parts[-1][1] == corpus.total_bytes
     ends = [end for _, end in parts]
     assert ends == sorted(ends)
+    data = text.encode()
+    bounds = [i for i in range(len(data) + 1) if i == len(data) or not 0x80 <= data[i] <= 0xBF]
+    for lo, hi in zip(bounds[::5], bounds[3::5], strict=False):  # ranges that start and end mid-file
+        assert "".join(t for t, _ in corpus.iter_text(lo, hi, block_bytes=block)) == data[lo:hi].decode()
 
 
 def test_split_is_by_bytes_at_a_character_boundary(tmp_path):
