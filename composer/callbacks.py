@@ -74,33 +74,29 @@ class Throughput(Callback):
         self.tokens = 0
         self.train_seconds = 0.0
         self._peak: Optional[float] = None
-        self._start = self._mark = 0.0
+        self._mark = 0.0
         self._mark_tokens = 0
+        self._paused = True
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
-    def _sync(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._peak = peak_flops(pl_module.device, self.precision)
-        self._start = self._mark = time.perf_counter()
-        self._mark_tokens = self.tokens
+        self._paused = True  # the clock starts with the first batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._paused:  # first batch, or the first after a validation (and its checkpoint)
+            self._mark, self._mark_tokens, self._paused = time.perf_counter(), self.tokens, False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.tokens += batch["input_ids"].numel() * trainer.world_size  # shape only: no device read
         if not _should_log(trainer):
             return
-        self._sync(pl_module.device)
-        now = time.perf_counter()
-        seconds = now - self._mark
-        tps = (self.tokens - self._mark_tokens) / seconds if seconds > 0 else 0.0
-        self.train_seconds += seconds
-        self._mark, self._mark_tokens = now, self.tokens
+        tps = self._lap(pl_module)
         pl_module.log("tokens_per_s", tps, on_step=True, on_epoch=False, rank_zero_only=True)
         if self._peak and self.flops_per_token:
             mfu = self.flops_per_token * tps / (self._peak * trainer.world_size)
@@ -112,27 +108,26 @@ class Throughput(Callback):
                 progress["loss"] = float(loss.detach())  # one host read per log interval
             progress["tok/s"] = float(round(tps))
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.training:
-            return
-        self._sync(pl_module.device)
+    def _lap(self, pl_module: L.LightningModule) -> float:
+        """Tokens per second since the last mark; the time is added to ``train_seconds``."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # once per log interval, for honest timing
         now = time.perf_counter()
-        self.train_seconds += now - self._mark
-        self._mark = now  # the interval restarts after validation
-        self._mark_tokens = self.tokens
-        self._validation_started = now
+        seconds = now - self._mark
+        tps = (self.tokens - self._mark_tokens) / seconds if seconds > 0 else 0.0
+        self.train_seconds += seconds
+        self._mark, self._mark_tokens = now, self.tokens
+        return tps
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(self, "_validation_started"):
-            return
-        self._mark = time.perf_counter()
-        del self._validation_started
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not self._paused:
+            self._lap(pl_module)
+            self._paused = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sync(pl_module.device)
-        if not hasattr(self, "_validation_started"):
-            self.train_seconds += time.perf_counter() - self._mark
-        self._mark = time.perf_counter()
+        if not self._paused:
+            self._lap(pl_module)
+            self._paused = True
 
 
 class LearningRate(Callback):

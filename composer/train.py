@@ -230,7 +230,7 @@ def prepare(cfg: Any, overrides: Sequence[str] = ()) -> Prepared:
         raise ConfigError([Problem("init_from", f"the tokenizer saved in {init_from} differs from the data's "
                                    "(data.tokenizer)", "train on the same data / tokenizer settings as the saved "
                                    "model, or start without init_from")])
-    raw = fit_model_to_data(model_cfg.to_dict(), data, cfg.data, user_keys, source=str(init_from or ""))
+    raw = fit_model_to_data(model_cfg.to_dict(), data, data_cfg, user_keys, source=str(init_from or ""))
     compose(raw, device="meta")  # the final config, checked again without allocating anything
     seed_everything(cfg.seed, workers=True, verbose=False)
     model = compose(raw, seed=cfg.seed)
@@ -317,6 +317,22 @@ def train(cfg: Any, run_dir: str | os.PathLike, overrides: Sequence[str] = (), c
 
 
 def _train(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, start: float, console: Any) -> dict:
+    import torch
+
+    from .training import cpu_threads
+
+    threads = cpu_threads(cfg.trainer.get("cpu_threads", "auto"), str(cfg.trainer.get("accelerator", "auto")))
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    record["cpu_threads"] = torch.get_num_threads() if threads is not None else None
+    try:
+        return _run(cfg, run_dir, overrides, record, start, console)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, start: float, console: Any) -> dict:
     from .summary import print_summary, write_metrics
     from .training import build_trainer
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .callbacks import (
     ComposerProgressBar,
@@ -33,13 +35,13 @@ from .callbacks import (
     ValidateAtEnd,
 )
 from .checkpoint_io import AtomicCheckpointIO
-from .errors import Problem
+from .errors import ConfigError, Problem
 from .model import ComposedModel
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # keys of conf/trainer/*.yaml that are not Trainer arguments
-OWN_KEYS = {"strategy_options"}
+OWN_KEYS = {"strategy_options", "cpu_threads"}
 # Trainer arguments composer sets itself (from other config groups)
 RESERVED = {"callbacks": "callbacks.*", "logger": "logger.*", "plugins": "(set by composer)",
             "default_root_dir": "the Hydra run dir (hydra.run.dir)", "enable_checkpointing": "callbacks.checkpoint",
@@ -103,6 +105,10 @@ def check_trainer(t: Mapping[str, Any]) -> list[Problem]:
     if limit is not None and (not _num(limit) or limit < 0):
         problems.append(Problem("trainer.limit_val_batches", f"{limit!r} must be a number >= 0 or null",
                                 "an integer: that many batches; a float <= 1: that fraction; null: all"))
+    threads = t.get("cpu_threads", "auto")
+    if threads not in ("auto", None) and (not _int(threads) or threads < 1):
+        problems.append(Problem("trainer.cpu_threads", f"{threads!r} must be auto, null or an integer >= 1",
+                                "auto: one thread per idle core; null: torch's default"))
     opts = t.get("strategy_options") or {}
     if not isinstance(opts, Mapping):
         problems.append(Problem("trainer.strategy_options", f"{opts!r} must be a mapping",
@@ -152,15 +158,42 @@ def check_logger(lg: Mapping[str, Any]) -> list[Problem]:
 
 
 def check_precision_for_device(t: Mapping[str, Any]) -> list[Problem]:
-    """float16 AMP exists on CUDA only (Lightning would silently switch to bf16-mixed on CPUs)."""
+    """What the CPU cannot do: float16 AMP (Lightning would silently switch to bf16-mixed) and FSDP."""
     import torch
 
     accelerator = t.get("accelerator", "auto")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    problems = []
     if on_cpu and t.get("precision") == "16-mixed":
-        return [Problem("trainer.precision", "16-mixed (float16 autocast with a gradient scaler) needs a CUDA GPU",
-                        "use trainer.precision=bf16-mixed (or bf16-true) on CPUs")]
-    return []
+        problems.append(Problem("trainer.precision", "16-mixed (float16 autocast with a gradient scaler) needs a "
+                                "CUDA GPU", "use trainer.precision=bf16-mixed (or bf16-true) on CPUs"))
+    if on_cpu and str(t.get("strategy", "")).startswith("fsdp"):
+        problems.append(Problem("trainer.strategy", "fsdp (Lightning's FSDPStrategy) needs CUDA GPUs",
+                                "use trainer=ddp (gloo) on CPUs, or run on GPUs"))
+    return problems
+
+
+def cpu_threads(setting: Any, accelerator: str = "auto") -> Optional[int]:
+    """The intra-op thread count for a CPU run (None: leave torch's default; accelerators: None).
+
+    ``auto``: one thread per idle core (cores minus the 1-minute load average, at least 1).
+    Busy cores make extra OpenMP threads wait on each other: on a loaded 2-core machine a small
+    model trains several times slower with 2 threads than with 1.
+    """
+    import torch
+
+    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+        return None
+    if setting is None:
+        return None
+    cores = os.cpu_count() or 1
+    if setting == "auto":
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            return None
+        return max(1, min(cores, round(cores - load)))
+    return int(setting)
 
 
 @dataclass
@@ -255,8 +288,7 @@ def build_trainer(cfg: Any, run_dir: Path, model: ComposedModel, data: Any,
     args = {k: v for k, v in t.items() if k not in OWN_KEYS}
     args["strategy"] = build_strategy(t, model)
     args["val_check_interval"] = int(t["val_check_interval"]) * int(t.get("accumulate_grad_batches", 1))
-    trainer = L.Trainer(
-        **args,
+    args.update(
         check_val_every_n_epoch=None,  # the training stream is endless: validate by step count
         max_epochs=-1,
         callbacks=callbacks,
@@ -267,8 +299,12 @@ def build_trainer(cfg: Any, run_dir: Path, model: ComposedModel, data: Any,
         enable_progress_bar=cfg["callbacks"].get("progress_bar", "rich") != "none",
         enable_model_summary=False,
     )
+    try:
+        trainer = L.Trainer(**args)
+    except (ValueError, TypeError, MisconfigurationException) as exc:  # Lightning's own argument checks
+        raise ConfigError([Problem("trainer", str(exc).splitlines()[0], "fix the trainer.* settings")]) from None
     return trainer, parts
 
 
 __all__ = ["TrainerParts", "block_classes", "build_callbacks", "build_loggers", "build_strategy", "build_trainer",
-           "check_callbacks", "check_logger", "check_precision_for_device", "check_trainer"]
+           "check_callbacks", "check_logger", "check_precision_for_device", "check_trainer", "cpu_threads"]

@@ -103,3 +103,28 @@ def test_bfloat16_precisions_train_on_cpu(precision):
     assert not torch.equal(before, model.layers[0].attn.qkv.weight.detach().float())
     if precision == "bf16-true":
         assert model.embed.weight.dtype == torch.bfloat16
+
+
+def test_throughput_counts_tokens_and_leaves_out_validation_time(monkeypatch):
+    import time
+
+    from composer.callbacks import Throughput
+
+    model = compose(small_model_dict(vocab_size=32, max_position_embeddings=16), seed=0)
+    lit = LitComposer(model, OPTIM, CONSTANT)
+    step = LitComposer.validation_step
+
+    def slow(self, batch, batch_idx):  # 0.3 s per validation batch
+        time.sleep(0.3)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LitComposer, "validation_step", slow)
+    meter = Throughput()
+    batches = DataLoader(Repeat(_batch(), 1000), batch_size=None)
+    start = time.perf_counter()
+    _trainer(6, callbacks=[meter], val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
+             log_every_n_steps=2).fit(lit, batches, DataLoader(Repeat(_batch(), 1), batch_size=None))
+    wall = time.perf_counter() - start
+    assert meter.tokens == 6 * 4 * 16
+    assert 0 < meter.train_seconds < wall - 3 * 0.3  # three validations, none of them counted
+    assert meter.tokens_per_s == pytest.approx(meter.tokens / meter.train_seconds)

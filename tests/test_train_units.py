@@ -170,6 +170,21 @@ def test_16_mixed_needs_a_gpu(monkeypatch):
     with pytest.raises(ConfigError, match="trainer.precision.*bf16-mixed"):
         check_config(load_config(["trainer.precision=16-mixed"]))
     check_config(load_config(["trainer.precision=bf16-true"]))
+    with pytest.raises(ConfigError, match="trainer.strategy.*fsdp.*trainer=ddp"):
+        check_config(load_config(["trainer=fsdp", "trainer.accelerator=cpu"]))
+
+
+def test_lightning_trainer_errors_become_config_errors(tmp_path):
+    from composer.training import build_trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    cfg = load_config(["trainer.accelerator=gpu"])
+    check_config(cfg)  # passes the static checks ...
+    model = compose(small_model_dict(), device="meta")
+    data = SimpleNamespace(tokenizer=None, task="lm", metric="answer_accuracy")
+    with pytest.raises(ConfigError, match="trainer: .*(GPU|gpu|CUDA|cuda)"):  # ... Lightning's check names it
+        build_trainer(cfg, tmp_path, model, data)
 
 
 def test_corrupt_checkpoint_path_is_a_config_error(tmp_path):
@@ -250,6 +265,20 @@ def test_fsdp_wraps_the_block_classes_and_checkpoints_through_the_strategy():
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == blocks
     assert model.config.gradient_checkpointing == "none"  # ... so the model does not as well
     assert build_strategy({"strategy": "ddp"}, model) == "ddp"
+
+
+def test_cpu_threads_follow_the_idle_cores(monkeypatch):
+    from composer.training import cpu_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.3, 4.0, 3.0))
+    assert cpu_threads("auto", "cpu") == 1  # a busy machine: one thread, no OpenMP oversubscription
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert cpu_threads("auto", "auto") == 2
+    assert cpu_threads(3, "cpu") == 3 and cpu_threads(None, "cpu") is None
+    assert cpu_threads("auto", "gpu") is None
+    assert any(p.path == "trainer.cpu_threads" for p in check_trainer({"precision": "32-true", "cpu_threads": 0}))
 
 
 def test_no_mfu_on_cpu():
