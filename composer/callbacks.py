@@ -106,7 +106,7 @@ class Throughput(Callback):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             if isinstance(loss, torch.Tensor):
                 progress["loss"] = float(loss.detach())  # one host read per log interval
-            progress["tok/s"] = float(round(tps))
+            progress["tok/s"] = round(tps)
 
     def _lap(self, pl_module: L.LightningModule) -> float:
         """Tokens per second since the last mark; the time is added to ``train_seconds``."""

@@ -7,7 +7,7 @@ Batches are dicts: ``input_ids`` [B, T], ``labels`` [B, T] (lm; -100 = no loss, 
 model) or [B] (classification), optional ``attention_mask`` [B, T].
 
 Logged (names as in metrics.csv): ``train_loss`` (cross-entropy + MoE aux loss), ``train_aux_loss``
-(MoE models), ``val_loss`` (token-weighted cross-entropy, no aux loss), ``val_ppl`` = exp(val_loss),
+(MoE models), ``val_loss`` (token-weighted cross-entropy, no aux loss), ``val_ppl`` = exp(val_loss) (lm only),
 ``val_accuracy`` (argmax accuracy on the positions that carry a label: the recall answers, or
 the class of each sequence). Nothing in the training step reads a tensor on the host: losses
 are logged as tensors and Lightning converts them every ``log_every_n_steps``.
@@ -98,7 +98,9 @@ class LitComposer(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         count = self.val_count.compute().clamp(min=1)  # synchronised over processes by torchmetrics
         loss = self.val_loss_sum.compute() / count
-        metrics = {"val_loss": loss, "val_ppl": loss.clamp(max=80).exp()}
+        metrics = {"val_loss": loss}
+        if self.task == "lm":
+            metrics["val_ppl"] = loss.clamp(max=80).exp()
         if self.metric is not None:
             metrics["val_accuracy"] = self.val_correct.compute() / count
         for m in (self.val_loss_sum, self.val_count, self.val_correct):

@@ -469,6 +469,15 @@ def _task(cfg: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _external_rank() -> int:
+    """This process's global rank when torchrun or SLURM launched it (0 otherwise)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def _quiet_lightning() -> None:
     import warnings
 
@@ -489,6 +498,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         precheck(argv)
     except ComposerError as exc:
         _fail(exc)
+    if _external_rank() > 0:  # torchrun / SLURM started this process: only rank 0 writes .hydra/
+        argv.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     _quiet_lightning()
     hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(_task)()

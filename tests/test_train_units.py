@@ -308,3 +308,14 @@ def test_plus_experiment_means_the_experiment_group():
 
     assert _normalise(["+experiment=smoke", "seed=1"]) == ["experiment=smoke", "seed=1"]
     precheck(_normalise(["+experiment=smoke"]))
+
+
+def test_ranks_started_by_torchrun_or_slurm_do_not_write_hydra_folders(monkeypatch, capsys):
+    from composer.train import main
+
+    monkeypatch.setenv("RANK", "1")
+    main(["--cfg", "hydra"])
+    assert "output_subdir: null" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    main(["--cfg", "hydra"])
+    assert "output_subdir: .hydra" in capsys.readouterr().out
