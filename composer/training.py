@@ -38,7 +38,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .errors import ConfigError, Problem
 from .model import ComposedModel
 
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")  # 16-true: AdamW state underflows in float16
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # keys of conf/trainer/*.yaml that are not Trainer arguments
 OWN_KEYS = {"strategy_options", "cpu_threads"}
