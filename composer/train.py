@@ -14,6 +14,7 @@ metrics.json and the sweep goes on; the task returns ``metrics[optimized_metric]
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 MAX_PRECHECKED_JOBS = 64  # sweeps larger than this compose only their first jobs up front
 # what Lightning's DDP launcher sets in the launching process's environment
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
+# metrics.json values a sweeper can optimise (optimized_metric=...)
+SWEEP_METRICS = ("best_val_loss", "val_loss", "val_ppl", "best_val_accuracy", "val_accuracy", "tokens_per_s",
+                 "wall_s")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -87,6 +91,9 @@ def check_config(cfg: Any) -> None:
     if cfg.get("init_from") is not None and not Path(str(cfg["init_from"])).exists():
         problems.append(Problem("init_from", f"{cfg['init_from']} does not exist",
                                 "pass a folder written by save_pretrained (e.g. outputs/<date>/<time>/model)"))
+    if cfg.get("optimized_metric", "best_val_loss") not in SWEEP_METRICS:
+        problems.append(Problem("optimized_metric", f"{cfg['optimized_metric']!r} is not a metrics.json value a "
+                                "sweeper can optimise", f"use one of {', '.join(SWEEP_METRICS)}"))
     if cfg.get("init_from") is not None and cfg.get("ckpt_path") is not None:
         problems.append(Problem("init_from", "is given together with ckpt_path",
                                 "use ckpt_path to resume a run, or init_from to start a new run from saved weights"))
@@ -332,10 +339,40 @@ def _train(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, star
         torch.set_num_threads(before)
 
 
+def _reset_peak_memory() -> None:
+    """Start this run's peak-memory count (a sweep runs many jobs in one process): the CUDA
+    allocator's peak and, on Linux, the process's peak resident set (VmHWM, reset via clear_refs)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):  # not Linux (or not allowed): peak_rss_mb is the process's peak so far
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_memory() -> dict[str, Optional[float]]:
+    """``peak_rss_mb`` (host, this process) and ``peak_gpu_mb`` (CUDA allocator; None without CUDA)."""
+    import resource
+
+    import torch
+
+    rss = None
+    try:
+        status = Path("/proc/self/status").read_text()
+        rss = next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    return {"peak_rss_mb": rss, "peak_gpu_mb": gpu}
+
+
 def _run(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, start: float, console: Any) -> dict:
     from .summary import print_summary, write_metrics
     from .training import build_trainer
 
+    _reset_peak_memory()
     prepared = prepare(cfg, overrides)
     model, data, lit = prepared.model, prepared.data, prepared.lit
     record.update(model=model.config.name or "custom", params=model.num_parameters(), task=data.task,
@@ -346,6 +383,7 @@ def _run(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, start:
         trainer.fit(lit, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
     finally:
         _collect(record, trainer, lit, parts)
+        record.update(_peak_memory())
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted")
     exported, model_dir = _export(trainer, lit, run_dir, prepared.tokenizer)
@@ -413,6 +451,60 @@ def precheck(argv: list[str]) -> None:
         load_config(job, name, config_dirs)
 
 
+def experiments_dir() -> Optional[Path]:
+    """The experiments root that composer-train puts on the config search path: ``$COMPOSER_EXPERIMENTS``
+    if set, else the checkout's ``experiments/`` (beside ``conf/``); None when there is none (a wheel).
+
+    It is a config root like ``--config-dir``: ``<root>/experiment/<name>.yaml`` is ``experiment=<name>``.
+    """
+    from .config import EXPERIMENTS_ENV
+
+    env = os.environ.get(EXPERIMENTS_ENV)
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError([Problem(EXPERIMENTS_ENV, f"{path} is not a directory",
+                                       "point it at a folder holding experiment/<name>.yaml, or unset it")])
+        return path
+    path = conf_dir().parent / "experiments"
+    return path if (path / "experiment").is_dir() else None
+
+
+def with_experiments(argv: list[str]) -> list[str]:
+    """``argv`` with :func:`experiments_dir` appended to ``hydra.searchpath`` (once; the user's entries
+    kept), placed among the overrides so that Hydra's argument parser accepts it anywhere."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    root = experiments_dir()
+    if root is None:
+        return argv
+    entry = f"file://{root}"
+    try:
+        overrides = get_args_parser().parse_args(argv).overrides
+    except SystemExit:
+        return argv  # malformed command line: Hydra reports it
+    given = [i for i, a in enumerate(argv) if a in overrides and a.partition("=")[0] == "hydra.searchpath"]
+    paths: list = []
+    if given:
+        try:
+            paths = list(OverridesParser.create().parse_override(argv[given[-1]]).value() or [])
+        except HydraException:
+            return argv  # malformed: precheck names it
+        if not all(isinstance(p, str) for p in paths) or entry in paths:
+            return argv
+    quoted = ",".join("'" + p.replace("'", "\\'") + "'" for p in [*paths, entry])  # Hydra's quoting
+    item = f"hydra.searchpath=[{quoted}]"
+    argv = list(argv)
+    if given:
+        argv[given[-1]] = item
+    else:  # right after the last override (argparse takes the overrides as one run of positionals)
+        last = max((i for i, a in enumerate(argv) if a in overrides), default=-1)
+        argv.insert(last + 1, item)
+    return argv
+
+
 def _single_run_argv(hydra_cfg: Any) -> list[str]:
     """The command line of this one job (for Lightning's DDP launcher, which re-runs the command
     in each new process): the job's own overrides, no -m, in the job's folder."""
@@ -465,8 +557,14 @@ def _task(cfg: Any) -> Optional[float]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-    value = record.get(str(cfg.get("optimized_metric", "best_val_loss")))
-    return float(value) if isinstance(value, (int, float)) else None
+    name = str(cfg.get("optimized_metric", "best_val_loss"))
+    value = record.get(name)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if multirun:  # e.g. an accuracy on a task without one: the sweeper records a failed trial
+        log.warning("optimized_metric=%s has no value in this run's metrics.json", name)
+        return float("nan")
+    return None
 
 
 def _external_rank() -> int:
@@ -494,12 +592,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     import hydra
 
     argv = _normalise(list(sys.argv[1:] if argv is None else argv))
+    if _external_rank() > 0:  # torchrun / SLURM started this process: only rank 0 writes .hydra/
+        argv.append("hydra.output_subdir=null")
     try:
+        argv = with_experiments(argv)
         precheck(argv)
     except ComposerError as exc:
         _fail(exc)
-    if _external_rank() > 0:  # torchrun / SLURM started this process: only rank 0 writes .hydra/
-        argv.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     _quiet_lightning()
     hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(_task)()

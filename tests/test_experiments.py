@@ -1,0 +1,123 @@
+"""experiments/: every experiment file composes (no training), the folder is on composer-train's
+search path from any working directory, and the experiments say what their write-ups claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train_helpers import cli_env
+
+from composer.config import load_config, to_container
+from composer.errors import ConfigError
+from composer.model import compose
+from composer.train import check_config, experiments_dir, with_experiments
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted((REPO / "experiments" / "experiment").glob("*.yaml"))
+MIXERS = sorted(p.stem for p in (REPO / "experiments" / "mixer").glob("*.yaml"))
+TEXT = "data.path=any.txt"  # text experiments need a file only when they run
+
+
+def compose_experiment(name: str, *overrides: str):
+    needs_text = "data: text" in (REPO / "experiments" / "experiment" / f"{name}.yaml").read_text() or \
+        "override /data: text" in (REPO / "experiments" / "experiment" / f"{name}.yaml").read_text()
+    return load_config([f"experiment={name}", *([TEXT] if needs_text else []), *overrides],
+                       config_dirs=[experiments_dir()])
+
+
+def test_the_experiments_folder_is_the_checkouts():
+    assert experiments_dir() == REPO / "experiments"
+    assert {"recall_mixers", "shakespeare_gpt2", "shakespeare_llama", "memory_speed"} <= {p.stem for p in EXPERIMENTS}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_composes_and_validates(path):
+    assert path.read_text().startswith("# @package _global_\n"), "experiment files are global packages"
+    cfg = compose_experiment(path.stem)
+    check_config(cfg)
+    vocab = cfg.data.get("vocab_size") or 65  # text: the characters of the file
+    model = compose({**to_container(cfg.model), "vocab_size": vocab}, device="meta")
+    assert model.num_parameters() > 0
+    assert f"experiment={path.stem}" in path.read_text(), "the header shows the command that runs it"
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_every_mixer_of_the_recall_ablation_composes(mixer):
+    cfg = compose_experiment("recall_mixers", f"mixer={mixer}", "model.hidden_size=128")
+    check_config(cfg)
+    model = compose({**to_container(cfg.model), "vocab_size": cfg.data.vocab_size}, device="meta")
+    spec = model.config.layer(0)
+    expected = {"mha": ("mha", "rope"), "gqa": ("gqa", "rope"), "mqa": ("mqa", "rope"),
+                "swa": ("sliding_window", "rope"), "nope": ("mha", "none")}[mixer]
+    assert (spec.attention.type, spec.position.type) == expected
+    assert model.config.hidden_size == 128 and model.config.num_layers == 2
+
+
+def test_recall_sliding_window_is_shorter_than_the_key_value_span():
+    cfg = compose_experiment("recall_mixers", "mixer=swa")
+    window, layers = cfg.model.attention.window, cfg.model.num_layers
+    pairs, seq_len = cfg.data.num_pairs, cfg.data.seq_len
+    assert window < 2 * pairs  # smaller than the block of key-value pairs
+    assert (window - 1) * layers < seq_len - 2 * pairs  # the queries' region is mostly out of reach
+
+
+def test_shakespeare_variants_have_equal_parameters_and_budget():
+    gpt2, llama = compose_experiment("shakespeare_gpt2"), compose_experiment("shakespeare_llama")
+    counts = [compose({**to_container(c.model), "vocab_size": 65}, device="meta").num_parameters()
+              for c in (gpt2, llama)]
+    assert abs(counts[0] - counts[1]) / counts[0] < 0.01
+    for key in ("trainer", "optim", "scheduler", "data"):
+        assert to_container(gpt2[key]) == to_container(llama[key]), key
+    assert (gpt2.model.num_layers, gpt2.model.hidden_size, gpt2.model.num_heads, gpt2.data.seq_len,
+            gpt2.data.batch_size, gpt2.trainer.max_steps, gpt2.optim.lr, gpt2.model.dropout) == \
+        (4, 128, 4, 64, 12, 2000, 1e-3, 0.0)
+    llama_model = compose({**to_container(llama.model), "vocab_size": 65}, device="meta").config.layer(0)
+    assert (llama_model.norm.type, llama_model.ffn.type, llama_model.position.type) == ("rmsnorm", "swiglu", "rope")
+
+
+def test_memory_speed_grid_composes():
+    for precision in ("32-true", "bf16-mixed"):
+        for mode in ("none", "every_layer", "every_2"):
+            cfg = compose_experiment("memory_speed", f"trainer.precision={precision}",
+                                     f"model.gradient_checkpointing={mode}")
+            check_config(cfg)
+            compose({**to_container(cfg.model), "vocab_size": cfg.data.vocab_size}, device="meta")
+
+
+# ----------------------------------------------------------------------------- the search path
+def test_search_path_is_added_once_among_the_overrides():
+    root = f"file://{REPO / 'experiments'}"
+    argv = with_experiments(["experiment=recall_mixers", "--cfg", "job"])
+    assert argv == ["experiment=recall_mixers", f"hydra.searchpath=['{root}']", "--cfg", "job"]
+    assert with_experiments(argv) == argv  # a DDP child re-running the command adds nothing
+    mine = with_experiments(["--multirun", "hydra.searchpath=[file:///my/configs]", "seed=1,2"])
+    assert mine == ["--multirun", f"hydra.searchpath=['file:///my/configs','{root}']", "seed=1,2"]
+    assert with_experiments([])[0].startswith("hydra.searchpath=")
+
+
+def test_experiments_env_points_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nseed: 42\n")
+    monkeypatch.setenv("COMPOSER_EXPERIMENTS", str(tmp_path))
+    assert experiments_dir() == tmp_path
+    assert load_config(["experiment=mine"], config_dirs=[experiments_dir()]).seed == 42
+    monkeypatch.setenv("COMPOSER_EXPERIMENTS", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="COMPOSER_EXPERIMENTS"):
+        experiments_dir()
+
+
+@pytest.mark.slow
+def test_composer_train_finds_experiments_from_any_directory(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "composer.train", "+experiment=recall_mixers", "mixer=swa",
+                          "--cfg", "job"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["model"]["attention"]["type"] == "sliding_window" and cfg["model"]["num_layers"] == 2
+    bad = subprocess.run([sys.executable, "-m", "composer.train", "experiment=recal_mixers"], cwd=tmp_path,
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "did you mean 'recall_mixers'" in bad.stderr
+    assert not list(tmp_path.iterdir())

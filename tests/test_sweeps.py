@@ -1,0 +1,222 @@
+"""Sweeps end to end: basic multirun + composer-report, a failing job, the Optuna example, the
+submitit_local and joblib launchers, and the documented SLURM launcher config (composed, not run)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train_helpers import TINY, one_thread
+
+from composer.cli import run
+from composer.report import main_ as report_main
+from composer.train import main
+
+pytestmark = pytest.mark.slow
+QUIET = [*TINY, "callbacks.summary=false", "callbacks.checkpoint.enabled=false"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def train_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``composer-train <argv>`` in this process: (exit status, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def report_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = run(report_main, argv)  # what the composer-report script does
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def records(sweep: Path) -> dict[int, dict]:
+    return {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- basic sweeper
+@pytest.fixture(scope="module")
+def attention_sweep(tmp_path_factory) -> Path:
+    """``composer-train -m model/attention=mha,mqa seed=1,2`` on the tiny config (4 runs)."""
+    sweep = tmp_path_factory.mktemp("sweep") / "attention"
+    with one_thread():
+        main(["-m", *QUIET, "model/attention=mha,mqa", "seed=1,2", f"hydra.sweep.dir={sweep}"])
+    return sweep
+
+
+def test_multirun_writes_a_record_per_combination(attention_sweep):
+    runs = records(attention_sweep)
+    assert sorted(runs) == [0, 1, 2, 3]
+    combos = {(next(o for o in r["overrides"] if o.startswith("model/attention=")), r["seed"]) for r in runs.values()}
+    assert combos == {("model/attention=mha", 1), ("model/attention=mha", 2),
+                      ("model/attention=mqa", 1), ("model/attention=mqa", 2)}
+    assert all(r["status"] == "completed" and r["steps"] == 6 for r in runs.values())
+    assert all(r["peak_rss_mb"] > 0 for r in runs.values())
+    assert len({r["params"] for r in runs.values()}) == 2  # mqa has fewer key/value weights than mha
+
+
+def test_report_has_one_row_per_configuration_with_mean_and_std_over_seeds(attention_sweep, capsys):
+    code, out, _ = report_cli([str(attention_sweep)], capsys)
+    assert code == 0
+    rows = csv_rows(attention_sweep / "report.csv")
+    assert [r["model/attention"] for r in rows] != [] and len(rows) == 2
+    runs = records(attention_sweep).values()
+    for row in rows:
+        mine = [r for r in runs if f"model/attention={row['model/attention']}" in r["overrides"]]
+        losses = [r["best_val_loss"] for r in mine]
+        assert len(mine) == 2 and row["completed"] == "2" and row["seeds"] == "1 2"
+        assert float(row["best_val_loss_mean"]) == pytest.approx(statistics.fmean(losses))
+        assert float(row["best_val_loss_std"]) == pytest.approx(statistics.stdev(losses))
+        assert float(row["tokens_per_s_mean"]) > 0 and float(row["wall_s_mean"]) > 0
+        assert int(row["params"]) == mine[0]["params"]
+    means = [float(r["best_val_loss_mean"]) for r in rows]
+    assert means == sorted(means)  # sorted by optimized_metric (best_val_loss: lower first)
+
+    md = (attention_sweep / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and "model/attention" in table[0] and "best val_loss *" in table[0]
+    assert all(" ± " in line for line in table[1:])
+    assert "4 of 4 runs completed" in md and "Not completed" not in md
+    assert "mha" in out and "mqa" in out and "±" in out  # the table on the terminal
+
+    png = attention_sweep / "report.png"
+    assert png.read_bytes()[:8] == PNG
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 600
+
+
+def test_a_failing_run_is_recorded_and_reported_while_the_others_complete(tmp_path, capsys):
+    """num_heads=3 does not divide hidden_size=32: that job fails, the sweep goes on."""
+    sweep = tmp_path / "failing"
+    args = [o for o in QUIET if not o.startswith("model.num_heads=")]
+    code, _, err = train_cli(["-m", *args, "model.num_heads=2,3", "seed=1", f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 0 and "error in job 1" in err
+    runs = records(sweep)
+    assert runs[0]["status"] == "completed"
+    assert runs[1]["status"] == "failed" and "num_heads" in runs[1]["error"]
+
+    code, out, _ = report_cli([str(sweep)], capsys)
+    assert code == 0
+    md = (sweep / "report.md").read_text()
+    assert "1 of 2 runs completed" in md and "## Not completed" in md
+    failed = [line for line in md.splitlines() if line.startswith("- job 1")]
+    assert len(failed) == 1 and "model.num_heads=3" in failed[0] and "failed" in failed[0]
+    assert "num_heads" in failed[0]  # the error itself
+    assert "job 1" in out and "failed" in out
+    rows = {r["model.num_heads"]: r for r in csv_rows(sweep / "report.csv")}
+    assert rows["2"]["completed"] == "1" and rows["3"]["completed"] == "0" and rows["3"]["failed"] == "1"
+    assert (sweep / "report.png").read_bytes()[:8] == PNG
+
+
+# ----------------------------------------------------------------------------- Optuna
+def test_optuna_example_runs_three_trials_and_returns_the_metric(tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "optuna"
+    args = [o for o in QUIET if not o.startswith("model.hidden_size=")]  # a command-line value would fix it
+    code, _, err = train_cli(["hparams_search=recall_lr_width", *args, "hydra.sweeper.n_trials=3",
+                              f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 0, err
+    runs = records(sweep)
+    assert sorted(runs) == [0, 1, 2] and all(r["status"] == "completed" for r in runs.values())
+    lrs = {next(o for o in r["overrides"] if o.startswith("optim.lr=")) for r in runs.values()}
+    assert len(lrs) == 3  # the sampler proposed a learning rate per trial
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    accuracies = [r["best_val_accuracy"] for r in runs.values()]
+    assert results["best_value"] == pytest.approx(max(accuracies))  # direction: maximize
+
+    code, _, _ = report_cli([str(sweep)], capsys)
+    assert code == 0
+    rows = csv_rows(sweep / "report.csv")
+    assert len(rows) == 3 and {"optim.lr", "model.hidden_size"} <= set(rows[0])
+    best = [float(r["best_val_accuracy_mean"]) for r in rows]
+    assert best == sorted(best, reverse=True)  # sorted by the search's metric, its direction
+    md = (sweep / "report.md").read_text()
+    assert "Optuna best value" in md and "3 of 3 runs completed" in md
+
+
+def test_optimized_metric_must_be_a_metrics_value(tmp_path, capsys):
+    code, _, err = train_cli([*QUIET, "optimized_metric=val_acc", f"hydra.run.dir={tmp_path}/run"], capsys)
+    assert code == 2 and "optimized_metric" in err and "best_val_accuracy" in err
+
+
+# ----------------------------------------------------------------------------- launchers
+def test_submitit_local_launcher_runs_two_jobs(tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "submitit"
+    code, _, err = train_cli(["-m", *QUIET, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                              "seed=1,2", f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 0, err
+    runs = records(sweep)
+    assert sorted(runs) == [0, 1] and sorted(r["seed"] for r in runs.values()) == [1, 2]
+    assert all(r["status"] == "completed" for r in runs.values())
+    logs = list((sweep / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # each job ran in its own process, through submitit
+    code, _, _ = report_cli([str(sweep)], capsys)
+    assert code == 0 and len(csv_rows(sweep / "report.csv")) == 1  # one configuration, 2 seeds
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "joblib"
+    code, _, err = train_cli(["-m", *QUIET, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2",
+                              f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 0, err
+    runs = records(sweep)
+    assert sorted(runs) == [0, 1] and all(r["status"] == "completed" for r in runs.values())
+    assert runs[0]["val_loss"] != runs[1]["val_loss"]
+
+
+def test_slurm_launcher_config_composes_into_an_sbatch_script(tmp_path, monkeypatch):
+    """hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml) follows the trainer's shape; submitit
+    turns it into the sbatch script it would submit (a stand-in srun: no cluster here)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    from composer.config import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp",
+                                "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["_target_"].endswith("SlurmLauncher")
+    assert (params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (2, 4, 4)
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    # what the launcher does before submitting (hydra_submitit_launcher.submitit_launcher.launch)
+    executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / "logs"),
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("_target_", "submitit_folder")})
+    script = executor._executor._make_submission_file_text("composer-train", "0")
+    for line in ("--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=240",
+                 "--cpus-per-task=8"):
+        assert f"#SBATCH {line}\n" in script, line
