@@ -4,7 +4,9 @@ One module serves all four; they differ in how many key/value heads they keep an
 back a query may look. Queries, keys and values come from one fused projection; the
 attention itself is ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
 GPUs, grouped key/value heads without copies where torch supports ``enable_gqa``). Only a
-logit soft-cap, which SDPA cannot express, takes the explicit softmax path.
+logit soft-cap, which SDPA cannot express, takes the explicit softmax path. Sliding windows
+over a whole sequence use FlexAttention with a block mask on CUDA (``kernel: auto``): blocks
+outside the window are skipped instead of masked, so the cost grows with T x W, not T x T.
 
 Shapes: B batch, T new tokens, S keys, C hidden, H query heads, Hkv key/value heads, D head dim.
 """
@@ -26,6 +28,11 @@ from composer.schema import check_probability, inherit, option
 
 # enable_gqa (torch >= 2.5) lets SDPA read grouped key/value heads without copying them
 SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+try:  # FlexAttention (torch >= 2.5)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    create_block_mask = flex_attention = None
+KERNELS = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -103,6 +110,8 @@ class SlidingWindowConfig(GQAConfig):
 
     num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads)", min=1)
     window: int = option(help="tokens each query can see, itself included", min=1)
+    kernel: str = option("auto", help="auto (FlexAttention block mask on CUDA, else SDPA + mask) | sdpa | flex",
+                         choices=KERNELS)
 
     def window_size(self) -> Optional[int]:
         return self.window
@@ -110,6 +119,9 @@ class SlidingWindowConfig(GQAConfig):
     def resolve(self, model, check) -> None:
         inherit(self, "num_kv_heads", self.num_heads or model.num_heads)
         super().resolve(model, check)
+        if self.kernel == "flex" and flex_attention is None:
+            check.fail("kernel", "flex needs torch >= 2.5 (torch.nn.attention.flex_attention)",
+                       "use kernel: auto or sdpa, or upgrade torch")
         if self.window is not None and self.window > model.max_position_embeddings:
             check.fail("window", f"{self.window} exceeds max_position_embeddings={model.max_position_embeddings}",
                        f"use a window between 1 and {model.max_position_embeddings}")
@@ -143,6 +155,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads(), cfg.head_dim
         self.window, self.causal = cfg.window_size(), cfg.causal
+        self.kernel = getattr(cfg, "kernel", "sdpa") if flex_attention is not None else "sdpa"
         self.scale, self.softcap, self.dropout = cfg.softmax_scale, cfg.logit_softcap, cfg.dropout
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         self.qkv = nn.Linear(ctx.hidden_size, (h + 2 * hkv) * d, bias=cfg.bias)  # C -> (H + 2Hkv) D
@@ -173,6 +186,8 @@ class SelfAttention(nn.Module):
         if self.position is not None:
             q, k = self.position.rotate(q, k, inputs)
 
+        if past_key_value is not None and getattr(past_key_value, "static", False):
+            return self._static(q, k, v, inputs, past_key_value, use_cache, b, t)
         q_pos = inputs.cached(("q_slots", t), lambda: torch.arange(
             inputs.past_length, inputs.past_length + t, device=hidden.device))  # [T]
         if past_key_value is not None:
@@ -189,6 +204,9 @@ class SelfAttention(nn.Module):
         square = plain and past_key_value is None and self.window is None
         decode = plain and past_key_value is not None and t == 1 and not past_key_value.rolling and (
             self.window is None or self.window >= k.shape[2])
+        if plain and past_key_value is None and self._use_flex(q):  # a window over the whole sequence
+            y = self._flex(q, k, v, inputs, t)  # [B, H, T, D]
+            return self.out(y.transpose(1, 2).reshape(b, t, h * d)), past_key_value if use_cache else None
         mask = None
         if not (square or decode):
             rolling = past_key_value is not None and past_key_value.rolling
@@ -200,6 +218,45 @@ class SelfAttention(nn.Module):
         y = self._attend(q, k, v, mask, is_causal=is_causal)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(b, t, h * d)
         return self.out(y), past_key_value if use_cache else None
+
+    def _use_flex(self, q: Tensor) -> bool:
+        """FlexAttention for this window: on CUDA (auto / flex); ``flex`` also on other devices where torch
+        runs it correctly (eager, no gradients). Never with a soft-cap or attention dropout."""
+        if self.window is None or self.kernel == "sdpa" or self.softcap is not None:
+            return False
+        if self.training and self.dropout > 0:
+            return False
+        if q.is_cuda:
+            return True
+        return self.kernel == "flex" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, t: int) -> Tensor:
+        window, causal = self.window, self.causal
+
+        def allowed(b, h, q_idx, kv_idx):  # the same rule as build_mask
+            dist = q_idx - kv_idx
+            near = (dist < window) & (dist > -window)
+            return near & (dist >= 0) if causal else near
+
+        key = ("flex", causal, window, t, q.device)
+        block = inputs.cached(key, lambda: create_block_mask(allowed, None, None, t, t, device=q.device))
+        attend = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+        return attend(q, k, v, block_mask=block, scale=self.scale,
+                      enable_gqa=self.num_heads != self.num_kv_heads)
+
+    def _static(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, cache: KVCache, use_cache: bool,
+                b: int, t: int) -> tuple[Tensor, Optional[KVCache]]:
+        """Attend over a static cache's whole buffer: the mask comes from its slot positions."""
+        q_pos = inputs.cache_position  # [T]
+        k, v, k_pos, k_valid = cache.update(k, v, inputs.key_valid, q_pos)  # [B, Hkv, S, D], [S], [B, S]
+        key = ("static_mask", self.causal, self.window, t, k.shape[2], cache.rolling)
+        mask = inputs.cached(key, lambda: build_mask(q_pos, k_pos, k_valid, self.causal, self.window))
+        bias = None if self.position is None else self.position.bias(q_pos, k_pos)  # [H, T, S] or None
+        if bias is not None:
+            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))  # [B, H, T, S]
+        y = self._attend(q, k, v, mask, is_causal=False)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.out(y), cache if use_cache else None
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
         p = self.dropout if self.training else 0.0
@@ -225,3 +282,13 @@ class SelfAttention(nn.Module):
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
                                               scale=self.scale, **kwargs)
+
+
+_FLEX = []
+
+
+def _compiled_flex():
+    """flex_attention under torch.compile (its fused kernel); compiled once per process."""
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]

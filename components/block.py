@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from components.protocols import AttentionInputs, BuildContext, ComponentConfig
+from components.protocols import AttentionInputs, BuildContext, ComponentConfig, run_with_own_memo
 from composer.registry import BLOCK
 from composer.schema import check_probability, inherit, option
 
@@ -57,7 +57,7 @@ class _Block(nn.Module):
 
     def _attention(self, x: Tensor, inputs: AttentionInputs, past: Any, use_cache: bool) -> tuple[Tensor, Any]:
         if self.checkpoint == "attention" and self.training and torch.is_grad_enabled() and not use_cache:
-            return checkpoint(self.attn, x, inputs, past, use_cache, use_reentrant=False)
+            return checkpoint(run_with_own_memo, self.attn, x, inputs, past, use_cache, use_reentrant=False)
         return self.attn(x, inputs, past, use_cache)
 
     def _feed_forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:

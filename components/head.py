@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from components.protocols import BuildContext, ComponentConfig
 from composer.registry import HEAD
@@ -25,6 +26,8 @@ class LMHeadConfig(ComponentConfig):
 
     bias: bool = option(False, help="learn a per-token logit bias")
     logit_softcap: Optional[float] = option(None, help="cap logits with c*tanh(x/c) (Gemma 2: 30)")
+    loss_chunk_size: Optional[int] = option(
+        None, help="training loss over chunks of this many tokens, never holding all logits (null: off)", min=1)
 
     def resolve(self, model, check) -> None:
         if self.logit_softcap is not None and self.logit_softcap <= 0:
@@ -39,6 +42,7 @@ class LMHead(nn.Module):
         self.proj = nn.Linear(ctx.hidden_size, vocab, bias=cfg.bias)  # C -> V
         self.softcap = cfg.logit_softcap
         self.vocab_size = ctx.vocab_size
+        self.loss_chunk_size = cfg.loss_chunk_size
         self.register_buffer("pad_mask", torch.zeros(vocab, dtype=torch.bool), persistent=False)  # [V]
         self.reset_buffers()
 
@@ -56,9 +60,35 @@ class LMHead(nn.Module):
         return logits
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX is skipped."""
-        shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B (T-1), V]
-        return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX is skipped.
+
+        The labels are shifted (not the logits, whose copy would cost B T V floats): the last
+        position gets IGNORE_INDEX and the loss reads the logits [B T, V] as they are."""
+        targets = next_token_targets(labels)  # [B, T]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def chunked_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """The same loss as ``loss(self(hidden), labels)`` computed ``loss_chunk_size`` tokens at a
+        time from the final hidden states [B, T, C]: each chunk's logits are recomputed in the
+        backward pass, so at most one chunk of logits [chunk, V] (and its gradient) is alive."""
+        targets = next_token_targets(labels).reshape(-1)  # [B T]
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [B T, C]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, flat.shape[0], self.loss_chunk_size):
+            end = start + self.loss_chunk_size
+            total = total + checkpoint(self._loss_sum, flat[start:end], targets[start:end], use_reentrant=False)
+        return total / (targets != IGNORE_INDEX).sum()  # NaN when nothing is labelled, as F.cross_entropy
+
+    def _loss_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:  # [N, C], [N] -> summed cross-entropy
+        logits = self(hidden).float()  # [N, V]
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """[B, T] labels aligned with the inputs -> [B, T] targets: position t gets labels[t + 1], the
+    last position IGNORE_INDEX."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ D head dim, C hidden size, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
@@ -51,14 +51,18 @@ class BuildContext:
 class AttentionInputs:
     """Per-forward facts shared by every layer: positions, padding, memoised masks.
 
-    position_ids: [B, T] absolute positions of the new tokens (pads excluded from the count)
+    position_ids: [B, T] absolute positions of the new tokens (pads excluded from the count); [1, T]
+                  when every row has the same positions (no padding): broadcast over the batch
     key_valid:    [B, S] bool, False at padding keys (None when there is no padding)
-    past_length:  tokens already in the KV cache before this call
+    past_length:  tokens already in the KV cache before this call (dynamic caches)
+    cache_position: [T] slots of the new tokens as a tensor (static caches; then ``key_valid`` is
+                  [B, T], the new tokens' validity, and ``past_length`` is unused)
     """
 
     position_ids: Tensor
     key_valid: Optional[Tensor] = None
     past_length: int = 0
+    cache_position: Optional[Tensor] = None
     memo: dict = field(default_factory=dict)
 
     def cached(self, key: Any, make: Callable[[], Any]) -> Any:
@@ -66,6 +70,12 @@ class AttentionInputs:
         if key not in self.memo:
             self.memo[key] = make()
         return self.memo[key]
+
+
+def run_with_own_memo(module: Callable, hidden: Tensor, inputs: AttentionInputs, *args: Any) -> Any:
+    """``module(hidden, inputs', *args)`` where inputs' has a fresh memo: for checkpointed (recomputed)
+    regions, which must not write into state outside them (torch.compile traces them as one op)."""
+    return module(hidden, replace(inputs, memo={}), *args)
 
 
 @runtime_checkable
@@ -101,7 +111,7 @@ class Norm(Protocol):
 @runtime_checkable
 class PositionEncoding(Protocol):
     def embed(self, position_ids: Tensor) -> Optional[Tensor]:
-        """[B, T] -> [B, T, C] added to token embeddings, or None."""
+        """[B, T] (or [1, T]) -> [B, T, C] (or [1, T, C]) added to token embeddings, or None."""
         ...
 
     def rotate(self, q: Tensor, k: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 Streamer = Callable[[Tensor], Any]  # receives each step's new tokens [B]
 OVERFLOW_MODES = ("error", "truncate_left")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -241,14 +243,51 @@ def _generator(seed: Union[int, torch.Generator, None], device: torch.device) ->
 
 
 # ----------------------------------------------------------------------------- the decode loop
+def _decode_step(model: Any, tokens: Tensor, position_ids: Tensor, cache: Any) -> Tensor:
+    """One new token per row against a static cache: tokens, positions [B|1, 1] -> logits [B, 1, V]."""
+    return model(tokens, position_ids=position_ids, past_key_values=cache, use_cache=True).logits
+
+
+_COMPILED: dict[str, Callable] = {}  # compile mode -> the compiled decode step (traced once per model)
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (shape key, Cache)
+CACHE_BUCKET = 256  # static caches are sized in multiples of this (one compiled step per size)
+
+
+def compiled_step(mode: str) -> Callable:
+    """The decode step under ``torch.compile(mode=mode, fullgraph=True, dynamic=False)``."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_decode_step, mode=None if mode == "default" else mode, fullgraph=True,
+                                        dynamic=False)
+    return _COMPILED[mode]
+
+
+def static_cache(model: Any, batch_size: int, capacity: int) -> Any:
+    """A static cache for ``model`` holding ``capacity`` tokens (rounded up to CACHE_BUCKET, at most the
+    model's context), reused (and reset) across calls with the same shape so compiled code and CUDA
+    graphs see the same buffers."""
+    limit = model.config.max_position_embeddings
+    capacity = min(limit, -(-capacity // CACHE_BUCKET) * CACHE_BUCKET)
+    ref = model.embed.weight
+    key = (batch_size, capacity, ref.dtype, ref.device)
+    held = _STATIC_CACHES.get(model)
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    _STATIC_CACHES.pop(model, None)  # free the old buffers before allocating new ones
+    cache = model.allocate_cache(batch_size, capacity, static=True)
+    _STATIC_CACHES[model] = (key, cache)
+    return cache
+
+
 class _Decoder:
     """One batch's decode loop. ``steps()`` yields each step's tokens [B]; ``result()`` is the
     output buffer up to the last step, [B, T + steps]."""
 
     def __init__(self, model: Any, ids: Tensor, mask: Optional[Tensor], max_new_tokens: int,
                  settings: SamplingSettings, eos: Optional[list[int]], pad_id: Optional[int],
-                 generator: Optional[torch.Generator], use_cache: bool):
+                 generator: Optional[torch.Generator], use_cache: bool, compile_mode: Optional[str] = None):
         self.model, self.settings, self.generator, self.use_cache = model, settings, generator, use_cache
+        self.compile_mode = compile_mode
         self.prompt, self.mask, self.max_new = ids, mask, max_new_tokens
         b, t = ids.shape
         self.out = ids.new_empty(b, t + max_new_tokens)  # [B, T + N] prompt then new tokens
@@ -274,14 +313,28 @@ class _Decoder:
             real = torch.ones_like(ids, dtype=torch.float) if mask is None else mask.float()
             seen = torch.zeros(b, vocab, device=ids.device).scatter_add_(1, ids, real) > 0
         finished = torch.zeros(b, dtype=torch.bool, device=ids.device) if self.eos is not None else None
-        cache = model.allocate_cache(b, t + self.max_new) if self.use_cache else None
+        static = self.compile_mode is not None
+        if static:  # positions as tensors; the cache keeps the prompt's padding
+            cache = static_cache(model, b, t + self.max_new)
+            step_fn = compiled_step(self.compile_mode)
+            graphs = "cudagraphs" in self.compile_mode or self.compile_mode == "reduce-overhead"
+            position = torch.full((1, 1), t, device=ids.device) if mask is None else mask.sum(1, keepdim=True)
+        else:
+            cache = model.allocate_cache(b, t + self.max_new) if self.use_cache else None
 
         for step in range(self.max_new):
             n = self.length
             if cache is None:  # recompute the whole sequence
                 logits = model(self.out[:, :n], attention_mask=None if mask is None else full_mask[:, :n]).logits
-            elif step == 0:  # prefill
-                logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            elif step == 0:  # prefill (eager: prompt lengths vary)
+                prompt_pos = None if not static or mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
+                logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                               position_ids=prompt_pos).logits
+            elif static:  # the compiled step: same shapes, same buffers every time
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = step_fn(model, self.out[:, n - 1 : n], position, cache)
+                position = position + 1
             else:  # one new token against the cache
                 logits = model(self.out[:, n - 1 : n], attention_mask=None if mask is None else full_mask[:, :n],
                                past_key_values=cache, use_cache=True,
@@ -315,12 +368,13 @@ class _Request:
     pad_id: Optional[int]
     generator: Optional[torch.Generator]
     use_cache: bool
+    compile_mode: Optional[str] = None
 
 
 def _prepare(model: Any, input_ids: Any, max_new_tokens: Any, do_sample: bool, temperature: float,
              top_k: Optional[int], top_p: Optional[float], repetition_penalty: Optional[float],
              eos_token_id: Any, pad_token_id: Optional[int], attention_mask: Optional[Tensor], use_cache: bool,
-             seed: Any, prompt_overflow: str) -> _Request:
+             seed: Any, prompt_overflow: str, compile: Union[bool, str] = False) -> _Request:
     _check_model(model)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ModelError(f"generate(max_new_tokens={max_new_tokens!r}): expected an integer >= 0")
@@ -340,12 +394,28 @@ def _prepare(model: Any, input_ids: Any, max_new_tokens: Any, do_sample: bool, t
     if attention_mask is not None:
         ids, mask = left_pad(ids, attention_mask)
     ids, mask = _fit_context(ids, mask, max_new_tokens, model.config.max_position_embeddings, prompt_overflow)
-    return _Request(ids, mask, max_new_tokens, settings, eos, pad_id, _generator(seed, device), bool(use_cache))
+    mode = _compile_mode(compile, bool(use_cache), device)
+    return _Request(ids, mask, max_new_tokens, settings, eos, pad_id, _generator(seed, device), bool(use_cache), mode)
+
+
+def _compile_mode(compile: Any, use_cache: bool, device: torch.device) -> Optional[str]:
+    """generate(compile=...) -> a torch.compile mode, or None for the eager loop."""
+    if compile is False or compile is None:
+        return None
+    if compile is not True and compile not in COMPILE_MODES:
+        raise ModelError(f"generate(compile={compile!r}): use True, False or a torch.compile mode: "
+                         f"{', '.join(COMPILE_MODES)}")
+    if not use_cache:
+        raise ModelError("generate(compile=...) decodes over a static KV cache; it needs use_cache=True")
+    if compile is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return compile
 
 
 def _decoder(model: Any, r: _Request, rows: Optional[slice] = None) -> _Decoder:
     ids, mask = (r.ids, r.mask) if rows is None else (r.ids[rows], None if r.mask is None else r.mask[rows])
-    return _Decoder(model, ids, mask, r.max_new_tokens, r.settings, r.eos, r.pad_id, r.generator, r.use_cache)
+    return _Decoder(model, ids, mask, r.max_new_tokens, r.settings, r.eos, r.pad_id, r.generator, r.use_cache,
+                    r.compile_mode)
 
 
 def _decode_rows(model: Any, r: _Request, rows: slice, streamer: Optional[Streamer], streamed: list[bool]) -> Tensor:
@@ -410,6 +480,7 @@ def generate(
     streamer: Optional[Streamer] = None,
     prompt_overflow: str = "error",
     pad_token_id: Optional[int] = None,
+    compile: Union[bool, str] = False,
 ) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns ids [B, T + N], N <= max_new_tokens.
 
@@ -427,6 +498,9 @@ def generate(
     streamer:           called with each step's new tokens [B] as they are chosen (finished rows: pad id)
     prompt_overflow:    "error": T + max_new_tokens > max_position_embeddings raises ModelError;
                         "truncate_left": keep only the last prompt tokens that fit (logged)
+    compile:            True (or a torch.compile mode) decodes over a static KV cache with a compiled
+                        one-token step: traced once per model and cache size (CUDA: CUDA graphs, mode
+                        "reduce-overhead"); the same tokens as the eager loop. The prompt runs eagerly.
 
     Runs under ``torch.inference_mode`` in eval mode; the model's train/eval mode is restored after.
     If the batch runs out of accelerator memory it is split in halves and retried (with a warning;
@@ -437,7 +511,7 @@ def generate(
         raise ModelError(f"generate(streamer=...): expected a callable receiving token ids [B], got "
                          f"{type(streamer).__name__}")
     r = _prepare(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                 eos_token_id, pad_token_id, attention_mask, use_cache, seed, prompt_overflow)
+                 eos_token_id, pad_token_id, attention_mask, use_cache, seed, prompt_overflow, compile)
     return _generate(model, r, streamer).clone()  # a normal tensor, usable outside inference mode
 
 
@@ -455,7 +529,7 @@ def stream_generate(model: Any, input_ids: Tensor, max_new_tokens: int = 32, **k
 def _defaults(kwargs: dict) -> dict:
     known = dict(do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=None,
                  eos_token_id=None, pad_token_id=None, attention_mask=None, use_cache=True, seed=None,
-                 prompt_overflow="error")
+                 prompt_overflow="error", compile=False)
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ModelError(f"stream_generate got unknown arguments {unknown}; known: {', '.join(known)}")

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from components.kv_cache import Cache
-from components.protocols import AttentionInputs, BuildContext
+from components.kv_cache import Cache, KVCache
+from components.protocols import AttentionInputs, BuildContext, run_with_own_memo
 
 from .errors import ConfigError, ModelError, Problem
 from .registry import ATTENTION, BLOCK, FAMILIES, FFN, HEAD, NORM, POSITION, interface_gaps
@@ -33,13 +33,14 @@ from .schema import ModelConfig, resolve_model_config
 class ModelOutput:
     """What a forward pass returns.
 
-    logits:          [B, T, V] (language modelling) or [B, K] (classification)
+    logits:          [B, T, V] (language modelling) or [B, K] (classification); None when the lm head's
+                     ``loss_chunk_size`` computed the loss chunk by chunk (labels given, gradients on)
     loss:            cross-entropy (+ aux_loss) when labels were given, else None
     aux_loss:        the sum of the layers' auxiliary losses (MoE load balancing), else None
     past_key_values: the KV cache (a ``Cache``) when use_cache, else None
     """
 
-    logits: Tensor
+    logits: Optional[Tensor]
     loss: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
     past_key_values: Optional[Cache] = None
@@ -164,11 +165,22 @@ class ComposedModel(nn.Module):
 
     # ------------------------------------------------------------------ caches
     def allocate_cache(self, batch_size: int, capacity: int, dtype: Optional[torch.dtype] = None,
-                       device: Any = None) -> Cache:
-        """One pre-allocated KV cache per layer for ``capacity`` tokens (rolling for windows)."""
+                       device: Any = None, static: bool = False) -> Cache:
+        """One pre-allocated KV cache per layer for ``capacity`` tokens (rolling for windows).
+
+        ``static``: fixed buffers written at tensor positions, for a compiled decode step (see
+        components.kv_cache); the forward pass then takes ``attention_mask`` [B, T] for the new
+        tokens only, and ``position_ids`` whenever there is padding."""
         ref = self.embed.weight
-        return Cache(layer.attn.make_cache(batch_size, capacity, dtype or ref.dtype, device or ref.device)
-                     for layer in self.layers)
+        caches = [layer.attn.make_cache(batch_size, capacity, dtype or ref.dtype, device or ref.device)
+                  for layer in self.layers]
+        if static:
+            for i, cache in enumerate(caches):
+                if not isinstance(cache, KVCache):
+                    raise ModelError(f"layer {i}'s attention makes a {type(cache).__name__}, which has no static "
+                                     "mode; decode without compile (static caches need components.kv_cache.KVCache)")
+                cache.make_static()
+        return Cache(caches, static=static)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -180,19 +192,26 @@ class ComposedModel(nn.Module):
         use_cache: bool = False,
         position_ids: Optional[Tensor] = None,  # [B, T]; default: counted from the mask
     ) -> ModelOutput:
-        past = past_key_values.length if past_key_values is not None else 0
-        self._check_inputs(input_ids, attention_mask, past)
+        static = past_key_values is not None and getattr(past_key_values, "static", False)
+        past = past_key_values.length if past_key_values is not None and not static else 0
+        self._check_inputs(input_ids, attention_mask, past, static)
         b, t = input_ids.shape
         if use_cache and past_key_values is None:
             past_key_values = self.allocate_cache(b, t)
-        key_valid = None
-        if attention_mask is not None:
+        key_valid = cache_position = None
+        if static:  # positions are tensors: nothing here changes from one decode step to the next
+            cache_position = past_key_values.position + torch.arange(t, device=input_ids.device)  # [T]
+            key_valid = None if attention_mask is None else attention_mask.bool()  # [B, T]
+            if position_ids is None:
+                position_ids = cache_position[None]
+        elif attention_mask is not None:
             key_valid = attention_mask.bool()  # [B, past + T]
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-        inputs = AttentionInputs(position_ids=position_ids, key_valid=key_valid, past_length=past)
+        if position_ids is None:  # the same for every row: [1, T], broadcast (a learned table is read once)
+            position_ids = torch.arange(past, past + t, device=input_ids.device)[None]
+        inputs = AttentionInputs(position_ids=position_ids, key_valid=key_valid, past_length=past,
+                                 cache_position=cache_position)
 
         hidden = self.embed(input_ids)  # [B, T, C]
         pos = self.position.embed(position_ids)
@@ -206,25 +225,31 @@ class ComposedModel(nn.Module):
         for i, layer in enumerate(self.layers):
             past_i = past_key_values[i] if past_key_values is not None else None
             if self.config.checkpointed(i) == "layer" and self.training and torch.is_grad_enabled() and not use_cache:
-                hidden, _, aux = checkpoint(layer, hidden, inputs, past_i, use_cache, use_reentrant=False)
+                hidden, _, aux = checkpoint(run_with_own_memo, layer, hidden, inputs, past_i, use_cache,
+                                            use_reentrant=False)
             else:
                 hidden, _, aux = layer(hidden, inputs, past_i, use_cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
+        if static:
+            past_key_values.advance(t)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        logits = self.head(hidden, attention_mask)
-
-        loss = None
-        if labels is not None:
-            loss = self.head.loss(logits, labels)
-            if aux_total is not None:
-                loss = loss + aux_total
+        loss = logits = None
+        if labels is not None and getattr(self.head, "loss_chunk_size", None) and torch.is_grad_enabled():
+            loss = self.head.chunked_loss(hidden, labels)  # the full logits are never materialised
+        else:
+            logits = self.head(hidden, attention_mask)
+            if labels is not None:
+                loss = self.head.loss(logits, labels)
+        if loss is not None and aux_total is not None:
+            loss = loss + aux_total
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_total,
                            past_key_values=past_key_values if use_cache else None)
 
-    def _check_inputs(self, input_ids: Any, attention_mask: Any, past: int) -> None:
-        """Boundary checks: shape, dtype, id range, length, mask shape (ModelError)."""
+    def _check_inputs(self, input_ids: Any, attention_mask: Any, past: int, static: bool = False) -> None:
+        """Boundary checks: shape, dtype, id range, length, mask shape (ModelError). With a static
+        cache the mask covers the new tokens only and the cache's capacity bounds the length."""
         if not isinstance(input_ids, Tensor):
             raise ModelError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
@@ -245,7 +270,9 @@ class ComposedModel(nn.Module):
             want = (b, past + t)
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != want:
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)
-                raise ModelError(f"attention_mask must have shape {want} [batch, past + seq_len], got {got}")
+                what = "[batch, seq_len] (a static cache keeps the past's padding)" if static else \
+                    "[batch, past + seq_len]"
+                raise ModelError(f"attention_mask must have shape {want} {what}, got {got}")
         if torch.compiler.is_compiling():
             return
         if input_ids.device.type == "cpu" or self.config.check_inputs_on_accelerator:

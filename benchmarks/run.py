@@ -1,0 +1,53 @@
+"""Run the benchmark suite (``make bench``): each benchmark in its own process, one after the other.
+
+    python -m benchmarks.run                       # all, full size; rows appended to benchmarks/RESULTS.md
+    python -m benchmarks.run --quick               # small shapes, nothing recorded (a smoke test)
+    python -m benchmarks.run --only decode --device cuda
+
+Other options (``--device``, ``--rounds``, ``--threads``, ``--no-compile``, ``--no-record``) are passed to
+every benchmark. A failing benchmark is reported and the others still run; the exit status is 1 if any
+failed. JSON results land in benchmarks/out/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = {
+    "train_step": "benchmarks.bench_train_step",
+    "lightning": "benchmarks.bench_lightning",
+    "checkpointing": "benchmarks.bench_checkpointing",
+    "decode": "benchmarks.bench_decode",
+    "build": "benchmarks.bench_build",
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this one (repeatable)")
+    args, rest = parser.parse_known_args(argv)
+    names = args.only or list(BENCHMARKS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    failed = []
+    for name in names:
+        start = time.perf_counter()
+        print(f"[{time.strftime('%H:%M:%S')}] === {name} ===", flush=True)
+        code = subprocess.call([sys.executable, "-m", BENCHMARKS[name], *rest], cwd=ROOT, env=env)
+        print(f"[{time.strftime('%H:%M:%S')}] === {name}: {'ok' if code == 0 else f'FAILED ({code})'} in "
+              f"{time.perf_counter() - start:.0f} s ===", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
