@@ -341,8 +341,9 @@ def problems_text(sweep: Sweep) -> list[str]:
     for r in sweep.runs:
         if r.status != "completed":
             where = f"job {r.num}" if r.num is not None else str(r.path)
+            error = " ".join((r.error or "").split())  # one line
             lines.append(f"{where} ({' '.join(o for o in r.overrides if _is_swept(o, sweep))}) {r.status}: "
-                         f"{(r.error or '').splitlines()[0] if r.error else ''}")
+                         f"{error[:400] + ' ...' if len(error) > 400 else error}")
     if sweep.missing:
         lines.append(f"missing (not started yet, or lost): job{'s' if len(sweep.missing) > 1 else ''} "
                      f"{', '.join(map(str, sweep.missing))} of {sweep.expected}")

@@ -9,7 +9,8 @@ A run's folder (Hydra's run dir) receives ``.hydra/``, ``metrics.csv``, ``metric
 ``checkpoints/{last,best-...}.ckpt`` and ``model/`` (``save_pretrained``). Everything is validated
 before training starts; a ComposerError prints one message and exits with status 2 (full
 traceback with HYDRA_FULL_ERROR=1). In a sweep a failing run is recorded as failed in its
-metrics.json and the sweep goes on; the task returns ``metrics[optimized_metric]`` to sweepers.
+metrics.json and the sweep goes on; the task returns ``metrics[optimized_metric]`` to sweepers
+(None for a failed run: Optuna records a failed trial; a NaN would stop its sweep).
 """
 
 from __future__ import annotations
@@ -546,7 +547,7 @@ def _task(cfg: Any) -> Optional[float]:
     except (Exception, KeyboardInterrupt) as exc:
         if multirun and not isinstance(exc, KeyboardInterrupt):
             print(f"error in job {hc.job.num} ({' '.join(overrides)}): {exc}", file=sys.stderr)
-            return float("nan")  # recorded in its metrics.json; the sweep goes on
+            return None  # recorded in its metrics.json; the sweep goes on (Optuna: a failed trial)
         if isinstance(exc, ComposerError):
             _fail(exc)
         raise
@@ -561,9 +562,8 @@ def _task(cfg: Any) -> Optional[float]:
     value = record.get(name)
     if isinstance(value, (int, float)):
         return float(value)
-    if multirun:  # e.g. an accuracy on a task without one: the sweeper records a failed trial
+    if multirun:  # e.g. an accuracy on a task without one: Optuna records a failed trial
         log.warning("optimized_metric=%s has no value in this run's metrics.json", name)
-        return float("nan")
     return None
 
 

@@ -19,19 +19,21 @@ from composer.train import check_config, experiments_dir, with_experiments
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments" / "experiment").glob("*.yaml"))
 MIXERS = sorted(p.stem for p in (REPO / "experiments" / "mixer").glob("*.yaml"))
+ARCHS = sorted(p.stem for p in (REPO / "experiments" / "arch").glob("*.yaml"))
 TEXT = "data.path=any.txt"  # text experiments need a file only when they run
 
 
 def compose_experiment(name: str, *overrides: str):
-    needs_text = "data: text" in (REPO / "experiments" / "experiment" / f"{name}.yaml").read_text() or \
-        "override /data: text" in (REPO / "experiments" / "experiment" / f"{name}.yaml").read_text()
+    needs_text = "override /data: text" in (REPO / "experiments" / "experiment" / f"{name}.yaml").read_text()
     return load_config([f"experiment={name}", *([TEXT] if needs_text else []), *overrides],
                        config_dirs=[experiments_dir()])
 
 
 def test_the_experiments_folder_is_the_checkouts():
     assert experiments_dir() == REPO / "experiments"
-    assert {"recall_mixers", "shakespeare_gpt2", "shakespeare_llama", "memory_speed"} <= {p.stem for p in EXPERIMENTS}
+    assert {"recall_mixers", "shakespeare", "memory_speed"} <= {p.stem for p in EXPERIMENTS}
+    groups = {p.name for p in (REPO / "experiments").iterdir() if p.is_dir()}
+    assert groups == {"experiment", "mixer", "arch"}, "a new group folder needs a composition test here"
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
@@ -65,18 +67,21 @@ def test_recall_sliding_window_is_shorter_than_the_key_value_span():
     assert (window - 1) * layers < seq_len - 2 * pairs  # the queries' region is mostly out of reach
 
 
-def test_shakespeare_variants_have_equal_parameters_and_budget():
-    gpt2, llama = compose_experiment("shakespeare_gpt2"), compose_experiment("shakespeare_llama")
-    counts = [compose({**to_container(c.model), "vocab_size": 65}, device="meta").num_parameters()
-              for c in (gpt2, llama)]
+def test_shakespeare_architectures_have_equal_parameters_and_budget():
+    assert ARCHS == ["gpt2", "llama"]
+    gpt2, llama = (compose_experiment("shakespeare", f"arch={a}") for a in ARCHS)
+    models = [compose({**to_container(c.model), "vocab_size": 65}, device="meta") for c in (gpt2, llama)]
+    counts = [m.num_parameters() for m in models]
     assert abs(counts[0] - counts[1]) / counts[0] < 0.01
     for key in ("trainer", "optim", "scheduler", "data"):
         assert to_container(gpt2[key]) == to_container(llama[key]), key
     assert (gpt2.model.num_layers, gpt2.model.hidden_size, gpt2.model.num_heads, gpt2.data.seq_len,
-            gpt2.data.batch_size, gpt2.trainer.max_steps, gpt2.optim.lr, gpt2.model.dropout) == \
-        (4, 128, 4, 64, 12, 2000, 1e-3, 0.0)
-    llama_model = compose({**to_container(llama.model), "vocab_size": 65}, device="meta").config.layer(0)
-    assert (llama_model.norm.type, llama_model.ffn.type, llama_model.position.type) == ("rmsnorm", "swiglu", "rope")
+            gpt2.data.batch_size, gpt2.trainer.max_steps, gpt2.optim.lr, gpt2.model.dropout, gpt2.data.val_fraction) \
+        == (4, 128, 4, 64, 12, 2000, 1e-3, 0.0, 0.1)
+    layers = [m.config.layer(0) for m in models]
+    assert [(x.norm.type, x.ffn.type, x.position.type) for x in layers] == [
+        ("layernorm", "mlp", "learned"), ("rmsnorm", "swiglu", "rope")]
+    assert models[0].config.name == "gpt2" and compose_experiment("shakespeare").model.name == "gpt2"  # default
 
 
 def test_memory_speed_grid_composes():

@@ -111,7 +111,7 @@ def test_running_failed_and_missing_jobs_are_named(tmp_path, capsys):
     md = (sweep / "report.md").read_text()
     assert "3 of 6 runs completed" in md
     assert "- job 3 (model.hidden_size=64 seed=1) unfinished: no metrics.json yet" in md
-    assert "- job 4 (model.hidden_size=64 seed=2) failed: CUDA out of memory\n" in md
+    assert "- job 4 (model.hidden_size=64 seed=2) failed: CUDA out of memory more\n" in md  # on one line
     assert "- missing (not started yet, or lost): job 5 of 6" in md
     assert "job 5" in out and "CUDA out of memory" in out
     table = {r["model.hidden_size"]: r for r in rows(sweep)}
