@@ -34,16 +34,16 @@ def test_every_answer_is_the_value_paired_with_the_queried_key():
         for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
             keys, values = row[0:8:2], row[1:8:2]
             assert len(set(keys)) == 4 and all(1 <= k <= num_keys for k in keys)
-            assert all(num_keys < v < 32 for v in values)
+            assert len(set(values)) == 4 and all(num_keys < v < 32 for v in values)
             pairs = dict(zip(keys, values, strict=True))
             answers = [t for t, y in enumerate(lab) if y != IGNORE]
             assert len(answers) == 3 and all(t >= 9 for t in answers)  # after the pairs and their own key
             asked = [row[t - 1] for t in answers]
             assert len(set(asked)) == 3 and set(asked) <= set(keys)
             for t in answers:
-                assert lab[t] == row[t] == pairs[row[t - 1]]
-            used = {t for a in answers for t in (a - 1, a)}
-            assert all(row[t] == 0 for t in range(8, 24) if t not in used)  # filler between queries
+                assert lab[t] == pairs[row[t - 1]] and row[t] == 0  # the answer is never shown
+            asked_at = {a - 1 for a in answers}
+            assert all(row[t] == 0 for t in range(8, 24) if t not in asked_at)  # filler besides the keys
 
 
 def test_query_order_and_places_vary():

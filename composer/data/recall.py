@@ -1,17 +1,20 @@
 """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"), generated on the fly.
 
-A sequence shows ``num_pairs`` key-value pairs, then asks for ``num_queries`` of the keys again
-(distinct, in random order) at random places in the rest of the sequence. After each queried key
-comes its value, and only those answer positions carry a label, so the loss and accuracy measure
-recall alone. Token 0 fills the gaps between queries; keys and values come from disjoint ranges:
+A sequence shows ``num_pairs`` key-value pairs (distinct keys, distinct values), then asks for
+``num_queries`` of the keys again (distinct, in random order) at random places in the rest of the
+sequence. The answer to a query is never shown: the token after a queried key is filler, and its
+label is the value paired with that key. Only those answer positions carry a label, so the loss and
+accuracy measure recall alone (as in Zoology, answers do not leak into later positions, so a model
+cannot score by elimination among the values it has seen answered). Token 0 is the filler; keys
+and values come from disjoint ranges:
 
-    ids: 0 = filler | 1 .. K = keys | K + 1 .. V - 1 = values          (K = (V - 1) // 2)
-    seq: k1 v1 k2 v2 ... kP vP | 0 0 k3 v3 0 k1 v1 0 0 0 k2 v2 ...      (length seq_len)
-    labels: -100 everywhere except at each answer (v3, v1, v2 above), where label = the value
+    ids:    0 = filler | 1 .. K = keys | K + 1 .. V - 1 = values          (K = (V - 1) // 2)
+    input:  k1 v1 k2 v2 ... kP vP | 0 0 k3 0 0 k1 0 0 0 0 k2 0 ...        (length seq_len)
+    labels: -100 everywhere except right after each queried key:  v3 after k3, v1 after k1, ...
 
 Labels are aligned with ``input_ids`` (the model shifts them): the prediction made at a queried
-key is scored against the value that follows it. The validation set is a fixed number of
-examples from ``val_seed``, the same for every training seed.
+key is scored against its value. The validation set is a fixed number of examples from
+``val_seed``, the same for every training seed.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def recall_examples(rng: np.random.Generator, n: int, vocab_size: int, num_pairs
     num_values = vocab_size - 1 - num_keys
     p, q = num_pairs, num_queries
     keys = rng.random((n, num_keys)).argsort(axis=1)[:, :p] + 1  # [n, P] distinct keys in 1..K
-    values = rng.integers(num_keys + 1, num_keys + 1 + num_values, size=(n, p))  # [n, P]
+    values = rng.random((n, num_values)).argsort(axis=1)[:, :p] + num_keys + 1  # [n, P] distinct values
     asked = rng.random((n, p)).argsort(axis=1)[:, :q]  # [n, Q] which pairs are queried, in query order
-    slots = (seq_len - 2 * p) // 2  # places for a (key, value) query after the pairs
+    slots = (seq_len - 2 * p) // 2  # places for a (key, answer) query after the pairs
     where = np.sort(rng.random((n, slots)).argsort(axis=1)[:, :q], axis=1)  # [n, Q] sorted slot numbers
     rows = np.arange(n)[:, None]
 
@@ -46,8 +49,7 @@ def recall_examples(rng: np.random.Generator, n: int, vocab_size: int, num_pairs
     ids[:, 0 : 2 * p : 2] = keys
     ids[:, 1 : 2 * p : 2] = values
     key_pos = 2 * p + 2 * where  # [n, Q]
-    ids[rows, key_pos] = keys[rows, asked]
-    ids[rows, key_pos + 1] = values[rows, asked]
+    ids[rows, key_pos] = keys[rows, asked]  # the answer position after it stays filler
     labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
     labels[rows, key_pos + 1] = values[rows, asked]
     return torch.from_numpy(ids), torch.from_numpy(labels)
