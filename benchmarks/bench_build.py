@@ -46,7 +46,7 @@ def read_all(state: Any) -> float:
     """Sum every tensor (forces the bytes to be read from the file / mapping)."""
     tensors = state.values() if isinstance(state, dict) else state.state_dict().values()
     unique = {t.data_ptr(): t for t in tensors}.values()  # a tied weight is read once
-    return float(sum(t.float().sum() for t in unique))
+    return sum(float(t.sum(dtype=torch.float64)) for t in unique)
 
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         fns = {"from_pretrained": lambda: read_all(ComposedModel.from_pretrained(tmp, device=dev)),
                "safetensors_load_file": lambda: read_all(load_file(str(file), device=dev))}
         sums = {n: fn() for n, fn in fns.items()}
-        if sums["from_pretrained"] != sums["safetensors_load_file"]:
+        if abs(sums["from_pretrained"] - sums["safetensors_load_file"]) > 1e-9 * max(1.0, abs(sums["from_pretrained"])):
             raise AssertionError(f"the two loads read different data: {sums}")
         timings = harness.interleave(fns, rounds * 2, device, warmup=1, log=log)
     summary = harness.summary(timings, size / 2**20, device, unit="MiB")

@@ -24,6 +24,7 @@ Shapes: B batch, T prompt length (padded), N new tokens, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 import weakref
@@ -300,10 +301,16 @@ class _Decoder:
         return self.out[:, : self.length]
 
     def steps(self) -> Iterator[Tensor]:
+        static = self.compile_mode is not None
+        layout = getattr(self.model.head, "decode_layout", None)  # the LM head's CPU decoding layout
+        with layout() if layout is not None and not static else contextlib.nullcontext():
+            yield from self._steps(static)
+
+    def _steps(self, static: bool) -> Iterator[Tensor]:
         model, s, ids, mask = self.model, self.settings, self.prompt, self.mask
         b, t = ids.shape
         vocab = model.config.vocab_size
-        full_mask = None  # [B, T + N] bool; new tokens are always real
+        full_mask = position = None  # [B, T + N] bool (new tokens are always real); [B, 1] next position
         if mask is not None:
             full_mask = torch.ones(b, t + self.max_new, dtype=torch.bool, device=ids.device)
             full_mask[:, :t] = mask
@@ -313,12 +320,12 @@ class _Decoder:
             real = torch.ones_like(ids, dtype=torch.float) if mask is None else mask.float()
             seen = torch.zeros(b, vocab, device=ids.device).scatter_add_(1, ids, real) > 0
         finished = torch.zeros(b, dtype=torch.bool, device=ids.device) if self.eos is not None else None
-        static = self.compile_mode is not None
         if static:  # positions as tensors; the cache keeps the prompt's padding
             cache = static_cache(model, b, t + self.max_new)
             step_fn = compiled_step(self.compile_mode)
             graphs = "cudagraphs" in self.compile_mode or self.compile_mode == "reduce-overhead"
-            position = torch.full((1, 1), t, device=ids.device) if mask is None else mask.sum(1, keepdim=True)
+            if position is None:
+                position = torch.full((1, 1), t, device=ids.device)
         else:
             cache = model.allocate_cache(b, t + self.max_new) if self.use_cache else None
 

@@ -276,7 +276,7 @@ class ComposedModel(nn.Module):
         if torch.compiler.is_compiling():
             return
         if input_ids.device.type == "cpu" or self.config.check_inputs_on_accelerator:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one host read
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ModelError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
