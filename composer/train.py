@@ -529,6 +529,21 @@ def _fail(exc: BaseException) -> None:
     sys.exit(2)
 
 
+def check_launcher(trainer: Any, launcher: Any) -> None:
+    """Lightning's DDP launcher starts ranks > 0 by re-running this process's command: in a job of
+    a worker-process launcher (joblib, submitit_local) that command is the worker's, not
+    composer-train's. ConfigError for that combination (SLURM starts every rank itself: fine)."""
+    strategy = str(trainer.get("strategy", ""))
+    devices = trainer.get("devices", 1)
+    one = devices in (1, "1") or (isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) == 1)
+    target = str((launcher or {}).get("_target_", ""))
+    if strategy.startswith("ddp") and not one and any(k in target for k in ("joblib", "LocalLauncher")):
+        raise ConfigError([Problem("hydra.launcher", f"{target.rsplit('.', 1)[-1]} runs each job in a worker process, "
+                                   f"which Lightning cannot re-run for trainer.strategy={strategy} on "
+                                   f"trainer.devices={devices}", "drop hydra/launcher (the default launcher runs "
+                                   "DDP jobs one after another), use hydra/launcher=slurm, or trainer.devices=1")])
+
+
 def _task(cfg: Any) -> Optional[float]:
     """The Hydra task: one run in Hydra's run dir (or the sweep job's dir)."""
     from hydra.core.hydra_config import HydraConfig
@@ -543,10 +558,18 @@ def _task(cfg: Any) -> Optional[float]:
     if multirun and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
         sys.argv = _single_run_argv(hc)
     try:
+        if multirun:
+            check_launcher(cfg.trainer, hc.launcher)
         record = train(cfg, hc.runtime.output_dir, overrides)
     except (Exception, KeyboardInterrupt) as exc:
         if multirun and not isinstance(exc, KeyboardInterrupt):
+            from .summary import write_metrics
+
             print(f"error in job {hc.job.num} ({' '.join(overrides)}): {exc}", file=sys.stderr)
+            if not (Path(hc.runtime.output_dir) / "metrics.json").exists():  # failed before train() began
+                write_metrics(Path(hc.runtime.output_dir), {"status": "failed", "error": str(exc),
+                                                            "error_type": type(exc).__name__,
+                                                            "overrides": overrides, "seed": cfg.get("seed")})
             return None  # recorded in its metrics.json; the sweep goes on (Optuna: a failed trial)
         if isinstance(exc, ComposerError):
             _fail(exc)

@@ -15,7 +15,7 @@ from composer.cli import run
 from composer.report import main_ as report_main
 from composer.train import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*declarative_base:DeprecationWarning")]  # optuna
 QUIET = [*TINY, "callbacks.summary=false", "callbacks.checkpoint.enabled=false"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -226,3 +226,23 @@ def test_slurm_launcher_config_composes_into_an_sbatch_script(tmp_path, monkeypa
     for line in ("--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=240",
                  "--cpus-per-task=8"):
         assert f"#SBATCH {line}\n" in script, line
+
+
+def test_ddp_jobs_need_a_launcher_whose_command_lightning_can_rerun():
+    from omegaconf import OmegaConf
+
+    from composer.errors import ConfigError
+    from composer.train import check_launcher
+
+    ddp2 = OmegaConf.create({"strategy": "ddp", "devices": 2})
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"}
+    local = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"}
+    for launcher in (joblib, local):
+        with pytest.raises(ConfigError, match="hydra.launcher") as info:
+            check_launcher(ddp2, OmegaConf.create(launcher))
+        assert "trainer.devices=1" in str(info.value)
+    check_launcher(ddp2, OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}))
+    check_launcher(ddp2, OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                                                         "SlurmLauncher"}))  # SLURM starts every rank itself
+    check_launcher(OmegaConf.create({"strategy": "ddp", "devices": [3]}), OmegaConf.create(joblib))
+    check_launcher(OmegaConf.create({"strategy": "auto", "devices": 2}), OmegaConf.create(local))
