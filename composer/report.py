@@ -39,6 +39,8 @@ from .errors import ConfigError, Problem
 METRICS = (("val_loss", "final val_loss"), ("best_val_loss", "best val_loss"),
            ("val_accuracy", "final val_accuracy"), ("best_val_accuracy", "best val_accuracy"))
 MAXIMIZED = ("val_accuracy", "best_val_accuracy", "tokens_per_s")
+# (key, column title): peak memory, shown when some run recorded it; rss_growth_mb = peak - start
+MEMORY = (("peak_rss_mb", "peak RSS MiB"), ("rss_growth_mb", "RSS growth MiB"), ("peak_gpu_mb", "peak GPU MiB"))
 SKIP_DIRS = {".hydra", ".submitit", "checkpoints", "model", "tensorboard", "__pycache__"}
 
 
@@ -127,7 +129,7 @@ def read_run(folder: Path) -> Run:
             record = {}
     overrides = record.get("overrides") or _yaml(folder / ".hydra" / "overrides.yaml") or []
     hydra_cfg = _yaml(folder / ".hydra" / "hydra.yaml") or {}
-    num = (hydra_cfg.get("hydra") or {}).get("job", {}).get("num")
+    num = ((hydra_cfg.get("hydra") or {}).get("job") or {}).get("num")
     if num is None and folder.name.isdigit():
         num = int(folder.name)
     config = _yaml(folder / ".hydra" / "config.yaml") or {}
@@ -203,6 +205,10 @@ def read_sweep(path: str | Path, metric: Optional[str] = None) -> Sweep:
                           header="invalid composer-report argument")
     runs = sorted((read_run(f) for f in _job_dirs(sweep)),
                   key=lambda r: (r.num is None, r.num if r.num is not None else 0, str(r.path)))
+    if not runs and ((sweep / ".hydra").is_dir() or (sweep / "metrics.json").is_file()):
+        raise ConfigError([Problem("sweep_dir", f"{sweep} is a single run's folder, not a sweep",
+                                   "pass the folder of a composer-train -m sweep (multirun/<date>/<time>); a single "
+                                   "run's summary is its metrics.json")], header="invalid composer-report argument")
     if not runs:
         raise ConfigError([Problem("sweep_dir", f"{sweep} holds no runs (no job folder with .hydra/ or "
                                    "metrics.json)", "pass the folder composer-train -m wrote (multirun/<date>/<time>)"
@@ -274,14 +280,22 @@ def build_table(sweep: Sweep) -> list[Row]:
     for key, runs in groups.items():
         done = [r for r in runs if r.status == "completed"]
         stats = {}
-        for name in (*(m for m, _ in METRICS), "params", "tokens_per_s", "wall_s", sweep.metric):
-            s = _stats([r.metrics.get(name) for r in done])
+        for name in (*(m for m, _ in METRICS), "params", "tokens_per_s", "wall_s", *(m for m, _ in MEMORY),
+                     sweep.metric):
+            s = _stats([_value(r.metrics, name) for r in done])
             if s is not None:
                 stats[name] = s
         rows.append(Row(dict(zip(sweep.swept, key, strict=True)), runs, stats))
     sign = -1.0 if sweep.maximize else 1.0
     rows.sort(key=lambda r: (sweep.metric not in r.stats, sign * r.stats.get(sweep.metric, (0.0, None))[0]))
     return rows
+
+
+def _value(record: dict, name: str) -> Any:
+    if name == "rss_growth_mb":
+        peak, start = record.get("peak_rss_mb"), record.get("start_rss_mb")
+        return peak - start if isinstance(peak, (int, float)) and isinstance(start, (int, float)) else None
+    return record.get(name)
 
 
 def _fmt(stat: Optional[tuple[float, Optional[float]]], digits: int = 4) -> str:
@@ -302,16 +316,17 @@ def table_columns(sweep: Sweep, rows: list[Row]) -> list[tuple[str, str]]:
 def table_text(sweep: Sweep, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the human-readable table (report.md and the terminal)."""
     metrics = table_columns(sweep, rows)
+    memory = [(k, t) for k, t in MEMORY if any(k in r.stats for r in rows)]
     header = [*sweep.swept, "seeds", "params", *(t + (" *" if k == sweep.metric else "") for k, t in metrics),
-              "tokens/s", "wall s"]  # tokens/s and wall time: means
+              "tokens/s", "wall s", *(t for _, t in memory)]  # throughput, time and memory: means
     cells = []
     for r in rows:
         seeds = f"{len(r.done)}/{len(r.runs)}"
         params = r.stats.get("params")
-        speed, wall = r.stats.get("tokens_per_s"), r.stats.get("wall_s")  # means (the CSV has the stds)
+        means = [r.stats[k][0] if k in r.stats else None for k in ("tokens_per_s", "wall_s", *(k for k, _ in memory))]
         cells.append([*(_short(v) for v in r.values.values()), seeds, f"{params[0]:,.0f}" if params else "-",
-                      *(_fmt(r.stats.get(k)) for k, _ in metrics), f"{speed[0]:,.0f}" if speed else "-",
-                      f"{wall[0]:.1f}" if wall else "-"])
+                      *(_fmt(r.stats.get(k)) for k, _ in metrics),
+                      *("-" if m is None else f"{m:,.0f}" if i != 1 else f"{m:.1f}" for i, m in enumerate(means))])
     return header, cells
 
 
@@ -319,7 +334,7 @@ def write_csv(sweep: Sweep, rows: list[Row], path: Path) -> None:
     from .weights import atomic_write
 
     metrics = [k for k, _ in table_columns(sweep, rows)]
-    stats = [*metrics, "tokens_per_s", "wall_s"]
+    stats = [*metrics, "tokens_per_s", "wall_s", *(k for k, _ in MEMORY if any(k in r.stats for r in rows))]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow([*sweep.swept, "runs", "completed", "failed", "seeds", "params",

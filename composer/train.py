@@ -340,15 +340,26 @@ def _train(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, star
         torch.set_num_threads(before)
 
 
-def _reset_peak_memory() -> None:
+def _proc_status_mb(field: str) -> Optional[float]:
+    """A memory line of /proc/self/status (Linux) in MiB; None elsewhere."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _reset_peak_memory() -> Optional[float]:
     """Start this run's peak-memory count (a sweep runs many jobs in one process): the CUDA
-    allocator's peak and, on Linux, the process's peak resident set (VmHWM, reset via clear_refs)."""
+    allocator's peak and, on Linux, the process's peak resident set (VmHWM, reset via clear_refs).
+    Returns the resident set now (MiB; None off Linux): what the run's peak is measured from."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     with contextlib.suppress(OSError):  # not Linux (or not allowed): peak_rss_mb is the process's peak so far
         Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_mb("VmRSS")
 
 
 def _peak_memory() -> dict[str, Optional[float]]:
@@ -357,11 +368,8 @@ def _peak_memory() -> dict[str, Optional[float]]:
 
     import torch
 
-    rss = None
-    try:
-        status = Path("/proc/self/status").read_text()
-        rss = next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError, IndexError):
+    rss = _proc_status_mb("VmHWM")
+    if rss is None:
         scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() \
@@ -373,7 +381,7 @@ def _run(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, start:
     from .summary import print_summary, write_metrics
     from .training import build_trainer
 
-    _reset_peak_memory()
+    record["start_rss_mb"] = _reset_peak_memory()
     prepared = prepare(cfg, overrides)
     model, data, lit = prepared.model, prepared.data, prepared.lit
     record.update(model=model.config.name or "custom", params=model.num_parameters(), task=data.task,

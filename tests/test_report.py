@@ -123,6 +123,18 @@ def test_running_failed_and_missing_jobs_are_named(tmp_path, capsys):
     assert (sweep / "report.png").read_bytes()[:8] == PNG
 
 
+def test_peak_memory_columns_appear_when_runs_recorded_them(tmp_path, capsys):
+    for num, (seed, peak) in enumerate(((1, 900.0), (2, 1100.0))):
+        make_run(tmp_path, num, ["trainer.precision=bf16-mixed", f"seed={seed}"],
+                 {"best_val_loss": 1.0, "peak_rss_mb": peak, "start_rss_mb": 600.0, "peak_gpu_mb": None})
+    code, out, _ = report([str(tmp_path)], capsys)
+    assert code == 0 and "peak RSS MiB" in out and "peak GPU MiB" not in out  # no run used a GPU
+    row = rows(tmp_path)[0]
+    assert float(row["peak_rss_mb_mean"]) == pytest.approx(1000.0)
+    assert float(row["rss_growth_mb_mean"]) == pytest.approx(400.0)  # peak - start, per run
+    assert "| 1,000 | 400 |" in (tmp_path / "report.md").read_text()
+
+
 def test_curves_come_from_metrics_csv_validation_rows(tmp_path):
     run = make_run(tmp_path, 0, ["seed=1"], curve=[(50, 2.0, 0.3), (100, 1.5, 0.6)])
     with open(run / "metrics.csv", "a") as f:
@@ -158,7 +170,9 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert code == 2 and "is not a folder" in err and "multirun/<date>/<time>" in err
     code, _, err = report([str(tmp_path)], capsys)
     assert code == 2 and "holds no runs" in err
-    make_run(tmp_path, 0, ["seed=1"], {"best_val_loss": 1.0})
+    single = make_run(tmp_path, 0, ["seed=1"], {"best_val_loss": 1.0})
+    code, _, err = report([str(single)], capsys)
+    assert code == 2 and "single run's folder, not a sweep" in err
     code, _, err = report([str(tmp_path), "--metric", "bleu"], capsys)
     assert code == 2 and "--metric" in err and "best_val_loss" in err
 
