@@ -33,7 +33,8 @@ from composer.callbacks import LearningRate, NanGuard, Throughput, ValidateAtEnd
 from composer.lit import LitComposer
 from composer.optim import build_optimizer, build_scheduler
 
-OPTIM = {"name": "adamw", "lr": 3e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "fused": "auto"}
+# fused AdamW on every device (composer's choice on CUDA): the foreach kernel reads its CPU step counters with .item()
+OPTIM = {"name": "adamw", "lr": 3e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "fused": True}
 SCHEDULE = {"name": "cosine", "warmup_steps": 2, "min_lr": 3e-5}
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist")
 
@@ -73,7 +74,7 @@ def count_host_reads(counter: dict[str, int]) -> Iterator[None]:
 
 class StepClock(L.Callback):
     """Times steps ``skip``..end (synchronised at both ends) and counts host reads inside the steps that do
-    not log (``log_every_n_steps`` apart)."""
+    not log (``log_every_n_steps`` apart; the last step logs too). Put it last in the callback list."""
 
     def __init__(self, skip: int, device: torch.device):
         self.skip, self.device = skip, device
@@ -81,6 +82,8 @@ class StepClock(L.Callback):
         self.end: Optional[tuple[float, float]] = None
         self.reads: dict[str, int] = {}
         self.sync_warnings = 0
+        self.quiet_steps = 0
+        self._batch: dict[str, int] = {}
         self._ctx: Optional[contextlib.ExitStack] = None
         self._caught: list = []
 
@@ -88,21 +91,27 @@ class StepClock(L.Callback):
         if batch_idx == self.skip:
             harness.sync(self.device)
             self.start = (time.perf_counter(), time.process_time())
-        if batch_idx >= self.skip and not trainer._logger_connector.should_update_logs:  # composer's own test
+        if batch_idx >= self.skip:
+            self._batch = {}
             self._ctx = contextlib.ExitStack()
-            self._ctx.enter_context(count_host_reads(self.reads))
+            self._ctx.enter_context(count_host_reads(self._batch))
             if self.device.type == "cuda":
                 self._caught = self._ctx.enter_context(warnings.catch_warnings(record=True))
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._ctx is not None:
-            if self.device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
-                self.sync_warnings += sum("synchroniz" in str(w.message) for w in self._caught)
-            self._ctx.close()
-            self._ctx = None
+        if self._ctx is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        self._ctx.close()
+        self._ctx = None
+        if not trainer._logger_connector.should_update_logs:  # composer's own logging test: a quiet step
+            self.quiet_steps += 1
+            for k, v in self._batch.items():
+                self.reads[k] = self.reads.get(k, 0) + v
+            self.sync_warnings += sum("synchroniz" in str(w.message) for w in self._caught)
 
     def on_train_end(self, trainer, pl_module) -> None:
         harness.sync(self.device)
@@ -164,7 +173,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     per_step: dict[str, dict[str, list[float]]] = {"lightning": {"wall": [], "cpu": []},
                                                     "bare": {"wall": [], "cpu": []}}
     reads: dict[str, int] = {}
-    sync_warnings = 0
+    sync_warnings = quiet = 0
     with tempfile.TemporaryDirectory() as root:
         for rep in range(reps):
             clock = lightning_run(model, batch, steps, skip, device, precision, root)
@@ -174,6 +183,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for k, v in clock.reads.items():
                 reads[k] = reads.get(k, 0) + v
             sync_warnings += clock.sync_warnings
+            quiet += clock.quiet_steps
             wall, cpu = bare_run(model, batch, steps, skip, device, precision)
             per_step["bare"]["wall"].append(wall / n)
             per_step["bare"]["cpu"].append(cpu / n)
@@ -185,14 +195,18 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     log(f"lightning runs at x{ratio:.3f} the bare loop's speed; host reads inside non-logging steps: {reads or 0}"
         + (f"; sync warnings: {sync_warnings}" if cuda else ""))
     what = f"Lightning loop vs bare loop ({shape.describe()}, {precision}; {clock_name} clock)"
+    # on CPUs the model checks the token-id range each step (one read; accelerators skip it)
+    allowed = 0.0 if cuda else 1.0
     rows = [harness.row(env, what, "Lightning / bare loop speed", ratio, 0.95),
-            harness.row(env, what, "host reads (.item/float/int/bool/tolist) per non-logging step",
-                        sum(reads.values()) / max(1, reps * (steps - skip)), 0.0, higher_is_better=False)]
+            harness.row(env, what, "host reads (.item/float/int/bool/tolist) per non-logging step"
+                        + ("" if cuda else " (CPU: 1 = the id-range check)"),
+                        sum(reads.values()) / max(1, quiet), allowed, higher_is_better=False)]
     if cuda:
         rows.append(harness.row(env, what, "CUDA sync warnings (set_sync_debug_mode) in non-logging steps",
                                 sync_warnings, 0.0, higher_is_better=False, fmt="{:.0f}"))
     result = {"env": env, "shape": shape.__dict__, "precision": precision, "per_step_s": per_step,
-              "medians_s": med, "ratio": ratio, "host_reads": reads, "sync_warnings": sync_warnings, "rows": rows}
+              "medians_s": med, "ratio": ratio, "host_reads": reads, "quiet_steps": quiet,
+              "sync_warnings": sync_warnings, "rows": rows}
     harness.save("lightning" + ("_quick" if args.quick else ""), result)
     if not args.no_record and not args.quick:
         harness.append_rows(rows)

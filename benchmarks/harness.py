@@ -150,11 +150,13 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key in self._seen or storage.nbytes() == 0:
+                if key in self._seen or key in inputs or storage.nbytes() == 0:  # views and in-place results
                     continue
                 self._seen[key] = storage.nbytes()
                 self.live += storage.nbytes()
@@ -246,15 +248,18 @@ def logger(name: str) -> Callable[[str], None]:
     return log
 
 
-def cli_args(description: str, argv: Optional[list[str]] = None):
-    """The options every benchmark script takes."""
+def cli_args(description: str, argv: Optional[list[str]] = None, extra: list[tuple[str, dict]] = ()):
+    """The options every benchmark script takes (plus ``extra`` (flag, argparse keywords) pairs)."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
+    for flag, kwargs in extra:
+        p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds (a smoke test)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    p.add_argument("--no-hf-compile", action="store_true", help="skip transformers' compiled contenders")
     p.add_argument("--no-record", action="store_true", help="do not append rows to RESULTS.md")
     return p.parse_args(argv)

@@ -91,9 +91,26 @@ def build_hf(composed: nn.Module) -> nn.Module:
     return hf.to(device).train()
 
 
-def contenders(shape: Shape, device: torch.device, seed: int = 0) -> tuple[nn.Module, GPT, nn.Module]:
+def build_padded(composed: nn.Module, multiple: int = 64) -> nn.Module:
+    """The composed model with its vocabulary padded to ``multiple`` rows (masked logits), same weights."""
+    from composer.model import compose
+
+    padded = compose(composed.config.replace(pad_vocab_to_multiple_of=multiple), device=composed.embed.weight.device)
+    with torch.no_grad():
+        for p, q in zip(padded.state_dict().values(), composed.state_dict().values(), strict=True):
+            p.zero_()
+            p[tuple(slice(0, n) for n in q.shape)] = q  # padding rows stay zero
+    return padded
+
+
+BUILDERS = {"handwritten": build_handwritten, "transformers": build_hf, "composed_pad64": build_padded}
+
+
+def contenders(shape: Shape, device: torch.device, names: tuple[str, ...] = ("composed", "handwritten", "transformers"),
+               seed: int = 0) -> dict[str, nn.Module]:
+    """The named contenders with the composed model's weights (``composed`` is always built first)."""
     composed = build_composed(shape, device, seed)
-    return composed, build_handwritten(composed), build_hf(composed)
+    return {name: composed if name == "composed" else BUILDERS[name](composed) for name in names}
 
 
 def random_batch(shape: Shape, device: torch.device, seed: int = 0) -> Tensor:

@@ -151,6 +151,8 @@ def build_mask(q_pos: Tensor, k_pos: Tensor, key_valid: Optional[Tensor], causal
 @ATTENTION.register("gqa", config=GQAConfig)
 @ATTENTION.register("sliding_window", config=SlidingWindowConfig)
 class SelfAttention(nn.Module):
+    supports_static_cache = True  # handles KVCache.make_static() caches (AttentionInputs.cache_position)
+
     def __init__(self, cfg: AttentionConfig, ctx: BuildContext):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads(), cfg.head_dim

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from components.linear_cross_entropy import linear_cross_entropy
 from components.protocols import BuildContext, ComponentConfig
 from composer.registry import HEAD
 from composer.schema import inherit, option
@@ -91,20 +91,13 @@ class LMHead(nn.Module):
                                ignore_index=IGNORE_INDEX)
 
     def chunked_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        """The same loss as ``loss(self(hidden), labels)`` computed ``loss_chunk_size`` tokens at a
-        time from the final hidden states [B, T, C]: each chunk's logits are recomputed in the
-        backward pass, so at most one chunk of logits [chunk, V] (and its gradient) is alive."""
+        """The same loss as ``loss(self(hidden), labels)`` from the final hidden states [B, T, C],
+        ``loss_chunk_size`` tokens at a time (components.linear_cross_entropy): at most one chunk of
+        logits [chunk, V] is alive, and nothing is recomputed."""
         targets = next_token_targets(labels).reshape(-1)  # [B T]
         flat = hidden.reshape(-1, hidden.shape[-1])  # [B T, C]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, flat.shape[0], self.loss_chunk_size):
-            end = start + self.loss_chunk_size
-            total = total + checkpoint(self._loss_sum, flat[start:end], targets[start:end], use_reentrant=False)
-        return total / (targets != IGNORE_INDEX).sum()  # NaN when nothing is labelled, as F.cross_entropy
-
-    def _loss_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:  # [N, C], [N] -> summed cross-entropy
-        logits = self(hidden).float()  # [N, V]
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return linear_cross_entropy(flat, self.proj.weight, self.proj.bias, targets, self.loss_chunk_size,
+                                    softcap=self.softcap, vocab=self.vocab_size)
 
 
 def next_token_targets(labels: Tensor) -> Tensor:

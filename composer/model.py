@@ -175,10 +175,11 @@ class ComposedModel(nn.Module):
         caches = [layer.attn.make_cache(batch_size, capacity, dtype or ref.dtype, device or ref.device)
                   for layer in self.layers]
         if static:
-            for i, cache in enumerate(caches):
-                if not isinstance(cache, KVCache):
-                    raise ModelError(f"layer {i}'s attention makes a {type(cache).__name__}, which has no static "
-                                     "mode; decode without compile (static caches need components.kv_cache.KVCache)")
+            for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
+                if not (getattr(layer.attn, "supports_static_cache", False) and isinstance(cache, KVCache)):
+                    raise ModelError(f"layer {i}'s attention ({type(layer.attn).__name__}) does not support a static "
+                                     "KV cache; generate without compile=..., or give the attention "
+                                     "supports_static_cache = True and handle AttentionInputs.cache_position")
                 cache.make_static()
         return Cache(caches, static=static)
 

@@ -14,7 +14,13 @@ Conventions (stated so the figures can be checked):
 - Memory: weights, gradients and AdamW state by precision (mixed precision keeps float32
   master weights, gradients and states); activations are the tensors autograd saves, counted
   per component from the shapes in this code base (SDPA with a fused kernel, so no T x T
-  scores are stored; the math path on CPUs stores them, see ``fused_attention``).
+  scores are stored; the math path on CPUs stores them, see ``fused_attention``). The peak of
+  a step is weights + AdamW state + the larger of two moments: the start of the backward pass
+  (every activation, plus the logits' gradients) and its end (every gradient, plus the tied
+  embedding's two partial gradients before they are summed). Gradients are freed between steps
+  (``zero_grad(set_to_none=True)``, Lightning's default); a fused AdamW adds nothing (the
+  foreach kernel on CPUs adds one parameter-sized buffer). Calibrated against measured peaks
+  (benchmarks/bench_checkpointing.py: within a few percent on CPUs).
 """
 
 from __future__ import annotations
@@ -53,11 +59,14 @@ class MemoryEstimate:
     activations: int  # with the checkpointing asked for
     activations_no_checkpointing: int
     activations_every_layer: int
-    transient: int  # largest short-lived buffer (the logits' gradient)
+    transient: int  # short-lived buffers at the start of the backward pass (the logits' gradients)
+    gradient_transient: int = 0  # short-lived at its end (a tied embedding's partial gradients)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.transient
+        """The estimated peak of one training step."""
+        return self.weights + self.optimizer + max(self.activations + self.transient,
+                                                   self.gradients + self.gradient_transient)
 
 
 @dataclass
@@ -222,8 +231,17 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
     tokens = batch_size * seq_len
     c, v = cfg.hidden_size, cfg.padded_vocab_size
     head_bytes = r * c + a * c  # final norm input, head input
+    transient = 0
+    chunk = getattr(cfg.head, "loss_chunk_size", None)
     if cfg.head.type == "lm":
-        head_bytes += a * v + 4 * v + 4 * v  # logits, float32 copy, log-softmax output
+        copy = 0 if a == 4 else 4  # the float32 copy of 16-bit logits (.float() of float32 is no copy)
+        if chunk:  # only the head's input is kept; one chunk of logits lives at a time
+            chunk = min(chunk, tokens)
+            # logits, copy, softmax and gradient of one chunk; the head's gradients, made in the forward pass
+            transient = chunk * v * (a + copy + 4 + 8) + (v + tokens) * c * 4
+        else:
+            head_bytes += 4 * v  # the log-softmax output (the logits and their float32 copy are not kept)
+            transient = 8 * v * tokens  # the gradients of the log-softmax output and of the logits
     model_bytes = r * c + head_bytes  # embedding output + head
     full, recompute = 0, 0.0
     per_layer = []
@@ -261,11 +279,14 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
         activations=int(act),
         activations_no_checkpointing=int(act_none),
         activations_every_layer=int(act_every),
-        transient=4 * v * tokens if cfg.head.type == "lm" else 0,
+        transient=transient,
+        gradient_transient=2 * v * c * gb if model.tied else 0,
     )
     notes = []
     if padding:
         notes.append(f"vocabulary padded to {cfg.padded_vocab_size} (+{padding:,} parameters, included above)")
+    if chunk:
+        notes.append(f"chunked loss: logits of {chunk} tokens at a time (head.loss_chunk_size)")
     if not fused_attention:
         notes.append("attention without a fused kernel: T x T probabilities are stored")
     return Plan(cfg.name or "model", batch_size, seq_len, precision, cfg.gradient_checkpointing, rows, total,
@@ -330,8 +351,8 @@ def render(report: Plan, console: Any = None) -> None:
         ("memory: activations (this setting)", human(m.activations, "B")),
         ("memory: activations, no checkpointing", human(m.activations_no_checkpointing, "B")),
         ("memory: activations, every layer checkpointed", human(m.activations_every_layer, "B")),
-        ("memory: transient (logits gradient)", human(m.transient, "B")),
-        ("memory: training total (estimate)", human(m.total, "B")),
+        ("memory: transient (logits gradients)", human(m.transient, "B")),
+        ("memory: training peak (estimate)", human(m.total, "B")),
     ]
     if report.params_vocab_padding:
         rows.insert(4, ("  vocabulary padding", f"{report.params_vocab_padding:,}"))
