@@ -96,10 +96,11 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = harness.setup_device(args.device, args.threads)
     env = harness.environment(device)
     shape = Shape.for_device(device, args.quick)
-    rounds = args.rounds or (1 if args.quick else 3 if device.type == "cpu" else 5)
+    rounds = args.rounds or (1 if args.quick else 3)
     log(f"{shape.describe()} on {env['device']}, {rounds} rounds")
-    result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "precisions": {}}
-    rows = []
+    rows: list[dict[str, str]] = []
+    result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "precisions": {}, "rows": rows}
+    out = "checkpointing" + ("_quick" if args.quick else "")
     default = "32-true,bf16-mixed" if device.type == "cuda" or args.quick else "32-true"
     for precision in (args.precisions or default).split(","):
         res = run_precision(shape, device, precision, rounds, log)
@@ -124,8 +125,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                 cost / hand, 0.98))
         log(f"{precision}: every_layer memory x{every['measured_bytes'] / none['measured_bytes']:.3f}, speed "
             f"x{cost:.3f} (hand-written x{hand:.3f})")
-    result["rows"] = rows
-    harness.save("checkpointing" + ("_quick" if args.quick else ""), result)
+        harness.save(out, result)  # after each precision: a time limit keeps what was measured
+    harness.save(out, result)
     if not args.no_record and not args.quick:
         harness.append_rows(rows)
     return result

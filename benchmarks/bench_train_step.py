@@ -75,7 +75,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = harness.setup_device(args.device, args.threads)
     env = harness.environment(device)
     shape = Shape.for_device(device, args.quick)
-    rounds = args.rounds or (3 if args.quick else 10 if device.type == "cpu" else 20)
+    rounds = args.rounds or (3 if args.quick else 10)
     names = tuple(dict.fromkeys(("composed", "handwritten", *args.contenders)))
     log(f"{shape.describe()} on {env['device']}, {rounds} rounds, contenders {', '.join(names)}")
     models = contenders(shape, device, names)
@@ -89,8 +89,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not spread <= tolerance:
         raise AssertionError(f"the contenders' losses differ by {spread:.3g}: {first}")
 
-    result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "first_losses": first, "variants": {}}
-    rows = []
+    rows: list[dict[str, str]] = []
+    result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "first_losses": first, "variants": {},
+                              "rows": rows}
+    out = "train_step" + ("_quick" if args.quick else "")
     variants = ["eager"] + ([] if args.no_compile else ["compiled"])
     compiled = list(dict.fromkeys(["composed", *[n for n in (args.compiled or names) if n in models]]))
     if args.no_hf_compile:
@@ -136,9 +138,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if "handwritten" in peaks:
             rows.append(harness.row(env, what, "peak memory composed / hand-written",
                                     peaks["composed"] / peaks["handwritten"], 1.0, higher_is_better=False))
-    result["rows"] = rows
+        harness.save(out, result)  # after each variant: a time limit keeps what was measured
     result["ok"] = all(math.isfinite(v) for v in first.values())
-    harness.save("train_step" + ("_quick" if args.quick else ""), result)
+    harness.save(out, result)
     if not args.no_record and not args.quick:
         harness.append_rows(rows)
     return result

@@ -60,7 +60,8 @@ class Run:
 
     @property
     def seed(self) -> Optional[str]:
-        return parse_overrides(self.overrides).get("seed")
+        seed = self.metrics.get("seed")  # the run's own record (also when seed was left at its default)
+        return str(seed) if seed is not None else parse_overrides(self.overrides).get("seed")
 
 
 def _yaml(path: Path) -> Any:
@@ -376,7 +377,7 @@ def write_markdown(sweep: Sweep, rows: list[Row], path: Path, figure: Optional[P
     header, cells = table_text(sweep, rows)
     done = sum(r.status == "completed" for r in sweep.runs)
     lines = [f"# Sweep report: {sweep.path}", "",
-             f"{done} of {sweep.expected if sweep.expected is not None else len(sweep.runs)} runs completed; "
+             f"{done} of {len(sweep.runs) + len(sweep.missing)} runs completed; "
              f"rows sorted by {sweep.metric} ({'higher' if sweep.maximize else 'lower'} is better, marked *); "
              "mean ± std over seeds (sample std, shown with 2+ seeds).", "",
              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -453,7 +454,7 @@ def write_figure(sweep: Sweep, rows: list[Row], path: Path) -> bool:
     if bars:
         ax = axes[-1]
         means = [r.stats[sweep.metric][0] for r in bars]
-        errors = [r.stats[sweep.metric][1] or 0.0 for r in bars]
+        errors = [math.nan if r.stats[sweep.metric][1] is None else r.stats[sweep.metric][1] for r in bars]
         y = list(range(len(bars)))
         drawn = ax.barh(y, means, xerr=errors, color=[colors[rows.index(r)] for r in bars], capsize=3)
         ax.bar_label(drawn, fmt="%.4g", fontsize=7, padding=4)
