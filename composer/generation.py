@@ -436,10 +436,8 @@ def _decode_rows(model: Any, r: _Request, rows: slice, streamer: Optional[Stream
 
 def _run_split(model: Any, r: _Request, rows: slice, streamer: Optional[Streamer], streamed: list[bool]) -> Tensor:
     """Decode ``rows`` of the batch; on out-of-memory split them in halves and retry."""
-    try:
+    with contextlib.suppress(OutOfMemoryError):  # handled below, once the failed attempt's memory is released
         return _decode_rows(model, r, rows, streamer, streamed)
-    except OutOfMemoryError:
-        pass  # handled below, outside the except block, so the failed attempt's memory is released
     n = rows.stop - rows.start
     if streamed[0]:
         raise ModelError("out of accelerator memory after tokens were streamed; generate fewer prompts at once "

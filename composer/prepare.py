@@ -39,7 +39,7 @@ from .data.tokenizer import (
     save_tokenizer,
 )
 from .data.util import atomic_write_json, check_fraction, token_dtype
-from .errors import ComposerError, ConfigError, DataError, Problem
+from .errors import ConfigError, DataError, Problem
 
 STATE = ".prepare-state.json"
 TOKENIZER = "tokenizer.json"
@@ -214,19 +214,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import run
+
+    return run(_main, None if argv is None else list(argv), prefix="composer-prepare",
+               interrupted="interrupted; rerun the same command to resume")
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    try:
-        meta = prepare(args.input, args.output, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
-                       tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction,
-                       block_bytes=args.block_bytes, overwrite=args.overwrite, progress=not args.quiet)
-    except ComposerError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"composer-prepare: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("composer-prepare: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    meta = prepare(args.input, args.output, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
+                   tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction,
+                   block_bytes=args.block_bytes, overwrite=args.overwrite, progress=not args.quiet)
     if not args.quiet:
         print(f"{args.output}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens "
               f"({meta['dtype']}, vocabulary {meta['vocab_size']:,}). Train with:\n"

@@ -6,34 +6,16 @@ import lightning as L
 import pytest
 import torch
 from conftest import small_model_dict
-from test_train_helpers import one_thread
-from torch.utils.data import DataLoader, Dataset
+from test_train_helpers import Repeat
+from torch.utils.data import DataLoader
 
 from composer.lit import LitComposer
 from composer.model import compose
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 OPTIM = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8}
 CONSTANT = {"name": "constant", "warmup_steps": 0, "min_lr": 0.0}
-
-
-class Repeat(Dataset):
-    """The same batch ``n`` times (batches are ready-made: DataLoader(batch_size=None))."""
-
-    def __init__(self, batch: dict, n: int):
-        self.batch, self.n = batch, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return self.batch
 
 
 def _batch(vocab: int = 32, b: int = 4, t: int = 16, seed: int = 0) -> dict:

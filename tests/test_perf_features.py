@@ -10,9 +10,10 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from conftest import small_model_dict
+from test_train_helpers import Repeat
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from composer import compose, generation
 from composer.callbacks import LearningRate, NanGuard, Throughput, ValidateAtEnd
@@ -297,17 +298,6 @@ def test_tf32_is_switched_on_for_ampere_and_newer_gpus_only(monkeypatch):
 
 # ----------------------------------------------------------------------------- host reads
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist")
-
-
-class Repeat(Dataset):
-    def __init__(self, batch: dict, n: int):
-        self.batch, self.n = batch, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return self.batch
 
 
 class CountHostReads(L.Callback):

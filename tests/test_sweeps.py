@@ -9,32 +9,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_helpers import TINY, one_thread
+from test_train_helpers import TINY, one_thread, train_cli
 
 from composer.cli import run
 from composer.report import main_ as report_main
 from composer.train import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*declarative_base:DeprecationWarning")]  # optuna
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:.*declarative_base:DeprecationWarning")]  # optuna
 QUIET = [*TINY, "callbacks.summary=false", "callbacks.checkpoint.enabled=false"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
-
-def train_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``composer-train <argv>`` in this process: (exit status, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def report_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -14,29 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_helpers import TINY, cli, cli_env, metrics, one_thread, run_inprocess
+from test_train_helpers import TINY, cli, cli_env, metrics, run_inprocess, train_cli
 
 from composer.model import ComposedModel
-from composer.train import main
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
-
-def _main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``composer-train <argv>`` in this process: (exit status, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_main_job_writes_the_whole_run_folder(tmp_path):
@@ -100,7 +82,7 @@ def texts(tmp_path) -> Path:
 def test_bad_data_is_one_line_and_exit_2(texts, capsys, case):
     extra, named = BAD_DATA[case]
     small = [o for o in TINY if not o.startswith("data.")]
-    code, out, err = _main([*small, "data=text", "data.seq_len=16", *[e.format(tmp=texts) for e in extra],
+    code, out, err = train_cli([*small, "data=text", "data.seq_len=16", *[e.format(tmp=texts) for e in extra],
                             f"hydra.run.dir={texts / case}"], capsys)
     assert code == 2
     lines = err.strip().splitlines()
@@ -120,14 +102,14 @@ def test_bad_data_through_the_console_script(texts):
 
 def test_forced_small_vocabulary_is_a_config_error(texts, capsys):
     small = [o for o in TINY if not o.startswith("data.")]
-    code, _, err = _main([*small, "data=text", f"data.path={texts}/text.txt", "data.seq_len=16",
+    code, _, err = train_cli([*small, "data=text", f"data.path={texts}/text.txt", "data.seq_len=16",
                           "model.vocab_size=8", f"hydra.run.dir={texts}/run"], capsys)
     assert code == 2
     assert "model.vocab_size" in err and "data.tokenizer=char" in err and "Traceback" not in err
 
 
 def test_bad_override_is_a_config_error_before_hydra_starts(tmp_path, capsys):
-    code, _, err = _main(["trainer.max_step=5", f"hydra.run.dir={tmp_path}/run"], capsys)
+    code, _, err = train_cli(["trainer.max_step=5", f"hydra.run.dir={tmp_path}/run"], capsys)
     assert code == 2 and "did you mean 'max_steps'" in err
     assert not (tmp_path / "run").exists()
 
@@ -137,7 +119,7 @@ def test_multirun_writes_one_record_per_run_and_survives_a_failing_run(tmp_path,
     runs fail: recorded as failed, the others complete, the sweep finishes."""
     sweep = tmp_path / "sweep"
     args = [o for o in TINY if not o.startswith("model.num_heads=")]
-    code, out, err = _main(["-m", *args, "seed=1,2", "model.num_heads=2,3", f"hydra.sweep.dir={sweep}"], capsys)
+    code, out, err = train_cli(["-m", *args, "seed=1,2", "model.num_heads=2,3", f"hydra.sweep.dir={sweep}"], capsys)
     assert code == 0, err
     records = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
     assert sorted(records) == [0, 1, 2, 3]
@@ -158,7 +140,7 @@ def test_multirun_writes_one_record_per_run_and_survives_a_failing_run(tmp_path,
 def test_optuna_sweeper_receives_the_optimized_metric(tmp_path, capsys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
-    code, _, err = _main(["-m", *TINY, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+    code, _, err = train_cli(["-m", *TINY, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                           "hydra.sweeper.sampler.seed=0", "optim.lr=interval(0.001,0.01)",
                           f"hydra.sweep.dir={sweep}"], capsys)
     assert code == 0, err

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,13 +28,39 @@ TINY = [
 def one_thread() -> Iterator[None]:
     """One intra-op thread: the test machines' cores are shared, and oversubscribed OpenMP
     threads make small CPU steps many times slower. (Each test module uses it in an autouse
-    fixture.)"""
+    fixture or ``pytest.mark.usefixtures("one_torch_thread")``.)"""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def train_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``composer-train <argv>`` in this process: (exit status, stdout, stderr)."""
+    from composer.train import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+class Repeat(Dataset):
+    """The same ready-made batch ``n`` times (use with DataLoader(batch_size=None))."""
+
+    def __init__(self, batch: dict, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batch
 
 
 def run_inprocess(run_dir: Path, *overrides: str, console=None) -> dict:

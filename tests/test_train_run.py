@@ -7,20 +7,14 @@ import math
 
 import pytest
 import torch
-from test_train_helpers import TINY, metrics, one_thread, run_inprocess
+from test_train_helpers import TINY, metrics, run_inprocess
 
 from composer.callbacks import NonFiniteLoss
 from composer.errors import ConfigError
 from composer.lit import LitComposer
 from composer.model import ComposedModel
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):

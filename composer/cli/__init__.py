@@ -10,18 +10,19 @@ from collections.abc import Callable
 from ..errors import ComposerError
 
 
-def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
-    """Call ``main(argv)``; turn project errors into a message on stderr and exit status 2."""
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prefix: str = "error",
+        interrupted: str = "interrupted") -> int:
+    """Call ``main(argv)``; turn project errors into ``<prefix>: <message>`` on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         return int(main(argv) or 0)
     except ComposerError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted if prefix == "error" else f"{prefix}: {interrupted}", file=sys.stderr)
         return 130
 
 
