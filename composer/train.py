@@ -357,9 +357,24 @@ def _reset_peak_memory() -> Optional[float]:
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
+    _release_freed_memory()
     with contextlib.suppress(OSError):  # not Linux (or not allowed): peak_rss_mb is the process's peak so far
         Path("/proc/self/clear_refs").write_text("5")
     return _proc_status_mb("VmRSS")
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory an earlier run of this process freed back to the OS, so that this run's
+    resident set starts low and its peak counts its own allocations: glibc keeps freed heap
+    pages (a sweep's second run would otherwise reuse them unseen); malloc_trim returns them."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def _peak_memory() -> dict[str, Optional[float]]:

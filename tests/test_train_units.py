@@ -319,3 +319,34 @@ def test_ranks_started_by_torchrun_or_slurm_do_not_write_hydra_folders(monkeypat
     monkeypatch.setenv("RANK", "0")
     main(["--cfg", "hydra"])
     assert "output_subdir: .hydra" in capsys.readouterr().out
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import torch
+    from composer.train import _peak_memory, _proc_status_mb, _reset_peak_memory
+    torch.set_num_threads(1)
+    base = _proc_status_mb("VmRSS")
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(3):  # a first "run": training steps whose buffers glibc keeps after they are freed
+        model(torch.randn(8192, 512)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    first_peak = _peak_memory()["peak_rss_mb"]
+    del model, opt
+    freed = _proc_status_mb("VmRSS")
+    start = _reset_peak_memory()  # what a sweep's next run does first
+    print(base, first_peak, freed, start, _peak_memory()["peak_rss_mb"])
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and malloc_trim are Linux's")
+def test_a_sweeps_next_run_starts_its_memory_count_from_what_it_holds():
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=cli_env(),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base, first_peak, freed, start, new_peak = map(float, out.stdout.split())
+    assert freed - base > 100, "the first run keeps freed memory (else this test shows nothing)"
+    # most of it goes back to the OS, and the peak restarts from there
+    assert start - base < 0.5 * (freed - base), (base, freed, start)
+    assert new_peak - start < 20 and new_peak < first_peak - 100, (first_peak, start, new_peak)
