@@ -306,25 +306,34 @@ def _fmt(stat: Optional[tuple[float, Optional[float]]], digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+# columns after the metrics: means only (key, title)
+TRAILING = (("tokens_per_s", "tokens/s"), ("wall_s", "wall s"))
+
+
 def table_columns(sweep: Sweep, rows: list[Row]) -> list[tuple[str, str]]:
-    """(key, title) of the metric columns that some row has (plus the sort metric)."""
+    """(key, title) of the metric columns that some row has (plus the sort metric, unless it is
+    one of the trailing throughput, time and memory columns)."""
     metrics = [(k, t) for k, t in METRICS if any(k in r.stats for r in rows)]
-    if sweep.metric not in {k for k, _ in metrics}:
+    if sweep.metric not in {k for k, _ in (*metrics, *TRAILING, *MEMORY)}:
         metrics.append((sweep.metric, sweep.metric))
     return metrics
 
 
+def trailing_columns(rows: list[Row]) -> list[tuple[str, str]]:
+    """Throughput, time and the memory figures some row recorded."""
+    return [*TRAILING, *((k, t) for k, t in MEMORY if any(k in r.stats for r in rows))]
+
+
 def table_text(sweep: Sweep, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the human-readable table (report.md and the terminal)."""
-    metrics = table_columns(sweep, rows)
-    memory = [(k, t) for k, t in MEMORY if any(k in r.stats for r in rows)]
-    header = [*sweep.swept, "seeds", "params", *(t + (" *" if k == sweep.metric else "") for k, t in metrics),
-              "tokens/s", "wall s", *(t for _, t in memory)]  # throughput, time and memory: means
+    metrics, trailing = table_columns(sweep, rows), trailing_columns(rows)
+    header = [*sweep.swept, "seeds", "params",
+              *(t + (" *" if k == sweep.metric else "") for k, t in (*metrics, *trailing))]
     cells = []
     for r in rows:
         seeds = f"{len(r.done)}/{len(r.runs)}"
         params = r.stats.get("params")
-        means = [r.stats[k][0] if k in r.stats else None for k in ("tokens_per_s", "wall_s", *(k for k, _ in memory))]
+        means = [r.stats[k][0] if k in r.stats else None for k, _ in trailing]  # means only
         cells.append([*(_short(v) for v in r.values.values()), seeds, f"{params[0]:,.0f}" if params else "-",
                       *(_fmt(r.stats.get(k)) for k, _ in metrics),
                       *("-" if m is None else f"{m:,.0f}" if i != 1 else f"{m:.1f}" for i, m in enumerate(means))])
@@ -334,8 +343,7 @@ def table_text(sweep: Sweep, rows: list[Row]) -> tuple[list[str], list[list[str]
 def write_csv(sweep: Sweep, rows: list[Row], path: Path) -> None:
     from .weights import atomic_write
 
-    metrics = [k for k, _ in table_columns(sweep, rows)]
-    stats = [*metrics, "tokens_per_s", "wall_s", *(k for k, _ in MEMORY if any(k in r.stats for r in rows))]
+    stats = [k for k, _ in (*table_columns(sweep, rows), *trailing_columns(rows))]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow([*sweep.swept, "runs", "completed", "failed", "seeds", "params",

@@ -94,6 +94,11 @@ def test_mean_and_std_over_seeds_and_the_sort(tmp_path, capsys):
     code, _, _ = report([str(sweep), "--metric", "best_val_accuracy"], capsys)
     assert code == 0 and [r["model/attention"] for r in rows(sweep)] == ["a", "b"]  # accuracy: higher first
 
+    code, _, _ = report([str(sweep), "--metric", "wall_s"], capsys)  # a trailing column: marked, not repeated
+    header = next(x for x in (sweep / "report.md").read_text().splitlines() if x.startswith("| model/attention"))
+    assert header.count("wall") == 1 and "| wall s * |" in header and code == 0
+    assert list(rows(sweep)[0]).count("wall_s_mean") == 1
+
 
 def test_running_failed_and_missing_jobs_are_named(tmp_path, capsys):
     sweep = tmp_path / "partial"
