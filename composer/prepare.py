@@ -216,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cli import run
 
-    return run(_main, None if argv is None else list(argv), prefix="composer-prepare",
+    return run(_main, None if argv is None else list(argv), prog="composer-prepare",
                interrupted="interrupted; rerun the same command to resume")
 
 

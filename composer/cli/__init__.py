@@ -10,19 +10,21 @@ from collections.abc import Callable
 from ..errors import ComposerError
 
 
-def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prefix: str = "error",
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prog: str | None = None,
         interrupted: str = "interrupted") -> int:
-    """Call ``main(argv)``; turn project errors into ``<prefix>: <message>`` on stderr and exit status 2."""
+    """Call ``main(argv)``; turn project errors into a message on stderr (``error: ...``, or
+    ``<prog>: ...`` when given) and exit status 2; an interrupt prints ``interrupted`` and exits 130."""
     argv = sys.argv[1:] if argv is None else argv
+    lead = f"{prog}: " if prog else ""
     try:
         return int(main(argv) or 0)
     except ComposerError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"{prefix}: {exc}", file=sys.stderr)
+        print(f"{lead or 'error: '}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(interrupted if prefix == "error" else f"{prefix}: {interrupted}", file=sys.stderr)
+        print(lead + interrupted, file=sys.stderr)
         return 130
 
 
