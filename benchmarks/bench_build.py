@@ -89,10 +89,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                             "from_pretrained time / safetensors load_file time", ratio, 1.2, higher_is_better=False))
     result = {"env": env, "builds": builds, "load": {"bytes": size, "timings": summary, "time_ratio": ratio},
               "rows": rows}
-    harness.save("build" + ("_quick" if args.quick else ""), result)
-    if not args.no_record and not args.quick:
-        harness.append_rows(rows)
-    return result
+    return harness.finish("build", result, rows, args)
 
 
 if __name__ == "__main__":

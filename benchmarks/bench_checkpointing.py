@@ -126,10 +126,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         log(f"{precision}: every_layer memory x{every['measured_bytes'] / none['measured_bytes']:.3f}, speed "
             f"x{cost:.3f} (hand-written x{hand:.3f})")
         harness.save(out, result)  # after each precision: a time limit keeps what was measured
-    harness.save(out, result)
-    if not args.no_record and not args.quick:
-        harness.append_rows(rows)
-    return result
+    return harness.finish("checkpointing", result, rows, args)
 
 
 if __name__ == "__main__":

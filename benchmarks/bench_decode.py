@@ -101,9 +101,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                 fmt="{:,.0f}"))
         log(f"batch {batch}: " + ", ".join(f"{n} {s['new_tokens_per_s']:,.0f} tok/s" for n, s in summary.items()))
         harness.save(out, result)  # after each batch size: a time limit keeps what was measured
-    if not args.no_record and not args.quick:
-        harness.append_rows(rows)
-    return result
+    return harness.finish("decode", result, rows, args)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             rows.append(harness.row(env, "sliding window flex model under torch.compile(fullgraph=True)",
                                     "graph breaks", breaks, 0, higher_is_better=False, fmt="{:.0f}"))
     result["rows"] = rows
-    harness.save("flex" + ("_quick" if args.quick else ""), result)
-    if not args.no_record and not args.quick:
-        harness.append_rows(rows)
-    return result
+    return harness.finish("flex", result, rows, args)
 
 
 if __name__ == "__main__":

@@ -207,10 +207,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     result = {"env": env, "shape": shape.__dict__, "precision": precision, "per_step_s": per_step,
               "medians_s": med, "ratio": ratio, "host_reads": reads, "quiet_steps": quiet,
               "sync_warnings": sync_warnings, "rows": rows}
-    harness.save("lightning" + ("_quick" if args.quick else ""), result)
-    if not args.no_record and not args.quick:
-        harness.append_rows(rows)
-    return result
+    return harness.finish("lightning", result, rows, args)
 
 
 if __name__ == "__main__":

@@ -140,10 +140,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                     peaks["composed"] / peaks["handwritten"], 1.0, higher_is_better=False))
         harness.save(out, result)  # after each variant: a time limit keeps what was measured
     result["ok"] = all(math.isfinite(v) for v in first.values())
-    harness.save(out, result)
-    if not args.no_record and not args.quick:
-        harness.append_rows(rows)
-    return result
+    return harness.finish("train_step", result, rows, args)
 
 
 if __name__ == "__main__":

@@ -241,6 +241,15 @@ def append_rows(rows: list[dict[str, str]], path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
+
+def finish(name: str, result: dict[str, Any], rows: list[dict[str, str]], args: Any) -> dict[str, Any]:
+    """Save ``result`` as benchmarks/out/<name>[_quick].json and, unless ``--quick`` or ``--no-record``,
+    append ``rows`` to RESULTS.md. Returns ``result``."""
+    save(name + ("_quick" if args.quick else ""), result)
+    if not args.no_record and not args.quick:
+        append_rows(rows)
+    return result
+
 def logger(name: str) -> Callable[[str], None]:
     """A timestamped progress printer for benchmark ``name``."""
     def log(message: str) -> None:
