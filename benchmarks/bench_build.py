@@ -53,9 +53,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     args = harness.cli_args(__doc__.splitlines()[0], argv)
-    log = harness.logger("build")
-    device = harness.setup_device(args.device, args.threads)
-    env = harness.environment(device)
+    log, device, env = harness.start("build", args)
     rounds = args.rounds or (2 if args.quick else 5)
     rows = []
     builds = {}

@@ -92,15 +92,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = harness.cli_args(__doc__.splitlines()[0], argv, extra=[
         ("--precisions", {"default": None, "help": "comma-separated (default: 32-true,bf16-mixed on CUDA; 32-true on "
                           "CPUs, where bf16 matmuls without native support take minutes per step)"})])
-    log = harness.logger("checkpointing")
-    device = harness.setup_device(args.device, args.threads)
-    env = harness.environment(device)
+    log, device, env = harness.start("checkpointing", args)
     shape = Shape.for_device(device, args.quick)
     rounds = args.rounds or (1 if args.quick else 3)
     log(f"{shape.describe()} on {env['device']}, {rounds} rounds")
     rows: list[dict[str, str]] = []
     result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "precisions": {}, "rows": rows}
-    out = "checkpointing" + ("_quick" if args.quick else "")
     default = "32-true,bf16-mixed" if device.type == "cuda" or args.quick else "32-true"
     for precision in (args.precisions or default).split(","):
         res = run_precision(shape, device, precision, rounds, log)
@@ -125,7 +122,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                 cost / hand, 0.98))
         log(f"{precision}: every_layer memory x{every['measured_bytes'] / none['measured_bytes']:.3f}, speed "
             f"x{cost:.3f} (hand-written x{hand:.3f})")
-        harness.save(out, result)  # after each precision: a time limit keeps what was measured
+        harness.save_partial("checkpointing", result, args)  # after each precision
     return harness.finish("checkpointing", result, rows, args)
 
 

@@ -52,9 +52,7 @@ def contenders(composed: torch.nn.Module, hf: torch.nn.Module, ids: torch.Tensor
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = harness.cli_args(__doc__.splitlines()[0], argv)
-    log = harness.logger("decode")
-    device = harness.setup_device(args.device, args.threads)
-    env = harness.environment(device)
+    log, device, env = harness.start("decode", args)
     shape = Shape.for_device(device, args.quick)
     cuda = device.type == "cuda"
     new = 8 if args.quick else 128 if cuda else 64
@@ -67,7 +65,6 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows: list[dict[str, str]] = []
     result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "new_tokens": new, "dtype": str(dtype),
                               "batches": {}, "rows": rows}
-    out = "decode" + ("_quick" if args.quick else "")
     for batch in (1, 8):
         gen = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, shape.vocab_size, (batch, PROMPT), generator=gen).to(device)
@@ -100,7 +97,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rows.append(harness.row(env, what, "composed eager new tokens/s", summary["composed"]["new_tokens_per_s"],
                                 fmt="{:,.0f}"))
         log(f"batch {batch}: " + ", ".join(f"{n} {s['new_tokens_per_s']:,.0f} tok/s" for n, s in summary.items()))
-        harness.save(out, result)  # after each batch size: a time limit keeps what was measured
+        harness.save_partial("decode", result, args)  # after each batch size
     return harness.finish("decode", result, rows, args)
 
 

@@ -32,9 +32,7 @@ def config(kernel: str, quick: bool) -> dict[str, Any]:
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = harness.cli_args(__doc__.splitlines()[0], argv)
-    log = harness.logger("flex")
-    device = harness.setup_device(args.device, args.threads)
-    env = harness.environment(device)
+    log, device, env = harness.start("flex", args)
     cuda = device.type == "cuda"
     models = {k: compose(config(k, args.quick), device=device, seed=0) for k in ("sdpa", "flex")}
     t = models["sdpa"].config.max_position_embeddings

@@ -158,9 +158,7 @@ def bare_run(model: torch.nn.Module, batch: dict, steps: int, skip: int, device:
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = harness.cli_args(__doc__.splitlines()[0], argv)
-    log = harness.logger("lightning")
-    device = harness.setup_device(args.device, args.threads)
-    env = harness.environment(device)
+    log, device, env = harness.start("lightning", args)
     shape = Shape.for_device(device, args.quick)
     cuda = device.type == "cuda"
     precision = "bf16-mixed" if cuda else "32-true"

@@ -71,9 +71,7 @@ def options(argv: Optional[list[str]]) -> Any:
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = options(argv)
-    log = harness.logger("train_step")
-    device = harness.setup_device(args.device, args.threads)
-    env = harness.environment(device)
+    log, device, env = harness.start("train_step", args)
     shape = Shape.for_device(device, args.quick)
     rounds = args.rounds or (3 if args.quick else 10)
     names = tuple(dict.fromkeys(("composed", "handwritten", *args.contenders)))
@@ -92,7 +90,6 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows: list[dict[str, str]] = []
     result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "first_losses": first, "variants": {},
                               "rows": rows}
-    out = "train_step" + ("_quick" if args.quick else "")
     variants = ["eager"] + ([] if args.no_compile else ["compiled"])
     compiled = list(dict.fromkeys(["composed", *[n for n in (args.compiled or names) if n in models]]))
     if args.no_hf_compile:
@@ -138,7 +135,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if "handwritten" in peaks:
             rows.append(harness.row(env, what, "peak memory composed / hand-written",
                                     peaks["composed"] / peaks["handwritten"], 1.0, higher_is_better=False))
-        harness.save(out, result)  # after each variant: a time limit keeps what was measured
+        harness.save_partial("train_step", result, args)  # after each variant
     result["ok"] = all(math.isfinite(v) for v in first.values())
     return harness.finish("train_step", result, rows, args)
 

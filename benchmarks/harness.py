@@ -241,14 +241,26 @@ def append_rows(rows: list[dict[str, str]], path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
+def start(name: str, args: Any) -> tuple[Callable[[str], None], torch.device, dict[str, Any]]:
+    """What every benchmark does first: its logger, the device set up from ``args``, the environment."""
+    device = setup_device(args.device, args.threads)
+    return logger(name), device, environment(device)
+
+
+def save_partial(name: str, result: dict[str, Any], args: Any) -> Path:
+    """Save ``result`` as benchmarks/out/<name>[_quick].json (also between stages: a time limit then
+    keeps what was measured)."""
+    return save(name + ("_quick" if args.quick else ""), result)
+
 
 def finish(name: str, result: dict[str, Any], rows: list[dict[str, str]], args: Any) -> dict[str, Any]:
-    """Save ``result`` as benchmarks/out/<name>[_quick].json and, unless ``--quick`` or ``--no-record``,
-    append ``rows`` to RESULTS.md. Returns ``result``."""
-    save(name + ("_quick" if args.quick else ""), result)
+    """Save ``result`` (save_partial) and, unless ``--quick`` or ``--no-record``, append ``rows`` to
+    RESULTS.md. Returns ``result``."""
+    save_partial(name, result, args)
     if not args.no_record and not args.quick:
         append_rows(rows)
     return result
+
 
 def logger(name: str) -> Callable[[str], None]:
     """A timestamped progress printer for benchmark ``name``."""
