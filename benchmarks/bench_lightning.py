@@ -146,7 +146,7 @@ def bare_run(model: torch.nn.Module, batch: dict, steps: int, skip: int, device:
             start = (time.perf_counter(), time.process_time())
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with amp:
-            loss = model(b["input_ids"], labels=b["labels"]).loss
+            loss = model(b["input_ids"], labels=b["labels"], return_logits=False).loss  # as the training step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_train_step [--device cuda] [--quick] [--no-compile]
 
-Contenders, same weights and the same batch: the composed ``gpt2``-shaped model, the hand-written
-single-file GPT (benchmarks/handwritten_gpt.py) and transformers' GPT2LMHeadModel (SDPA), each eager
+Contenders, same weights and the same batch: the composed ``gpt2``-shaped model (its defaults: the fused
+loss), the hand-written single-file GPT (benchmarks/handwritten_gpt.py), transformers' GPT2LMHeadModel
+(SDPA) and the composed model with ``head.fused_loss=false`` (what the fused loss is worth), each eager
 and under ``torch.compile``. CPU: 4 layers x 384 wide, 6 heads, context 256, GPT-2 vocabulary, batch 4,
 float32. CUDA: GPT-2 124M, batch 16 x 1024, bf16 autocast (bf16-mixed), fused AdamW, TF32.
 The first-step losses of the three must agree (a correctness check of the copied weights).
@@ -22,7 +23,7 @@ from benchmarks import harness
 from benchmarks.models import Shape, contenders, loss_fn, random_batch
 from composer.optim import parameter_groups
 
-NAMES = ("composed", "handwritten", "transformers")  # the default contenders; also: composed_pad64
+NAMES = ("composed", "handwritten", "transformers", "composed_unfused")  # the default contenders; also: composed_pad64
 H100_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
 
 
@@ -64,7 +65,8 @@ def options(argv: Optional[list[str]]) -> Any:
 
     return harness.cli_args(__doc__.splitlines()[0], argv, extra=[
         ("--contenders", {"type": names, "default": NAMES, "help": "comma-separated: composed, handwritten, "
-                          "transformers, composed_pad64 (vocabulary padded to a multiple of 64)"}),
+                          "transformers, composed_unfused (head.fused_loss=false), composed_pad64 (vocabulary "
+                          "padded to a multiple of 64)"}),
         ("--compiled", {"type": names, "default": None, "help": "contenders also run under torch.compile "
                         "(default: all; compile time is the budget on a GPU machine)"})])
 

@@ -10,7 +10,7 @@
 # limit (cut to what is left of BUDGET; a part with under 15 s left is skipped) so one failure or hang never
 # stops the rest:
 #   train_step     GPT-2 124M, batch 16 x 1024, bf16 autocast, fused AdamW: composed / hand-written /
-#                  transformers / composed_pad64 eager, composed + hand-written compiled
+#                  transformers / composed_unfused / composed_pad64 eager, composed + hand-written compiled
 #   decode         GPT-2 124M bf16, batch 1 and 8, 128 new tokens: eager vs transformers' generate, and
 #                  the static-cache compiled step (CUDA graphs)
 #   checkpointing  checkpointing modes x (32-true, bf16-mixed): peak memory vs composer.plan, tokens/s
@@ -83,11 +83,11 @@ print(f"torch {torch.__version__}, python {sys.version.split()[0]}, cuda {torch.
 EOF
 
 if [ "$DEVICE" = cuda ]; then
-  TRAIN_STEP=(--contenders composed,handwritten,transformers,composed_pad64 --compiled composed,handwritten)
+  TRAIN_STEP=(--contenders composed,handwritten,transformers,composed_unfused,composed_pad64 --compiled composed,handwritten)
   DECODE=(--no-hf-compile)
   TRAINER=gpu; PRECISIONS=bf16-mixed,16-mixed,bf16-true
 else
-  TRAIN_STEP=(--contenders composed,handwritten,transformers,composed_pad64 --compiled composed,handwritten)
+  TRAIN_STEP=(--contenders composed,handwritten,transformers,composed_unfused,composed_pad64 --compiled composed,handwritten)
   DECODE=(--no-hf-compile)
   TRAINER=cpu; PRECISIONS=bf16-true  # float16 AMP needs CUDA; one run checks the logic
 fi

@@ -103,7 +103,18 @@ def build_padded(composed: nn.Module, multiple: int = 64) -> nn.Module:
     return padded
 
 
-BUILDERS = {"handwritten": build_handwritten, "transformers": build_hf, "composed_pad64": build_padded}
+def build_unfused(composed: nn.Module) -> nn.Module:
+    """The composed model with ``head.fused_loss=false`` (logits, then cross-entropy), same weights."""
+    from composer.model import compose
+
+    head = {**composed.config.to_dict()["head"], "fused_loss": False}
+    unfused = compose(composed.config.replace(head=head), device=composed.embed.weight.device)
+    unfused.load_state_dict(composed.state_dict())
+    return unfused
+
+
+BUILDERS = {"handwritten": build_handwritten, "transformers": build_hf, "composed_pad64": build_padded,
+            "composed_unfused": build_unfused}
 
 
 def contenders(shape: Shape, device: torch.device, names: tuple[str, ...] = ("composed", "handwritten", "transformers"),
@@ -129,4 +140,4 @@ def loss_fn(name: str, model: nn.Module, ids: Tensor) -> Tensor:
         return model(ids, next_tokens(ids))[1]
     if name.startswith("transformers"):
         return model(input_ids=ids, labels=ids).loss
-    return model(ids, labels=ids).loss
+    return model(ids, labels=ids, return_logits=False).loss  # as composer's training step calls it

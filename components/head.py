@@ -28,12 +28,18 @@ class LMHeadConfig(ComponentConfig):
 
     bias: bool = option(False, help="learn a per-token logit bias")
     logit_softcap: Optional[float] = option(None, help="cap logits with c*tanh(x/c) (Gemma 2: 30)")
+    fused_loss: bool = option(
+        True, help="the training step's loss straight from the hidden states, chunk by chunk, without "
+        "[tokens, vocab] logits; false: logits, then cross-entropy")
     loss_chunk_size: Optional[int] = option(
-        None, help="training loss over chunks of this many tokens, never holding all logits (null: off)", min=1)
+        None, help="tokens per chunk of the fused loss (null: as many as fit 128 MiB of float32 logits)", min=1)
 
     def resolve(self, model, check) -> None:
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             check.fail("logit_softcap", f"{self.logit_softcap} must be positive", "use null for no cap")
+        if self.loss_chunk_size is not None and not self.fused_loss:
+            check.fail("loss_chunk_size", f"{self.loss_chunk_size} is set but fused_loss is false",
+                       "set fused_loss=true, or loss_chunk_size=null")
 
 
 @HEAD.register("lm", config=LMHeadConfig)
@@ -44,6 +50,7 @@ class LMHead(nn.Module):
         self.proj = nn.Linear(ctx.hidden_size, vocab, bias=cfg.bias)  # C -> V
         self.softcap = cfg.logit_softcap
         self.vocab_size = ctx.vocab_size
+        self.fused_loss = cfg.fused_loss
         self.loss_chunk_size = cfg.loss_chunk_size
         self.register_buffer("pad_mask", torch.zeros(vocab, dtype=torch.bool), persistent=False)  # [V]
         self.reset_buffers()
@@ -90,10 +97,10 @@ class LMHead(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
 
-    def chunked_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+    def fused(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """The same loss as ``loss(self(hidden), labels)`` from the final hidden states [B, T, C],
         ``loss_chunk_size`` tokens at a time (components.linear_cross_entropy): at most one chunk of
-        logits [chunk, V] is alive, and nothing is recomputed."""
+        logits [chunk, V] is alive, nothing is recomputed, and the gradients are made in this pass."""
         targets = next_token_targets(labels).reshape(-1)  # [B T]
         flat = hidden.reshape(-1, hidden.shape[-1])  # [B T, C]
         return linear_cross_entropy(flat, self.proj.weight, self.proj.bias, targets, self.loss_chunk_size,

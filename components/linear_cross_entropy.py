@@ -1,13 +1,16 @@
 """Cross-entropy of a linear layer's output, computed chunk by chunk without ever holding all logits.
 
-    loss = linear_cross_entropy(hidden, weight, bias, targets, chunk_size=4096)   # = CE(hidden @ W.T + b, t)
+    loss = linear_cross_entropy(hidden, weight, bias, targets)   # = CE(hidden @ W.T + b, t), chunk by chunk
 
 For large vocabularies the logits [N, V] (and their float32 copy, log-softmax and gradients) are the biggest
 tensors of a training step. Here each chunk of ``chunk_size`` rows computes its logits, its part of the loss
 and, at once, its part of the gradients of ``hidden``, ``weight`` and ``bias`` (the loss is the end of the
 graph, so the gradient of the logits, softmax - one-hot, is known in the forward pass). The backward pass
 only scales the stored gradients by the incoming one. Peak memory: one chunk of logits plus the gradients
-(which the step needs anyway); compute: the same matrix products as the unchunked loss, no recomputation.
+(which the step needs anyway); compute: the same matrix products as the unchunked loss, no recomputation,
+and fewer passes over [N, V] than ``F.cross_entropy`` and its backward: one buffer of [chunk, V] is reused
+by every chunk and rewritten in place (logits -> log-softmax -> gradient), so a CPU does not page-fault a
+fresh [N, V] tensor for each of those steps.
 
 Matches ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=-100)`` (mean over
 the labelled rows; NaN when none is labelled), including an optional logit soft-cap and masked padding
@@ -21,70 +24,119 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100
+CHUNK_BYTES = 128 * 2**20  # float32 logits per chunk when no chunk size is given
+
+
+def auto_chunk_size(rows: int, columns: int) -> int:
+    """Rows per chunk when none is given: at most CHUNK_BYTES of float32 logits [chunk, V], the rows split
+    into equal chunks (1,024 tokens x 50,257: two chunks of 512; 16 x 1,024 tokens: 25 chunks of 656)."""
+    most = max(1, CHUNK_BYTES // (4 * columns))
+    chunks = -(-rows // most)
+    return max(1, -(-rows // chunks))
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of the products: autocast's where it is on for the tensor's device, else the tensor's."""
+    kind = t.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, chunk_size: int,
                 softcap: Optional[float], vocab: int) -> Tensor:
-        n = hidden.shape[0]
+        n, v = hidden.shape[0], weight.shape[0]
+        device = hidden.device
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None  # [N, C]
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, C]
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-            if bias is not None and need_b else None  # [V]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size]  # [n, C]
-            t = targets[start:start + chunk_size]  # [n]
-            z = F.linear(h, weight, bias)  # [n, V] (the autocast dtype under autocast)
-            logits = z.float()
-            if softcap is not None:
-                capped = torch.tanh(logits / softcap)
-                logits = softcap * capped
-            if vocab < logits.shape[1]:  # padding columns never win
-                logits = logits.masked_fill(torch.arange(logits.shape[1], device=z.device) >= vocab, float("-inf"))
-            labelled = t != IGNORE_INDEX
-            safe = torch.where(labelled, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # [n]
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            total = total + torch.where(labelled, lse - picked, 0.0).sum()
-            grad = torch.exp(logits - lse[:, None])  # softmax [n, V], the gradient of the summed loss ...
-            grad.scatter_add_(1, safe[:, None], -torch.ones_like(lse[:, None]))  # ... minus the one-hot
-            grad.mul_(labelled[:, None])
-            if softcap is not None:
-                grad.mul_(1 - capped.square())
-            grad_z = grad.to(z.dtype)  # products in the dtype of the forward one (autocast casts the rest)
-            if grad_h is not None:
-                grad_h[start:start + chunk_size] = grad_z @ weight
-            if grad_w is not None:
-                grad_w += (grad_z.t() @ h).float()
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-        count = (targets != IGNORE_INDEX).sum()
-        ctx.save_for_backward(grad_h, grad_w, grad_b, count)
+        dtype = _compute_dtype(hidden)
+        with torch.autocast(device.type, enabled=False):  # dtypes are explicit below
+            h_all, w = hidden.to(dtype), weight.to(dtype)  # [N, C], [V, C]: cast once, not per chunk
+            b = None if bias is None else bias.to(dtype)
+            labelled_all = targets != IGNORE_INDEX  # [N]
+            count = labelled_all.sum()
+            scale = 1.0 / count.clamp(min=1)  # the mean over labelled rows, folded into the gradients
+            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=device) if need_h else None  # [N, C]
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_w else None  # [V, C]
+            grad_b = torch.zeros(v, dtype=torch.float32, device=device) if b is not None and need_b else None
+            total = torch.zeros((), dtype=torch.float32, device=device)
+            rows = min(chunk_size, n)
+            z_buf = torch.empty(rows, v, dtype=dtype, device=device)  # [chunk, V]: logits, then the gradient
+            f_buf = z_buf if dtype == torch.float32 else torch.empty(rows, v, dtype=torch.float32, device=device)
+            for start in range(0, n, chunk_size):
+                h = h_all[start:start + chunk_size]  # [m, C]
+                m = h.shape[0]
+                labelled = labelled_all[start:start + chunk_size, None]  # [m, 1]
+                safe = torch.where(labelled, targets[start:start + chunk_size, None], 0)  # [m, 1]
+                z, logits = z_buf[:m], f_buf[:m]  # [m, V]
+                if b is None:
+                    torch.mm(h, w.t(), out=z)
+                else:
+                    torch.addmm(b, h, w.t(), out=z)
+                if logits is not z:
+                    logits.copy_(z)  # float32 softmax
+                capped = None
+                if softcap is not None:
+                    capped = logits.div_(softcap).tanh_().clone()
+                    logits.mul_(softcap)
+                if vocab < v:
+                    logits[:, vocab:] = float("-inf")  # padding columns never win
+                if device.type == "cpu":  # in place: log p [m, V] (a fresh [m, V] costs a CPU its page faults)
+                    logits = torch.log_softmax(logits, dim=-1, out=logits)
+                else:  # accelerators: the caching allocator hands back the same block
+                    logits = torch.log_softmax(logits, dim=-1)
+                picked = logits.gather(1, safe)  # [m, 1]
+                total = total - torch.where(labelled, picked, 0.0).sum()
+                grad = logits.exp_()  # softmax: the gradient of the summed loss ...
+                grad.scatter_add_(1, safe, torch.full_like(picked, -1.0))  # ... minus the one-hot
+                if capped is not None:
+                    grad.mul_(1 - capped.square())
+                if grad is not z:
+                    z.copy_(grad)  # the products run in the forward's dtype
+                weights = labelled * scale  # [m, 1]: unlabelled rows contribute nothing
+                if grad_h is not None:
+                    gh = grad_h[start:start + chunk_size]  # [m, C]
+                    if dtype == torch.float32:
+                        torch.mm(z, w, out=gh)
+                    else:
+                        gh.copy_(z @ w)
+                    gh.mul_(weights)
+                if grad_w is not None:
+                    hw = h * weights.to(dtype)  # [m, C]
+                    if dtype != torch.float32:  # 16-bit products, float32 sum
+                        part = z.t() @ hw  # [V, C]
+                        grad_w.copy_(part) if start == 0 else grad_w.add_(part)
+                    elif start == 0:
+                        torch.mm(z.t(), hw, out=grad_w)
+                    else:
+                        grad_w.addmm_(z.t(), hw)
+                if grad_b is not None:
+                    grad_b += (grad * weights).sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return total / count
+        return total / count  # NaN when no row is labelled (as F.cross_entropy)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w, grad_b, count = ctx.saved_tensors
-        scale = grad_out / count.clamp(min=1)  # no labelled row: zero gradients (as F.cross_entropy)
+        grad_h, grad_w, grad_b = ctx.saved_tensors
         dh, dw, db = ctx.dtypes
-        return (None if grad_h is None else (grad_h * scale).to(dh),
-                None if grad_w is None else (grad_w * scale).to(dw),
-                None if grad_b is None else (grad_b * scale).to(db),
+        return (None if grad_h is None else (grad_h * grad_out).to(dh),
+                None if grad_w is None else (grad_w * grad_out).to(dw),
+                None if grad_b is None else (grad_b * grad_out).to(db),
                 None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                         chunk_size: int, softcap: Optional[float] = None, vocab: Optional[int] = None) -> Tensor:
+                         chunk_size: Optional[int] = None, softcap: Optional[float] = None,
+                         vocab: Optional[int] = None) -> Tensor:
     """Mean cross-entropy of ``F.linear(hidden, weight, bias)`` [N, V] against ``targets`` [N] (IGNORE_INDEX
-    skipped), ``chunk_size`` rows at a time. ``softcap``: logits become softcap * tanh(logits / softcap);
-    ``vocab``: columns from this index on are padding (masked). hidden [N, C], weight [V, C], bias [V]."""
+    skipped), ``chunk_size`` rows at a time (None: ``auto_chunk_size``). ``softcap``: logits become
+    softcap * tanh(logits / softcap); ``vocab``: columns from this index on are padding (masked).
+    hidden [N, C], weight [V, C], bias [V]."""
     vocab = weight.shape[0] if vocab is None else vocab
+    chunk_size = auto_chunk_size(hidden.shape[0], weight.shape[0]) if chunk_size is None else chunk_size
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, softcap, vocab)

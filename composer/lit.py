@@ -71,11 +71,12 @@ class LitComposer(L.LightningModule):
         enable_tf32(self.device)
 
     # ------------------------------------------------------------------ steps
-    def forward(self, batch: Mapping[str, Tensor]) -> Any:
-        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch.get("labels"))
+    def forward(self, batch: Mapping[str, Tensor], return_logits: bool = True) -> Any:
+        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch.get("labels"),
+                          return_logits=return_logits)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        out = self(batch)
+        out = self(batch, return_logits=False)  # the lm head's fused loss: no [B, T, V] logits
         size = batch["input_ids"].shape[0]
         self.log("train_loss", out.loss.detach(), on_step=True, on_epoch=False, batch_size=size)
         if out.aux_loss is not None:

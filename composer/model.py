@@ -33,8 +33,10 @@ from .schema import ModelConfig, resolve_model_config
 class ModelOutput:
     """What a forward pass returns.
 
-    logits:          [B, T, V] (language modelling) or [B, K] (classification); None when the lm head's
-                     ``loss_chunk_size`` computed the loss chunk by chunk (labels given, gradients on)
+    logits:          [B, T, V] (language modelling) or [B, K] (classification); None when the call passed
+                     ``return_logits=False`` with labels and gradients on and the lm head's fused loss
+                     (``head.fused_loss``, the default) computed the loss straight from the hidden
+                     states (as composer's training step does)
     loss:            cross-entropy (+ aux_loss) when labels were given, else None
     aux_loss:        the sum of the layers' auxiliary losses (MoE load balancing), else None
     past_key_values: the KV cache (a ``Cache``) when use_cache, else None
@@ -192,6 +194,7 @@ class ComposedModel(nn.Module):
         past_key_values: Optional[Cache] = None,
         use_cache: bool = False,
         position_ids: Optional[Tensor] = None,  # [B, T]; default: counted from the mask
+        return_logits: bool = True,  # False: labels given, gradients on -> the lm head's fused loss, no logits
     ) -> ModelOutput:
         static = past_key_values is not None and getattr(past_key_values, "static", False)
         past = past_key_values.length if past_key_values is not None and not static else 0
@@ -237,8 +240,9 @@ class ComposedModel(nn.Module):
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         loss = logits = None
-        if labels is not None and getattr(self.head, "loss_chunk_size", None) and torch.is_grad_enabled():
-            loss = self.head.chunked_loss(hidden, labels)  # the full logits are never materialised
+        if (not return_logits and labels is not None and getattr(self.head, "fused_loss", False)
+                and torch.is_grad_enabled()):
+            loss = self.head.fused(hidden, labels)  # the full logits are never materialised
         else:
             logits = self.head(hidden, attention_mask)
             if labels is not None:

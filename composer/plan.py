@@ -30,6 +30,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from components.linear_cross_entropy import auto_chunk_size
+
 from .errors import ConfigError, Problem
 from .model import ComposedModel, compose
 from .schema import ModelConfig, resolve_model_config
@@ -232,13 +234,16 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
     c, v = cfg.hidden_size, cfg.padded_vocab_size
     head_bytes = r * c + a * c  # final norm input, head input
     transient = 0
-    chunk = getattr(cfg.head, "loss_chunk_size", None)
+    chunk = None
+    if getattr(cfg.head, "fused_loss", False):
+        chunk = cfg.head.loss_chunk_size or auto_chunk_size(tokens, v)
     if cfg.head.type == "lm":
         copy = 0 if a == 4 else 4  # the float32 copy of 16-bit logits (.float() of float32 is no copy)
         if chunk:  # only the head's input is kept; one chunk of logits lives at a time
             chunk = min(chunk, tokens)
-            # logits, copy, softmax and gradient of one chunk; the head's gradients, made in the forward pass
-            transient = chunk * v * (a + copy + 4 + 8) + (v + tokens) * c * 4
+            # one chunk's logits (and their float32 copy), rewritten in place into log-softmax and gradient;
+            # the head's gradients, made in the forward pass
+            transient = chunk * v * (a + copy) + (v + tokens) * c * 4
         else:
             head_bytes += 4 * v  # the log-softmax output (the logits and their float32 copy are not kept)
             transient = 8 * v * tokens  # the gradients of the log-softmax output and of the logits
@@ -286,7 +291,7 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
     if padding:
         notes.append(f"vocabulary padded to {cfg.padded_vocab_size} (+{padding:,} parameters, included above)")
     if chunk:
-        notes.append(f"chunked loss: logits of {chunk} tokens at a time (head.loss_chunk_size)")
+        notes.append(f"fused loss: logits of {chunk} tokens at a time (head.fused_loss, head.loss_chunk_size)")
     if not fused_attention:
         notes.append("attention without a fused kernel: T x T probabilities are stored")
     return Plan(cfg.name or "model", batch_size, seq_len, precision, cfg.gradient_checkpointing, rows, total,

@@ -62,13 +62,18 @@ def test_lm_loss_reads_the_logits_without_copying_them():
     torch.testing.assert_close(loss, manual)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 24, 1000])
+def unfused(**changes):
+    """The reference: logits, then F.cross_entropy (head.fused_loss=false)."""
+    return lm(**{**changes, "head": dict(changes.get("head", {"type": "lm"}), fused_loss=False)})
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 24, 1000, None])  # None: the default (automatic) chunk size
 @pytest.mark.parametrize("variant", ["tied", "untied", "softcap+bias", "padded"])
-def test_chunked_loss_gives_the_same_loss_and_gradients(chunk, variant):
+def test_fused_loss_gives_the_same_loss_and_gradients(chunk, variant):
     changes = {"tied": {}, "untied": {"tie_embeddings": False},
                "softcap+bias": {"tie_embeddings": False, "head": {"type": "lm", "logit_softcap": 2.0, "bias": True}},
                "padded": {"pad_vocab_to_multiple_of": 48}}[variant]
-    full = lm(**changes)
+    full = unfused(**changes)
     head = dict(changes.get("head", {"type": "lm"}), loss_chunk_size=chunk)
     chunked = lm(**{**changes, "head": head})
     chunked.load_state_dict(full.state_dict())
@@ -76,43 +81,92 @@ def test_chunked_loss_gives_the_same_loss_and_gradients(chunk, variant):
     labels = x.clone()
     labels[0, :5] = -100  # ignored positions (a prompt)
     want = full(x, labels=labels)
-    got = chunked(x, labels=labels)
-    assert got.logits is None, "the chunked loss never materialises the logits"
+    got = chunked(x, labels=labels, return_logits=False)  # as the training step calls it
+    assert want.logits is not None and got.logits is None, "the fused loss never materialises the logits"
+    assert chunked(x, labels=labels).logits is not None, "a plain call returns logits"
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     want.loss.backward()
     got.loss.backward()
     for (name, a), b in zip(full.named_parameters(), chunked.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # without gradients: the ordinary path, logits included
-        out = chunked(x, labels=labels)
+        out = chunked(x, labels=labels, return_logits=False)
     assert out.logits is not None and out.logits.shape == (B, T, chunked.config.padded_vocab_size)
     torch.testing.assert_close(out.loss, want.loss.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_loss_never_holds_more_than_one_chunk_of_logits():
+def test_fused_loss_never_holds_more_than_one_chunk_of_logits():
     chunk = 5
     model = lm(head={"type": "lm", "loss_chunk_size": chunk})
     x = ids()
     with OutputShapes() as seen:
-        model(x, labels=x).loss.backward()
+        model(x, labels=x, return_logits=False).loss.backward()
     c = model.config.hidden_size
     logits = [s for _, s in seen.shapes if len(s) >= 2 and s[-1] == V and s != (c, V)]  # not the weight [C, V]
     widest = max(s[0] if len(s) == 2 else s[0] * s[1] for s in logits)
     assert widest <= chunk, f"logits of {widest} tokens at once (chunk {chunk})"
     with OutputShapes() as seen:
-        lm()(x, labels=x).loss.backward()
+        unfused()(x, labels=x).loss.backward()
     assert any(s == (B, T, V) for _, s in seen.shapes), "the reference path does hold all logits"
 
 
-def test_chunked_loss_counts_in_plan_and_bad_chunk_is_refused():
+def test_fused_loss_counts_in_plan_and_bad_chunk_is_refused():
     base = small_model_dict(vocab_size=1000)
-    plain = plan(base, batch_size=4, seq_len=32, precision="bf16-mixed")
+    plain = plan(base | {"head": {"type": "lm", "fused_loss": False}}, batch_size=4, seq_len=32,
+                 precision="bf16-mixed")
     chunked = plan(base | {"head": {"type": "lm", "loss_chunk_size": 16}}, batch_size=4, seq_len=32,
                    precision="bf16-mixed")
     assert chunked.memory.activations < plain.memory.activations
     assert chunked.memory.transient < plain.memory.transient
+    whole = plan(base | {"head": {"type": "lm", "loss_chunk_size": 128}}, batch_size=4, seq_len=32,
+                 precision="bf16-mixed")
+    default = plan(base, batch_size=4, seq_len=32, precision="bf16-mixed")  # fused, automatic chunk: 128 tokens
+    assert default.memory.transient == whole.memory.transient > chunked.memory.transient
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         compose(small_model_dict(head={"type": "lm", "loss_chunk_size": 0}), device="meta")
+    with pytest.raises(ConfigError, match=r"head\.loss_chunk_size.*fused_loss is false"):
+        compose(small_model_dict(head={"type": "lm", "loss_chunk_size": 8, "fused_loss": False}), device="meta")
+
+
+@pytest.mark.parametrize("rows, columns, want", [(1024, 50257, 512), (16 * 1024, 50257, 656), (128, 1000, 128),
+                                                 (7, 2**40, 1)])
+def test_automatic_chunk_size_bounds_the_chunk_and_splits_evenly(rows, columns, want):
+    from components.linear_cross_entropy import CHUNK_BYTES, auto_chunk_size
+
+    got = auto_chunk_size(rows, columns)
+    assert got == want
+    assert got == 1 or got * columns * 4 <= CHUNK_BYTES
+    assert -(-rows // got) * got - rows < -(-rows // got)  # equal chunks: the last one short by < one row each
+
+
+def test_training_step_uses_the_fused_loss_and_a_plain_call_does_not():
+    model = lm(head={"type": "lm", "loss_chunk_size": 5})
+    reference = unfused()
+    reference.load_state_dict(model.state_dict())
+    lit = LitComposer(model, {"name": "adamw", "lr": 1e-3}, {"name": "constant"})
+    x = ids()
+    all_logits = {(B, T, V), (B * T, V)}
+    with OutputShapes() as seen:
+        loss = lit.training_step({"input_ids": x, "labels": x.clone()}, 0)
+    assert not all_logits & {s for _, s in seen.shapes}, "the training step held every logit"
+    torch.testing.assert_close(loss, reference(x, labels=x).loss)
+    with OutputShapes() as seen:
+        out = model(x, labels=x)
+    assert out.logits.shape == (B, T, V) and all_logits & {s for _, s in seen.shapes}
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_unfused_one():
+    full, fused = unfused(tie_embeddings=False), lm(tie_embeddings=False)
+    fused.load_state_dict(full.state_dict())
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = full(x, labels=x).loss, fused(x, labels=x, return_logits=False).loss
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    want.backward()
+    got.backward()
+    for (name, a), b in zip(full.named_parameters(), fused.parameters(), strict=True):
+        assert b.grad.dtype == a.grad.dtype == torch.float32, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=5e-3, msg=name)
 
 
 # ----------------------------------------------------------------------------- static KV cache
@@ -268,10 +322,11 @@ def test_padded_vocabulary_masks_its_logits_and_is_planned():
             if name != "embed.weight":
                 p.copy_(q)
     x = ids(vocab=vocab)
-    out = padded(x, labels=x)
-    assert bool((out.logits[..., vocab:] == float("-inf")).all())
-    torch.testing.assert_close(out.logits[..., :vocab], plain(x).logits)
-    torch.testing.assert_close(out.loss, plain(x, labels=x).loss)
+    logits = padded(x).logits
+    assert bool((logits[..., vocab:] == float("-inf")).all())
+    torch.testing.assert_close(logits[..., :vocab], plain(x).logits)
+    fused_loss = padded(x, labels=x, return_logits=False).loss  # the fused loss masks them too
+    torch.testing.assert_close(fused_loss, plain(x, labels=x).loss)
     sampled = padded.generate(x, 20, do_sample=True, temperature=50.0, seed=0)
     assert int(sampled.max()) < vocab
     report = plan(padded.config, batch_size=1, seq_len=16)
