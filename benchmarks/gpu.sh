@@ -4,6 +4,7 @@
 #   OUT=/some/dir bash benchmarks/gpu.sh                  # CUDA (default OUT: benchmarks/out/gpu)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh --device cpu --quick   # the same logic on a CPU, small shapes
 #   BUDGET=420 ...                                         # seconds for all parts together (default 420)
+#   PYTHON=.venv/bin/python ...                            # the interpreter (default: python on PATH)
 #
 # Needs torch + CUDA, lightning, transformers, safetensors, tokenizers, hydra-core and omegaconf, with the
 # repository on PYTHONPATH (this script adds it). Parts, in order of importance, each under its own time
@@ -76,6 +77,10 @@ part() {
 }
 
 say "device $DEVICE ${QUICK[*]:-} budget ${BUDGET}s, parts in $PARTS"
+if ! "$PYTHON" -c "import torch, lightning, transformers, hydra" 2>>"$LOG"; then
+  say "$PYTHON lacks torch, lightning, transformers or hydra-core (see $LOG); set PYTHON=/path/to/python"
+  exit 2
+fi
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, sys
 print(f"torch {torch.__version__}, python {sys.version.split()[0]}, cuda {torch.version.cuda}, "

@@ -16,6 +16,10 @@ Matches ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignor
 the labelled rows; NaN when none is labelled), including an optional logit soft-cap and masked padding
 columns, under autocast too (products in the autocast dtype, softmax in float32).
 
+Written here because no maintained library does this on every device: torch has no fused linear
+cross-entropy, and Liger-Kernel's is Triton, so CUDA only; this one is plain torch (CPU, CUDA, MPS,
+``torch.compile`` with fullgraph=True).
+
 Shapes: N rows (tokens), C features, V output columns (vocabulary, padded).
 """
 
