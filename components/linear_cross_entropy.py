@@ -32,6 +32,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 128 * 2**20  # float32 logits per chunk when no chunk size is given
+IN_PLACE_SOFTMAX = {"cpu"}  # devices whose log-softmax writes over its input (a CPU saves the page faults)
 
 
 def auto_chunk_size(rows: int, columns: int) -> int:
@@ -89,9 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     logits.mul_(softcap)
                 if vocab < v:
                     logits[:, vocab:] = float("-inf")  # padding columns never win
-                if device.type == "cpu":  # in place: log p [m, V] (a fresh [m, V] costs a CPU its page faults)
+                if device.type in IN_PLACE_SOFTMAX:  # log p [m, V] over the logits
                     logits = torch.log_softmax(logits, dim=-1, out=logits)
-                else:  # accelerators: the caching allocator hands back the same block
+                else:  # accelerators: a fresh block, which the caching allocator hands back at once
                     logits = torch.log_softmax(logits, dim=-1)
                 picked = logits.gather(1, safe)  # [m, 1]
                 total = total - torch.where(labelled, picked, 0.0).sum()
