@@ -51,7 +51,8 @@ def run_precision(shape: Shape, device: torch.device, precision: str, rounds: in
         model = build_composed(shape, device, **extra)
         model.set_gradient_checkpointing(mode)
         models[name] = model
-        plans[name] = plan(model.config, batch_size=shape.batch_size, seq_len=shape.context, precision=precision)
+        plans[name] = plan(model.config, batch_size=shape.batch_size, seq_len=shape.context, precision=precision,
+                           device=device.type)
     for flag in (False, True):
         hand = build_handwritten(models["composed/none"])
         hand.checkpointing = flag

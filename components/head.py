@@ -32,7 +32,8 @@ class LMHeadConfig(ComponentConfig):
         True, help="the training step's loss straight from the hidden states, chunk by chunk, without "
         "[tokens, vocab] logits; false: logits, then cross-entropy")
     loss_chunk_size: Optional[int] = option(
-        None, help="tokens per chunk of the fused loss (null: as many as fit 128 MiB of float32 logits)", min=1)
+        None, min=1, help="tokens per chunk of the fused loss (null: 128 MiB of float32 logits on a CPU, "
+        "1 GiB on a GPU)")
 
     def resolve(self, model, check) -> None:
         if self.logit_softcap is not None and self.logit_softcap <= 0:

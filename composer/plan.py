@@ -187,8 +187,9 @@ def _forward_flops(model: ComposedModel, cfg: ModelConfig, seq_len: int) -> floa
 
 
 def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precision: str = "bf16-mixed",
-         checkpointing: Optional[str] = None, fused_attention: bool = True) -> Plan:
-    """Parameters, FLOPs, KV cache and training memory of ``config``; allocates nothing."""
+         checkpointing: Optional[str] = None, fused_attention: bool = True, device: str = "cuda") -> Plan:
+    """Parameters, FLOPs, KV cache and training memory of ``config``; allocates nothing. ``device``: the
+    device type the step runs on ("cuda", "cpu", ...), which sizes the fused loss's automatic chunk."""
     cfg = config if isinstance(config, ModelConfig) else resolve_model_config(config)
     problems = []
     if precision not in PRECISIONS:
@@ -236,7 +237,7 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
     transient = 0
     chunk = None
     if getattr(cfg.head, "fused_loss", False):
-        chunk = cfg.head.loss_chunk_size or auto_chunk_size(tokens, v)
+        chunk = cfg.head.loss_chunk_size or auto_chunk_size(tokens, v, device)
     if cfg.head.type == "lm":
         copy = 0 if a == 4 else 4  # the float32 copy of 16-bit logits (.float() of float32 is no copy)
         if chunk:  # only the head's input is kept; one chunk of logits lives at a time

@@ -126,20 +126,25 @@ def test_fused_loss_counts_in_plan_and_bad_chunk_is_refused():
                  precision="bf16-mixed")
     default = plan(base, batch_size=4, seq_len=32, precision="bf16-mixed")  # fused, automatic chunk: 128 tokens
     assert default.memory.transient == whole.memory.transient > chunked.memory.transient
+    big = small_model_dict(vocab_size=50257)  # 1,024 tokens: 2 chunks of 512 on a CPU, 1 of 1,024 on a GPU
+    on_cpu, on_gpu = (plan(big, batch_size=16, seq_len=64, precision="32-true", device=d) for d in ("cpu", "cuda"))
+    assert "logits of 512 tokens" in " ".join(on_cpu.notes) and "logits of 1024 tokens" in " ".join(on_gpu.notes)
+    assert on_cpu.memory.transient < on_gpu.memory.transient
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         compose(small_model_dict(head={"type": "lm", "loss_chunk_size": 0}), device="meta")
     with pytest.raises(ConfigError, match=r"head\.loss_chunk_size.*fused_loss is false"):
         compose(small_model_dict(head={"type": "lm", "loss_chunk_size": 8, "fused_loss": False}), device="meta")
 
 
-@pytest.mark.parametrize("rows, columns, want", [(1024, 50257, 512), (16 * 1024, 50257, 656), (128, 1000, 128),
-                                                 (7, 2**40, 1)])
-def test_automatic_chunk_size_bounds_the_chunk_and_splits_evenly(rows, columns, want):
-    from components.linear_cross_entropy import CHUNK_BYTES, auto_chunk_size
+@pytest.mark.parametrize("rows, columns, device, want", [
+    (1024, 50257, "cpu", 512), (16 * 1024, 50257, "cpu", 656), (16 * 1024, 50257, "cuda", 4096),
+    (128, 1000, "cpu", 128), (7, 2**40, "cuda", 1)])
+def test_automatic_chunk_size_bounds_the_chunk_and_splits_evenly(rows, columns, device, want):
+    from components.linear_cross_entropy import auto_chunk_size, chunk_bytes
 
-    got = auto_chunk_size(rows, columns)
+    got = auto_chunk_size(rows, columns, device)
     assert got == want
-    assert got == 1 or got * columns * 4 <= CHUNK_BYTES
+    assert got == 1 or got * columns * 4 <= chunk_bytes(device)
     assert -(-rows // got) * got - rows < -(-rows // got)  # equal chunks: the last one short by < one row each
 
 

@@ -1,6 +1,7 @@
 """composer-plan: parameters, FLOPs, KV cache and training memory of a model, without allocating it.
 
     composer-plan model=llama3_8b batch_size=8 seq_len=2048 precision=bf16-mixed checkpointing=every_layer
+    composer-plan model=tiny batch_size=32 precision=32-true device=cpu fused_attention=false   # a CPU step
     composer-plan model=gpt2 model.num_layers=6 --config-dir my_configs
 """
 
@@ -12,7 +13,7 @@ from ..config import load_config, split_overrides
 from ..errors import ConfigError, Problem
 from . import run, take_config_dirs
 
-OPTIONS = ("batch_size", "seq_len", "precision", "checkpointing", "fused_attention")
+OPTIONS = ("batch_size", "seq_len", "precision", "checkpointing", "fused_attention", "device")
 USAGE = __doc__
 
 
@@ -39,6 +40,7 @@ def main_(argv: list[str]) -> int:
         precision=opts.get("precision", "bf16-mixed"),
         checkpointing=opts.get("checkpointing"),
         fused_attention=opts.get("fused_attention", "true").lower() in ("1", "true", "yes"),
+        device=opts.get("device", "cuda"),
     )
     render(report)
     return 0
