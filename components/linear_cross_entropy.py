@@ -17,8 +17,9 @@ the labelled rows; NaN when none is labelled), including an optional logit soft-
 columns, under autocast too (products in the autocast dtype, softmax in float32).
 
 Written here because no maintained library does this on every device: torch has no fused linear
-cross-entropy, and Liger-Kernel's is Triton, so CUDA only; this one is plain torch (CPU, CUDA, MPS,
-``torch.compile`` with fullgraph=True).
+cross-entropy, and Liger-Kernel's is Triton, so CUDA only. This one is plain torch, so it runs wherever
+torch does (tested on CPUs, eager and under ``torch.compile(fullgraph=True)``; the accelerator branch is
+tested there too, its CUDA speed is a ``benchmarks/gpu.sh`` figure).
 
 Shapes: N rows (tokens), C features, V output columns (vocabulary, padded).
 """
@@ -45,7 +46,7 @@ def auto_chunk_size(rows: int, columns: int, device_type: str) -> int:
     split into equal chunks (CPU, 1,024 tokens x 50,257: two chunks of 512; GPU, 16 x 1,024 tokens: four
     chunks of 4,096)."""
     most = max(1, chunk_bytes(device_type) // (4 * columns))
-    chunks = -(-rows // most)
+    chunks = max(1, -(-rows // most))
     return max(1, -(-rows // chunks))
 
 
@@ -71,8 +72,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             labelled_all = targets != IGNORE_INDEX  # [N]
             count = labelled_all.sum()
             scale = 1.0 / count.clamp(min=1)  # the mean over labelled rows, folded into the gradients
-            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=device) if need_h else None  # [N, C]
-            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_w else None  # [V, C]
+            new = torch.empty if n else torch.zeros  # the first chunk writes them (no chunk: zero gradients)
+            grad_h = new(hidden.shape, dtype=torch.float32, device=device) if need_h else None  # [N, C]
+            grad_w = new(weight.shape, dtype=torch.float32, device=device) if need_w else None  # [V, C]
             grad_b = torch.zeros(v, dtype=torch.float32, device=device) if b is not None and need_b else None
             total = torch.zeros((), dtype=torch.float32, device=device)
             rows = min(chunk_size, n)

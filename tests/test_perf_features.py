@@ -148,6 +148,22 @@ def test_automatic_chunk_size_bounds_the_chunk_and_splits_evenly(rows, columns, 
     assert -(-rows // got) * got - rows < -(-rows // got)  # equal chunks: the last one short by < one row each
 
 
+@pytest.mark.parametrize("rows", [0, 3])  # no rows; rows that are all ignored
+def test_fused_loss_without_labelled_rows_is_nan_with_zero_gradients_as_cross_entropy(rows):
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(rows, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    targets = torch.full((rows,), -100)
+    got_h, got_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want_h, want_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = linear_cross_entropy.linear_cross_entropy(got_h, got_w, None, targets)
+    want = F.cross_entropy(F.linear(want_h, want_w), targets)
+    assert got.isnan() and want.isnan()
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got_w.grad, want_w.grad)
+    torch.testing.assert_close(got_h.grad, want_h.grad)
+
+
 def test_training_step_uses_the_fused_loss_and_a_plain_call_does_not():
     model = lm(head={"type": "lm", "loss_chunk_size": 5})
     reference = unfused()
