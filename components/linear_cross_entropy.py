@@ -122,7 +122,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     hw = h * weights.to(dtype)  # [m, C]
                     if dtype != torch.float32:  # 16-bit products, float32 sum
                         part = z.t() @ hw  # [V, C]
-                        grad_w.copy_(part) if start == 0 else grad_w.add_(part)
+                        if start == 0:
+                            grad_w.copy_(part)
+                        else:
+                            grad_w.add_(part)
                     elif start == 0:
                         torch.mm(z.t(), hw, out=grad_w)
                     else:
