@@ -66,7 +66,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                 1.0 if name == "llama3_8b" else None, higher_is_better=False, fmt="{:.3f}",
                                 unit=" s"))
 
-    shape = Shape.for_device(device, args.quick)
+    shape = Shape.from_args(args, device)
     model = build_composed(shape, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)

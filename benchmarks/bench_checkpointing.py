@@ -1,6 +1,7 @@
 """Benchmark 3: gradient checkpointing modes x precisions: peak memory and tokens/s next to ``plan``'s estimate.
 
     python -m benchmarks.bench_checkpointing [--device cuda] [--quick]
+    python -m benchmarks.bench_checkpointing --shape gpt2_124m --batch-size 8 --modes none,every_layer --no-unfused
 
 Settings: composed gpt2-shaped model with checkpointing none / every_layer / every_2 / attention / ffn (with
 the default fused loss; and none / every_layer with ``head.fused_loss=false``: logits, then cross-entropy, as
@@ -15,6 +16,7 @@ reported (goal: within 15%).
 
 from __future__ import annotations
 
+import argparse
 import gc
 from typing import Any, Optional
 
@@ -36,18 +38,20 @@ def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     return sum(seen.values()) + state
 
 
-def settings(shape: Shape) -> list[tuple[str, str, dict]]:
-    """(name, checkpointing mode, extra model options) of the composed contenders."""
-    unfused = {"head.fused_loss": False}
-    return [(f"composed/{m}", m, {}) for m in MODES] + [(f"composed/{m}+unfused_loss", m, unfused)
-                                                       for m in ("none", "every_layer")]
+def settings(modes: tuple[str, ...] = MODES, unfused: bool = True) -> list[tuple[str, str, dict]]:
+    """(name, checkpointing mode, extra model options) of the composed contenders: each of ``modes`` with
+    the fused loss, and (``unfused``) none and every_layer with ``head.fused_loss=false``."""
+    plain = {"head.fused_loss": False}
+    return [(f"composed/{m}", m, {}) for m in modes] + [(f"composed/{m}+unfused_loss", m, plain)
+                                                       for m in ("none", "every_layer") if unfused]
 
 
-def run_precision(shape: Shape, device: torch.device, precision: str, rounds: int, log: Any) -> dict[str, Any]:
+def run_precision(shape: Shape, device: torch.device, precision: str, rounds: int, log: Any,
+                  modes: tuple[str, ...] = MODES, unfused: bool = True) -> dict[str, Any]:
     ids = random_batch(shape, device)
     models: dict[str, torch.nn.Module] = {}
     plans: dict[str, Any] = {}
-    for name, mode, extra in settings(shape):
+    for name, mode, extra in settings(modes, unfused):
         model = build_composed(shape, device, **extra)
         model.set_gradient_checkpointing(mode)
         models[name] = model
@@ -92,18 +96,30 @@ def make_step_with_opt(name: str, model: torch.nn.Module, ids: torch.Tensor, dev
 
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    def modes(text: str) -> tuple[str, ...]:
+        chosen = tuple(m for m in text.split(",") if m)
+        wrong = sorted(set(chosen) - set(MODES))
+        if wrong or not {"none", "every_layer"} <= set(chosen):
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated subset of {','.join(MODES)} that "
+                                             "includes none and every_layer")
+        return chosen
+
     args = harness.cli_args(__doc__.splitlines()[0], argv, extra=[
         ("--precisions", {"default": None, "help": "comma-separated (default: 32-true,bf16-mixed on CUDA; 32-true on "
-                          "CPUs, where bf16 matmuls without native support take minutes per step)"})])
+                          "CPUs, where bf16 matmuls without native support take minutes per step)"}),
+        ("--modes", {"type": modes, "default": MODES, "help": "checkpointing modes of the composed model, "
+                     f"comma-separated (default: {','.join(MODES)}; none and every_layer are always needed)"}),
+        ("--no-unfused", {"action": "store_true", "help": "skip the head.fused_loss=false settings (each model "
+                          "of a setting stays resident: at GPT-2 124M on a CPU memory runs out before time)"})])
     log, device, env = harness.start("checkpointing", args)
-    shape = Shape.for_device(device, args.quick)
+    shape = Shape.from_args(args, device)
     rounds = args.rounds or (1 if args.quick else 3)
     log(f"{shape.describe()} on {env['device']}, {rounds} rounds")
     rows: list[dict[str, str]] = []
     result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "precisions": {}, "rows": rows}
     default = "32-true,bf16-mixed" if device.type == "cuda" or args.quick else "32-true"
     for precision in (args.precisions or default).split(","):
-        res = run_precision(shape, device, precision, rounds, log)
+        res = run_precision(shape, device, precision, rounds, log, args.modes, not args.no_unfused)
         result["precisions"][precision] = res
         detail = f"({shape.describe()}; {res['composed/none']['clock']} clock)"
         what = f"checkpointing {precision} {detail}"
@@ -116,11 +132,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         none, every = res["composed/none"], res["composed/every_layer"]
         rows.append(harness.row(env, what, "peak memory every_layer / none", every["measured_bytes"]
                                 / none["measured_bytes"], 2 / 3, higher_is_better=False))
-        plain, plain_every = res["composed/none+unfused_loss"], res["composed/every_layer+unfused_loss"]
-        rows.append(harness.row(env, what, "peak memory every_layer / none, both with the unfused loss",
-                                plain_every["measured_bytes"] / plain["measured_bytes"]))
-        rows.append(harness.row(env, what, "peak memory none: fused / unfused loss",
-                                none["measured_bytes"] / plain["measured_bytes"]))
+        if not args.no_unfused:
+            plain, plain_every = res["composed/none+unfused_loss"], res["composed/every_layer+unfused_loss"]
+            rows.append(harness.row(env, what, "peak memory every_layer / none, both with the unfused loss",
+                                    plain_every["measured_bytes"] / plain["measured_bytes"]))
+            rows.append(harness.row(env, what, "peak memory none: fused / unfused loss",
+                                    none["measured_bytes"] / plain["measured_bytes"]))
         cost = every["tokens_per_s"] / none["tokens_per_s"]
         hand = res["handwritten/every_layer"]["tokens_per_s"] / res["handwritten/none"]["tokens_per_s"]
         rows.append(harness.row(env, what, "every_layer speed cost: composed (tok/s ratio) / hand-written's",

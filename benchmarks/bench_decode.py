@@ -53,7 +53,7 @@ def contenders(composed: torch.nn.Module, hf: torch.nn.Module, ids: torch.Tensor
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = harness.cli_args(__doc__.splitlines()[0], argv)
     log, device, env = harness.start("decode", args)
-    shape = Shape.for_device(device, args.quick)
+    shape = Shape.from_args(args, device)
     cuda = device.type == "cuda"
     new = 8 if args.quick else 128 if cuda else 64
     rounds = args.rounds or (2 if args.quick else 5)

@@ -159,7 +159,7 @@ def bare_run(model: torch.nn.Module, batch: dict, steps: int, skip: int, device:
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = harness.cli_args(__doc__.splitlines()[0], argv)
     log, device, env = harness.start("lightning", args)
-    shape = Shape.for_device(device, args.quick)
+    shape = Shape.from_args(args, device)
     cuda = device.type == "cuda"
     precision = "bf16-mixed" if cuda else "32-true"
     steps, skip = (6, 2) if args.quick else (30, 5) if cuda else (12, 2)

@@ -74,7 +74,7 @@ def options(argv: Optional[list[str]]) -> Any:
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = options(argv)
     log, device, env = harness.start("train_step", args)
-    shape = Shape.for_device(device, args.quick)
+    shape = Shape.from_args(args, device)
     rounds = args.rounds or (3 if args.quick else 10)
     names = tuple(dict.fromkeys(("composed", "handwritten", *args.contenders)))
     log(f"{shape.describe()} on {env['device']}, {rounds} rounds, contenders {', '.join(names)}")

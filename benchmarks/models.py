@@ -12,8 +12,8 @@ contenders draw their dropout masks from different random streams).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +37,18 @@ class Shape:
         return self.batch_size * self.context
 
     @classmethod
-    def for_device(cls, device: torch.device, quick: bool = False) -> Shape:
-        if quick:
-            return cls(2, 128, 4, 64, 1024, 2)
-        if device.type == "cuda":
-            return cls(12, 768, 12, 1024, 50257, 16)  # GPT-2 124M, batch 16 x 1024
-        return cls(4, 384, 6, 256, 50257, 4)
+    def for_device(cls, device: torch.device, quick: bool = False, name: Optional[str] = None,
+                   batch_size: Optional[int] = None) -> Shape:
+        """The benchmark shape: ``name`` one of SHAPES (default: gpt2_124m on CUDA, cpu elsewhere; quick: a
+        smoke-test size), with ``batch_size`` rows if given."""
+        name = "quick" if quick else name or ("gpt2_124m" if device.type == "cuda" else "cpu")
+        shape = cls(*SHAPES[name])
+        return replace(shape, batch_size=batch_size) if batch_size else shape
+
+    @classmethod
+    def from_args(cls, args: Any, device: torch.device) -> Shape:
+        """The shape the harness's ``--shape`` / ``--batch-size`` / ``--quick`` options ask for."""
+        return cls.for_device(device, args.quick, args.shape, args.batch_size)
 
     def overrides(self) -> list[str]:
         return ["model=gpt2", f"model.num_layers={self.num_layers}", f"model.hidden_size={self.hidden_size}",
@@ -52,6 +58,14 @@ class Shape:
     def describe(self) -> str:
         return (f"gpt2-shaped {self.num_layers} layers x {self.hidden_size} wide, {self.num_heads} heads, "
                 f"vocab {self.vocab_size}, batch {self.batch_size} x {self.context}")
+
+
+# name -> (layers, width, heads, context, vocabulary, batch)
+SHAPES = {
+    "gpt2_124m": (12, 768, 12, 1024, 50257, 16),  # GPT-2 124M, batch 16 x 1024 (the CUDA shape)
+    "cpu": (4, 384, 6, 256, 50257, 4),            # GPT-2's wiring and vocabulary, small enough for one core
+    "quick": (2, 128, 4, 64, 1024, 2),            # a smoke test
+}
 
 
 def composed_config(shape: Shape, **model: Any) -> Any:

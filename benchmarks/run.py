@@ -4,9 +4,10 @@
     python -m benchmarks.run --quick               # small shapes, nothing recorded (a smoke test)
     python -m benchmarks.run --only decode --device cuda
 
-Other options (``--device``, ``--rounds``, ``--threads``, ``--no-compile``, ``--no-record``) are passed to
-every benchmark. A failing benchmark is reported and the others still run; the exit status is 1 if any
-failed. JSON results land in benchmarks/out/<name>.json.
+Other options (``--device``, ``--shape cpu|gpt2_124m``, ``--batch-size``, ``--rounds``, ``--threads``,
+``--no-compile``, ``--no-record``) are passed to every benchmark; a benchmark's own options (e.g.
+checkpointing's ``--modes``) go with ``--only`` that benchmark. A failing benchmark is reported and
+the others still run; the exit status is 1 if any failed. JSON results land in benchmarks/out/<name>.json.
 """
 
 from __future__ import annotations
