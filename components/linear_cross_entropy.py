@@ -50,10 +50,17 @@ def auto_chunk_size(rows: int, columns: int, device_type: str) -> int:
     return max(1, -(-rows // chunks))
 
 
+# Device types autocast knows, asked once at import: torch.amp.is_autocast_available is not traceable by
+# torch.compile on torch 2.11 (a graph break), a set lookup is; torch.is_autocast_enabled fails on the others.
+AUTOCAST_DEVICES = frozenset(kind for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "maia",
+                                                torch._C._get_privateuse1_backend_name())
+                             if torch.amp.is_autocast_available(kind))
+
+
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """The dtype of the products: autocast's where it is on for the tensor's device, else the tensor's."""
     kind = t.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+    if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return t.dtype
 

@@ -12,7 +12,7 @@ D head dim, C hidden size, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
@@ -74,8 +74,11 @@ class AttentionInputs:
 
 def run_with_own_memo(module: Callable, hidden: Tensor, inputs: AttentionInputs, *args: Any) -> Any:
     """``module(hidden, inputs', *args)`` where inputs' has a fresh memo: for checkpointed (recomputed)
-    regions, which must not write into state outside them (torch.compile traces them as one op)."""
-    return module(hidden, replace(inputs, memo={}), *args)
+    regions, which must not write into state outside them (torch.compile traces them as one op). Built
+    field by field: torch 2.11's compiler cannot trace ``dataclasses.replace`` inside a checkpointed region."""
+    own = AttentionInputs(position_ids=inputs.position_ids, key_valid=inputs.key_valid,
+                          past_length=inputs.past_length, cache_position=inputs.cache_position, memo={})
+    return module(hidden, own, *args)
 
 
 @runtime_checkable

@@ -112,13 +112,18 @@ def summary_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("val perplexity", _fmt(record.get("val_ppl"), 2)))
     tps = record.get("tokens_per_s")
     rows += [("tokens/s", f"{tps:,.0f}" if isinstance(tps, (int, float)) else "-"),
-             ("wall time", f"{record.get('wall_s', 0.0):.1f} s"),
-             ("last checkpoint", _fmt(record.get("checkpoint_last"))),
-             ("best checkpoint", _fmt(record.get("checkpoint_best"))),
-             ("exported model", _fmt(record.get("model_dir")))]
+             ("wall time", f"{record.get('wall_s', 0.0):.1f} s")]
     if record.get("sample"):
         rows.append(("sample", str(record["sample"])))
     return rows
+
+
+def path_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, path) of the files the run wrote: printed below the table, one per line, never wrapped
+    (so they can be copied)."""
+    return [("last checkpoint", _fmt(record.get("checkpoint_last"))),
+            ("best checkpoint", _fmt(record.get("checkpoint_best"))),
+            ("exported model", _fmt(record.get("model_dir")))]
 
 
 def print_summary(record: Mapping[str, Any], console: Optional[Any] = None) -> None:
@@ -135,6 +140,8 @@ def print_summary(record: Mapping[str, Any], console: Optional[Any] = None) -> N
     for label, value in summary_rows(record):
         table.add_row(label, escape(value))  # values are plain text, not rich markup
     console.print(table)
+    for label, path in path_rows(record):
+        console.print(f"[bold]{label}:[/bold] {escape(path)}", soft_wrap=True, highlight=False)
 
 
-__all__ = ["answer_sample", "print_summary", "summary_rows", "write_metrics"]
+__all__ = ["answer_sample", "path_rows", "print_summary", "summary_rows", "write_metrics"]

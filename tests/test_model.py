@@ -345,3 +345,24 @@ def test_set_gradient_checkpointing():
     with pytest.raises(ConfigError, match=r"gradient_checkpointing.*every_<k>"):
         model.set_gradient_checkpointing("sometimes")
     assert model.config.gradient_checkpointing == "every_2", "a refused mode leaves the model as it was"
+
+
+def test_checkpointed_regions_get_every_input_but_a_fresh_memo():
+    # run_with_own_memo rebuilds AttentionInputs field by field (torch 2.11 cannot compile
+    # dataclasses.replace there): a field added to AttentionInputs must not be dropped on the way.
+    import dataclasses
+
+    from components.protocols import AttentionInputs, run_with_own_memo
+
+    values = {"position_ids": torch.arange(3)[None], "key_valid": torch.ones(1, 3, dtype=torch.bool),
+              "past_length": 5, "cache_position": torch.arange(2), "memo": {"mask": 1}}
+    assert {f.name for f in dataclasses.fields(AttentionInputs)} == set(values), "a new field: add it here"
+    given = AttentionInputs(**values)
+    seen = []
+    out = run_with_own_memo(lambda hidden, inputs, extra: seen.append((hidden, inputs, extra)) or "out", "h", given, 7)
+    assert out == "out"
+    (hidden, inputs, extra), = seen
+    assert (hidden, extra) == ("h", 7)
+    for name in ("position_ids", "key_valid", "past_length", "cache_position"):
+        assert getattr(inputs, name) is getattr(given, name), name
+    assert inputs.memo == {} and inputs.memo is not given.memo

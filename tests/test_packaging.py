@@ -46,8 +46,10 @@ def test_wheel_ships_the_config_tree(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+                            str(src)], cwd=tmp_path, timeout=300, capture_output=True, text=True)
+    assert built.returncode == 0, f"building the wheel failed (pyproject's build-system.requires installed?):\n" \
+        f"{built.stderr[-3000:]}"
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],

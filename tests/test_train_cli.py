@@ -26,9 +26,12 @@ def test_main_job_writes_the_whole_run_folder(tmp_path):
     args = [o for o in TINY if o != "callbacks.progress_bar=none"]  # with the rich progress bar
     res = cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    for text in ("final val loss", "best val loss", "answer_accuracy", "tokens/s", "wall time", "last.ckpt",
-                 "exported model", "answers right"):
+    for text in ("final val loss", "best val loss", "answer_accuracy", "tokens/s", "wall time", "exported model",
+                 "answers right"):
         assert text in res.stdout, text
+    # the paths whole on one line each, however long (a table would wrap them): they can be copied
+    assert f"last checkpoint: {run / 'checkpoints' / 'last.ckpt'}\n" in res.stdout
+    assert f"exported model: {run / 'model'}\n" in res.stdout
 
     assert {p.name for p in (run / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     with open(run / "metrics.csv") as f:
