@@ -50,11 +50,23 @@ def auto_chunk_size(rows: int, columns: int, device_type: str) -> int:
     return max(1, -(-rows // chunks))
 
 
-# Device types autocast knows, asked once at import: torch.amp.is_autocast_available is not traceable by
-# torch.compile on torch 2.11 (a graph break), a set lookup is; torch.is_autocast_enabled fails on the others.
-AUTOCAST_DEVICES = frozenset(kind for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "maia",
-                                                torch._C._get_privateuse1_backend_name())
-                             if torch.amp.is_autocast_available(kind))
+def _autocast_devices() -> frozenset[str]:
+    """Device types autocast knows, asked once at import: torch.amp.is_autocast_available is not traceable by
+    torch.compile on torch 2.11 (a graph break), a set lookup is; torch.is_autocast_enabled fails on the others
+    (meta, for one). An older torch that does not know a device type's name leaves it out."""
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    kinds = set()
+    for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "maia",
+                 torch._C._get_privateuse1_backend_name()):
+        try:
+            if available(kind):
+                kinds.add(kind)
+        except RuntimeError:  # "Expected one of cpu, cuda, ... device type"
+            pass
+    return frozenset(kinds)
+
+
+AUTOCAST_DEVICES = _autocast_devices()
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:

@@ -180,6 +180,16 @@ def test_training_step_uses_the_fused_loss_and_a_plain_call_does_not():
     assert out.logits.shape == (B, T, V) and all_logits & {s for _, s in seen.shapes}
 
 
+def test_fused_loss_asks_autocast_only_of_device_types_it_knows():
+    compute_dtype, known = linear_cross_entropy._compute_dtype, linear_cross_entropy.AUTOCAST_DEVICES
+    assert {"cpu", "cuda"} <= known and "meta" not in known
+    assert compute_dtype(torch.empty(2, device="meta")) == torch.float32  # torch.is_autocast_enabled("meta") raises
+    assert compute_dtype(torch.empty(2)) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(torch.empty(2)) == torch.bfloat16
+        assert compute_dtype(torch.empty(2, device="meta")) == torch.float32
+
+
 def test_fused_loss_under_bf16_autocast_matches_the_unfused_one():
     full, fused = unfused(tie_embeddings=False), lm(tie_embeddings=False)
     fused.load_state_dict(full.state_dict())
