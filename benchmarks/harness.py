@@ -278,7 +278,9 @@ def cli_args(description: str, argv: Optional[list[str]] = None, extra: list[tup
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds (a smoke test)")
-    p.add_argument("--shape", choices=("cpu", "gpt2_124m"), default=None,
+    from benchmarks.models import SHAPES
+
+    p.add_argument("--shape", choices=[name for name in SHAPES if name != "quick"], default=None,  # quick: --quick
                    help="model shape (default: gpt2_124m on CUDA, cpu elsewhere; see benchmarks/models.py SHAPES)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the shape's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
