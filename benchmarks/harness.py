@@ -38,7 +38,13 @@ RESULTS = Path(os.environ.get("BENCH_RESULTS", HERE / "RESULTS.md"))
 def setup_device(device: str, threads: Optional[int] = None) -> torch.device:
     """The device to run on; CPUs get ``threads`` intra-op threads (default 1: contenders then never wait on
     each other's OpenMP threads on a shared machine, and CPU time measures the work exactly). CUDA gets TF32."""
-    dev = torch.device(device)
+    from composer.errors import ConfigError
+    from composer.model import target_device
+
+    try:
+        dev = target_device(device, "--device")
+    except ConfigError as exc:
+        raise SystemExit(f"invalid benchmark arguments: {exc.problems[0]}") from None
     if dev.type == "cpu":
         torch.set_num_threads(threads or 1)
     elif dev.type == "cuda":
@@ -269,6 +275,19 @@ def logger(name: str) -> Callable[[str], None]:
     return log
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def cli_args(description: str, argv: Optional[list[str]] = None, extra: list[tuple[str, dict]] = ()):
     """The options every benchmark script takes (plus ``extra`` (flag, argparse keywords) pairs)."""
     import argparse
@@ -282,9 +301,9 @@ def cli_args(description: str, argv: Optional[list[str]] = None, extra: list[tup
 
     p.add_argument("--shape", choices=[name for name in SHAPES if name != "quick"], default=None,  # quick: --quick
                    help="model shape (default: gpt2_124m on CUDA, cpu elsewhere; see benchmarks/models.py SHAPES)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the shape's)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default: the shape's)")
+    p.add_argument("--rounds", type=positive_int, default=None, help="timed rounds per contender")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU intra-op threads (default 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     p.add_argument("--no-hf-compile", action="store_true", help="skip transformers' compiled contenders")
     p.add_argument("--no-record", action="store_true", help="do not append rows to RESULTS.md")

@@ -273,6 +273,9 @@ def from_pretrained(path: Union[str, Path], device: Any = None, dtype: Optional[
     Returns the ComposedModel in eval mode. Raises CheckpointError (IncompatibleVersion for a
     newer major format) naming every problem.
     """
+    from .model import target_device
+
+    dev = str(target_device(device))
     ckpt = _locate(path)
     saved_dtype = _torch_dtype(ckpt.doc.get("dtype"), ckpt.source)
     model = _build(ckpt.doc, ckpt.source)
@@ -284,7 +287,6 @@ def from_pretrained(path: Union[str, Path], device: Any = None, dtype: Optional[
                 raise CheckpointError(f"tensor {name} appears in both {owner[name]} and {h.path}")
             found[name], owner[name] = info, h.path
     check_tensors(found, expected_tensors(model), saved_dtype, str(path))
-    dev = str(torch.device(device)) if device is not None else "cpu"
     state: dict[str, Tensor] = {}
     for f in ckpt.files:
         reader = open_safetensors(f, dev)

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from components.kv_cache import Cache, KVCache
 from components.protocols import AttentionInputs, BuildContext, run_with_own_memo
 
-from .errors import ConfigError, ModelError, Problem
+from .errors import ConfigError, InvalidParameter, ModelError, Problem
 from .registry import ATTENTION, BLOCK, FAMILIES, FFN, HEAD, NORM, POSITION, interface_gaps
 from .schema import ModelConfig, resolve_model_config
 
@@ -337,6 +337,29 @@ def _skip_init():
             setattr(nn.init, name, fn)
 
 
+def target_device(device: Any, argument: str = "device") -> torch.device:
+    """``device`` (None: CPU) as a torch.device this process can use. Raises InvalidParameter naming
+    ``argument`` for a string that is no device or an accelerator this torch does not see, before
+    anything is allocated (torch's own errors there come late and name neither)."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(device if device is not None else "cpu")
+        except (RuntimeError, TypeError):
+            raise InvalidParameter([Problem(argument, f"{device!r} is not a device",
+                                            "use cpu, cuda or cuda:<index>")]) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidParameter([Problem(argument, f"{device!r}: this torch ({torch.__version__}) sees no CUDA "
+                                            "device", "use cpu, or run where a GPU and a CUDA build of torch are")])
+        if dev.index is not None and dev.index >= count:
+            raise InvalidParameter([Problem(argument, f"{device!r}: this machine has {count} CUDA device(s)",
+                                            f"use cuda:0 ... cuda:{count - 1}")])
+    return dev
+
+
 def compose(config: Any, device: Any = None, dtype: Optional[torch.dtype] = None,
             seed: Optional[int] = None) -> ComposedModel:
     """Validate ``config`` (a model DictConfig, mapping or ModelConfig) and build the model.
@@ -347,13 +370,14 @@ def compose(config: Any, device: Any = None, dtype: Optional[torch.dtype] = None
     invalid.
     """
     cfg = resolve_model_config(config)
+    device = target_device(device)
     with torch.device("meta"), _skip_init():
         model = ComposedModel(cfg)
     if dtype is not None:
         model.to(dtype=dtype)
-    if str(device) == "meta":
+    if device.type == "meta":
         return model
-    model.to_empty(device=device or "cpu")
+    model.to_empty(device=device)
     model.tie_weights()
     left = model.init_weights(seed)
     if left:  # built on meta, these never had values: refuse rather than return uninitialised memory

@@ -95,6 +95,14 @@ def test_round_trip_is_bit_exact(name, tmp_path):
     assert torch.equal(model(x).logits, loaded(x).logits)
 
 
+def test_loading_onto_a_device_this_process_cannot_use_names_the_argument(tmp_path):
+    compose(small_model_dict(), seed=0).save_pretrained(tmp_path)
+    with pytest.raises(InvalidParameter, match=r"device: 'cuda:99'"):
+        ComposedModel.from_pretrained(tmp_path, device="cuda:99")
+    with pytest.raises(InvalidParameter, match=r"device: 'npu0' is not a device"):
+        ComposedModel.from_pretrained(tmp_path, device="npu0")
+
+
 def test_tied_weights_are_stored_once_and_retied(tmp_path):
     model = compose(small_model_dict(), seed=0)
     model.save_pretrained(tmp_path)

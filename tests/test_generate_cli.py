@@ -166,6 +166,7 @@ def test_text_streams_as_tokens_come_and_holds_back_partial_characters():
     (["ckpt={ckpt}", "prompt=hi", "do_sample=maybe"], "do_sample: 'maybe' is not true or false"),
     (["ckpt={ckpt}", "prompt=hi", "dtype=int8"], "dtype: 'int8' is not supported"),
     (["ckpt={ckpt}", "prompt=hi", "device=gpu0"], "device: 'gpu0' is not a device"),
+    (["ckpt={ckpt}", "prompt=hi", "device=cuda:99"], "invalid composer-generate arguments: device: 'cuda:99'"),
     (["ckpt={ckpt}", "prompt=hi", "eos_token_id=<nope>"], "not a token of the tokenizer's vocabulary"),
     (["ckpt={ckpt}", "prompt=hi", "top_k=0", "max_new_tokens=3"], "top_k must be an integer >= 1"),
     (["ckpt={ckpt}", "prompt_ids=1,999"], "token id 999 is outside the vocabulary"),

@@ -149,6 +149,11 @@ def test_pickle_only_hf_folder_is_refused_with_a_hint(llama_dir, tmp_path):
     assert "safe_serialization=True" in str(info.value) and "save_file" in str(info.value)
 
 
+def test_importing_onto_a_device_this_process_cannot_use_names_the_argument(llama_dir):
+    with pytest.raises(ConfigError, match=r"device: 'cuda:99'"):
+        import_hf(llama_dir, device="cuda:99")
+
+
 def test_missing_config_and_mismatched_weights(llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="config.json"):
         import_hf(tmp_path)

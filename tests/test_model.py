@@ -49,6 +49,15 @@ def test_bad_input_ids_raise_model_error(model, bad, match):
         model(bad)
 
 
+@pytest.mark.parametrize("device, match", [
+    ("gpu0", r"device: 'gpu0' is not a device\. Fix: use cpu, cuda or cuda:<index>"),
+    ("cuda:99", r"device: 'cuda:99': this (torch .* sees no CUDA device|machine has \d+ CUDA device)"),
+])
+def test_a_device_this_process_cannot_use_is_named_before_anything_is_built(device, match):
+    with pytest.raises(ConfigError, match=match):
+        compose(small_model_dict(), device=device)
+
+
 def test_bad_attention_mask_raises_model_error(model):
     x = ids(B, 5)
     with pytest.raises(ModelError, match=r"attention_mask must have shape \(2, 5\)"):

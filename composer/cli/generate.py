@@ -91,7 +91,7 @@ def load(ckpt: Optional[str], device: str, dtype: Optional[str]) -> tuple[Any, A
     import torch
 
     from ..checkpoint import load_tokenizer
-    from ..model import ComposedModel
+    from ..model import ComposedModel, target_device
 
     if not ckpt:
         raise ConfigError([Problem("ckpt", "is required", "pass ckpt=<folder written by save_pretrained>")],
@@ -104,10 +104,9 @@ def load(ckpt: Optional[str], device: str, dtype: Optional[str]) -> tuple[Any, A
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch_device = torch.device(device)
-    except RuntimeError:
-        raise ConfigError([Problem("device", f"{device!r} is not a device", "use auto, cpu, cuda or cuda:<index>")],
-                          header="invalid composer-generate arguments") from None
+        torch_device = target_device(device)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, header="invalid composer-generate arguments") from None
     model = ComposedModel.from_pretrained(path, device=torch_device,
                                           dtype=getattr(torch, dtype) if dtype else None)
     return model, load_tokenizer(path)

@@ -84,8 +84,9 @@ def import_hf(directory: Union[str, Path], device: Any = None, dtype: Optional[t
     dtype:     cast to this dtype (default: the checkpoint's)
     Raises ConfigError for an unsupported model_type / option, CheckpointError for bad weights.
     """
-    from ..model import compose
+    from ..model import compose, target_device
 
+    dev = str(target_device(device))
     folder = Path(directory)
     c = read_hf_config(folder)
     family = family_of(c)
@@ -102,7 +103,6 @@ def import_hf(directory: Union[str, Path], device: Any = None, dtype: Optional[t
             found[name] = (info, f)
     model = compose(cfg, device="meta")
     plan = _plan(family, model, found, str(folder))
-    dev = str(torch.device(device)) if device is not None else "cpu"
     readers = {f: open_safetensors(f, dev) for f in files}
     target = dtype or found[plan[0][1][0]][0].torch_dtype
     state: dict[str, Tensor] = {}
