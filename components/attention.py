@@ -3,7 +3,8 @@
 One module serves all four; they differ in how many key/value heads they keep and how far
 back a query may look. Queries, keys and values come from one fused projection; the
 attention itself is ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
-GPUs, grouped key/value heads without copies where torch supports ``enable_gqa``). Only a
+GPUs; grouped key/value heads without copies wherever a fused kernel reads them: see
+``sdpa_reads_grouped_heads``). Only a
 logit soft-cap, which SDPA cannot express, takes the explicit softmax path. Sliding windows
 over a whole sequence use FlexAttention with a block mask on CUDA (``kernel: auto``): blocks
 outside the window are skipped instead of masked, so the cost grows with T x W, not T x T.
@@ -28,6 +29,26 @@ from composer.schema import check_probability, inherit, option
 
 # enable_gqa (torch >= 2.5) lets SDPA read grouped key/value heads without copying them
 SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+FLASH_MAX_HEAD_DIM = 256
+
+
+def sdpa_reads_grouped_heads(device_type: str, dtype: torch.dtype, masked: bool, head_dim: int) -> bool:
+    """Whether SDPA takes grouped key/value heads as they are (``enable_gqa``) and still runs a fused
+    kernel. CPU: its flash kernel does, in every dtype, with or without a mask. CUDA: only the flash
+    kernel does (float16/bfloat16, no mask, head dim <= 256); anywhere else SDPA would fall back, without
+    a word, to the math kernel (a [B, H, T, S] score matrix, several times slower). There the caller
+    folds each group's query heads into one head's rows when it has a mask (decoding, padding, windows
+    without FlexAttention: K/V read once, by the memory-efficient kernel) and repeats K/V otherwise
+    (float32 or head dim > 256 without a mask: the causal kernel needs query rows in order).
+    Other devices: the same as CUDA's fallbacks (no claim about their kernels)."""
+    if not SDPA_HAS_GQA:
+        return False
+    if device_type == "cpu":
+        return True
+    return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not masked
+            and head_dim <= FLASH_MAX_HEAD_DIM)
+
+
 try:  # FlexAttention (torch >= 2.5)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch
@@ -278,9 +299,18 @@ class SelfAttention(nn.Module):
             return probs @ v
         kwargs = {}
         if groups > 1:
-            if SDPA_HAS_GQA:
+            if sdpa_reads_grouped_heads(q.device.type, q.dtype, mask is not None, self.head_dim):
                 kwargs["enable_gqa"] = True
-            else:  # torch < 2.5
+            elif mask is not None:  # fold each group's query heads into one head's rows: no K/V copy
+                b, h, t, d = q.shape
+                folded = q.reshape(b, self.num_kv_heads, groups * t, d)  # query head j reads K/V head j // groups
+                if mask.shape[1] == 1:  # [B|1, 1, T, S] -> [B|1, 1, G T, S]: row g T + i is query i's row
+                    mask = mask.repeat(1, 1, groups, 1)
+                else:  # a per-head bias [B|1, H, T, S] -> [B|1, Hkv, G T, S]
+                    mask = mask.reshape(mask.shape[0], self.num_kv_heads, groups * t, mask.shape[-1])
+                y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+                return y.reshape(b, h, t, d)
+            else:  # [B, Hkv, S, D] -> [B, H, S, D]
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
                                               scale=self.scale, **kwargs)

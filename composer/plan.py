@@ -14,7 +14,9 @@ Conventions (stated so the figures can be checked):
 - Memory: weights, gradients and AdamW state by precision (mixed precision keeps float32
   master weights, gradients and states); activations are the tensors autograd saves, counted
   per component from the shapes in this code base (SDPA with a fused kernel, so no T x T
-  scores are stored; the math path on CPUs stores them, see ``fused_attention``). The peak of
+  scores are stored; the math path on CPUs stores them, see ``fused_attention``; a logit soft-cap's
+  explicit softmax stores its float32 scores and probabilities; where SDPA cannot read grouped K/V
+  heads on ``device``, the repeated K/V or the folded queries are stored too). The peak of
   a step is weights + AdamW state + the larger of two moments: the start of the backward pass
   (every activation, plus the logits' gradients) and its end (every gradient, plus the tied
   embedding's two partial gradients before they are summed). Gradients are freed between steps
@@ -28,8 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
+from components.attention import sdpa_reads_grouped_heads
 from components.linear_cross_entropy import auto_chunk_size
 
 from .errors import ConfigError, Problem
@@ -134,7 +138,7 @@ def _context(attn: Any, seq_len: int) -> int:
 
 
 def _layer_activation_bytes(cfg: ModelConfig, i: int, seq_len: int, a: int, r: int,
-                            fused_attention: bool) -> tuple[int, int, int]:
+                            fused_attention: bool, device: str) -> tuple[int, int, int]:
     """Bytes autograd keeps per token for layer i: (whole layer, attention part, ffn part).
 
     a: activation bytes (matmul inputs/outputs), r: residual-stream / norm bytes."""
@@ -149,8 +153,19 @@ def _layer_activation_bytes(cfg: ModelConfig, i: int, seq_len: int, a: int, r: i
     attn = a * (c + (h + 2 * hkv) * d + 2 * h * d)
     if spec.position.type == "rope":  # float32 copies of q, k and the rotated q, k
         attn += (4 + a) * (h + hkv) * d
-    if not fused_attention:  # math SDPA keeps the probabilities [H, T, S]
-        attn += a * h * _context(att, seq_len)
+    context = _context(att, seq_len)
+    explicit = getattr(att, "logit_softcap", None) is not None  # no SDPA: tanh and softmax outputs (float32)
+    if explicit:  # + the probabilities cast back for the product with V (the same tensor in float32)
+        attn += (8 + (a if a != 4 else 0)) * h * context
+    elif not fused_attention:  # math SDPA keeps the probabilities [H, T, S]
+        attn += a * h * context
+    if hkv < h:  # K/V repeated to every query head where SDPA cannot read groups (see components.attention)
+        windowed_sdpa = getattr(att, "window", None) is not None and (
+            device != "cuda" or getattr(att, "kernel", "auto") == "sdpa")  # FlexAttention reads groups
+        dtype = torch.float32 if a == 4 else torch.bfloat16
+        if explicit or not sdpa_reads_grouped_heads(device, dtype, windowed_sdpa, d):
+            # with a mask the query heads are folded (a copy of q), without one K and V are repeated
+            attn += a * h * d if windowed_sdpa and not explicit else a * 2 * h * d
     attn += norm
     ffn = norm + _ffn_bytes(spec.ffn, c, a)
     drop = getattr(spec.block, "dropout", 0.0) or 0.0
@@ -252,7 +267,7 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
     full, recompute = 0, 0.0
     per_layer = []
     for i in range(cfg.num_layers):
-        whole, attn_b, ffn_b = _layer_activation_bytes(cfg, i, seq_len, a, r, fused_attention)
+        whole, attn_b, ffn_b = _layer_activation_bytes(cfg, i, seq_len, a, r, fused_attention, device)
         per_layer.append(whole)
         mode = cfg.checkpointed(i)
         if mode == "layer":
@@ -295,6 +310,10 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
         notes.append(f"fused loss: logits of {chunk} tokens at a time (head.fused_loss, head.loss_chunk_size)")
     if not fused_attention:
         notes.append("attention without a fused kernel: T x T probabilities are stored")
+    capped = [i for i in range(cfg.num_layers) if getattr(cfg.layer(i).attention, "logit_softcap", None) is not None]
+    if capped:
+        notes.append(f"{len(capped)} layer(s) cap attention logits (logit_softcap): explicit softmax, T x S float32 "
+                     "scores stored (no fused kernel takes a soft-cap)")
     return Plan(cfg.name or "model", batch_size, seq_len, precision, cfg.gradient_checkpointing, rows, total,
                 embedding, trainable, padding, fwd, 3 * fwd, recompute, kv_per_token, kv_max, memory, notes)
 

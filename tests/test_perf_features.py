@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+import components.attention as attention
 import components.linear_cross_entropy as linear_cross_entropy
 from composer import compose, generation
 from composer.callbacks import LearningRate, NanGuard, Throughput, ValidateAtEnd
@@ -202,6 +203,84 @@ def test_fused_loss_under_bf16_autocast_matches_the_unfused_one():
     for (name, a), b in zip(full.named_parameters(), fused.parameters(), strict=True):
         assert b.grad.dtype == a.grad.dtype == torch.float32, name
         torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+# ----------------------------------------------------------------------------- grouped key/value heads
+@pytest.mark.parametrize("device_type, dtype, masked, head_dim, reads", [
+    ("cpu", torch.float32, True, 64, True),  # the CPU flash kernel takes grouped heads, masked or not
+    ("cpu", torch.bfloat16, False, 512, True),
+    ("cuda", torch.bfloat16, False, 128, True),  # CUDA flash: half precision, no mask, head dim <= 256
+    ("cuda", torch.float16, False, 256, True),
+    ("cuda", torch.float32, False, 64, False),  # these would run the math kernel: K/V are repeated
+    ("cuda", torch.bfloat16, True, 64, False),
+    ("cuda", torch.bfloat16, False, 320, False),
+    ("mps", torch.float16, False, 64, False),
+])
+def test_grouped_heads_go_to_sdpa_uncopied_only_where_a_fused_kernel_reads_them(device_type, dtype, masked,
+                                                                                 head_dim, reads):
+    if not attention.SDPA_HAS_GQA:
+        reads = False
+    assert attention.sdpa_reads_grouped_heads(device_type, dtype, masked, head_dim) is reads
+
+
+@pytest.mark.parametrize("position", ["learned", "alibi"])  # alibi: a per-head float bias for a mask
+def test_gqa_reads_kv_heads_uncopied_folds_queries_or_repeats_kv_with_the_same_result(position, monkeypatch):
+    model = compose(small_model_dict(attention={"type": "gqa", "num_kv_heads": 2}, position={"type": position}),
+                    seed=0).eval()
+    x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones(B, T)
+    padded[0, :3] = 0  # left padding: the attention gets a mask
+    sdpa, seen = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):  # (query heads, key heads, value heads, query rows, enable_gqa)
+        seen.append((q.shape[1], k.shape[1], v.shape[1], q.shape[2], kwargs.get("enable_gqa", False)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    def run(**kwargs) -> torch.Tensor:
+        seen.clear()
+        with torch.no_grad():
+            return model(x, **kwargs).logits
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    grouped, grouped_padded = run(), run(attention_mask=padded)
+    if attention.SDPA_HAS_GQA:  # the CPU's kernel reads grouped heads, masked or not
+        assert seen == [(4, 2, 2, T, True)] * 2
+    monkeypatch.setattr(attention, "sdpa_reads_grouped_heads", lambda *args: False)  # as CUDA in float32
+    folded_padded = run(attention_mask=padded)
+    assert seen == [(2, 2, 2, 2 * T, False)] * 2  # two query heads per K/V head, as rows; K/V not copied
+    repeated = run()
+    if position == "learned":  # no mask: K/V repeated to every query head for the causal kernel
+        assert seen == [(4, 4, 4, T, False)] * 2
+    else:  # alibi's bias is a mask: folded
+        assert seen == [(2, 2, 2, 2 * T, False)] * 2
+    torch.testing.assert_close(repeated, grouped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded_padded, grouped_padded, rtol=1e-5, atol=1e-5)
+    real = padded.bool()
+    assert not torch.allclose(grouped_padded[real], grouped[real], atol=1e-3)  # the padding mask mattered
+
+
+def test_gqa_decoding_with_folded_queries_gives_the_same_tokens(monkeypatch):
+    model = lm(tie_embeddings=False, attention={"type": "gqa", "num_kv_heads": 2}, position={"type": "rope"})
+    x = ids(seed=3)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :4] = 0
+    want = [model.generate(x, 8, attention_mask=mask), model.generate(x, 8)]
+    monkeypatch.setattr(attention, "sdpa_reads_grouped_heads", lambda *args: False)  # decode steps fold queries
+    assert torch.equal(model.generate(x, 8, attention_mask=mask), want[0])
+    assert torch.equal(model.generate(x, 8), want[1])
+
+
+def test_folded_and_repeated_gqa_trace_as_one_graph(monkeypatch):
+    monkeypatch.setattr(attention, "sdpa_reads_grouped_heads", lambda *args: False)  # CUDA's fallbacks
+    model = lm(tie_embeddings=False, attention={"type": "gqa", "num_kv_heads": 2}, position={"type": "rope"}).eval()
+    x = ids(seed=4)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :2] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits)
+        torch.testing.assert_close(compiled(x).logits, model(x).logits)
 
 
 # ----------------------------------------------------------------------------- static KV cache

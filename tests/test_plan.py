@@ -1,4 +1,5 @@
-"""composer.plan: exact parameter counts, FLOPs and KV-cache sizes checked against hand formulas."""
+"""composer.plan: exact parameter counts, FLOPs and KV-cache sizes checked against hand formulas; activation
+terms checked against the bytes autograd actually saves."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from composer import ConfigError, load_config
+import components.attention as attention
+from composer import ConfigError, compose, load_config
 from composer.plan import plan, training_flops_per_token
 from tests.conftest import small_model_dict
 
@@ -83,6 +86,53 @@ def test_checkpointing_orders_activation_memory():
     assert report.memory.activations == report.memory.activations_every_layer
     assert report.flops_recompute_per_token > 0
     assert plan(base, seq_len=32).flops_recompute_per_token == 0
+
+
+def saved_activation_bytes(config: dict, batch: int, seq_len: int) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass of one forward with labels
+    (parameters excluded: they are weights, not activations)."""
+    model = compose(config, seed=0).train()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not (t.is_leaf and t.requires_grad):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("attn", [{"type": "mha"}, {"type": "gqa", "num_kv_heads": 2}])
+def test_a_logit_softcap_stores_what_the_plan_says(attn):
+    """The soft-capped attention (explicit softmax) keeps [H, T, S] float32 scores: the plan's extra
+    bytes for it are the measured ones."""
+    base = small_model_dict(attention=attn, num_layers=2, max_position_embeddings=128)
+    capped = small_model_dict(attention={**attn, "logit_softcap": 30.0}, num_layers=2, max_position_embeddings=128)
+    b, t = 2, 128  # the scores dominate; what the CPU's SDPA copies besides (contiguous q, k, v) is not planned
+    measured = saved_activation_bytes(capped, b, t) - saved_activation_bytes(base, b, t)
+    planned = (plan(capped, batch_size=b, seq_len=t, precision="32-true", device="cpu").memory.activations
+               - plan(base, batch_size=b, seq_len=t, precision="32-true", device="cpu").memory.activations)
+    assert measured > 0
+    assert planned == pytest.approx(measured, rel=0.05)
+
+
+def test_grouped_heads_repeated_for_sdpa_are_planned_where_they_are_repeated():
+    gqa = small_model_dict(attention={"type": "gqa", "num_kv_heads": 2}, num_layers=2)
+    mha = small_model_dict(num_layers=2)
+    b, t, h, d = 2, 64, 4, 8
+
+    def activations(config, precision, device):
+        return plan(config, batch_size=b, seq_len=t, precision=precision, device=device).memory.activations
+
+    repeated = b * t * 2 * (2 * h * d) * 4  # 2 layers x K and V for every query head, float32
+    if attention.SDPA_HAS_GQA:  # CUDA in float32 repeats (the flash kernel, which reads groups, needs 16 bits)
+        assert activations(gqa, "32-true", "cuda") - activations(gqa, "32-true", "cpu") == repeated
+        assert activations(gqa, "bf16-mixed", "cuda") == activations(gqa, "bf16-mixed", "cpu")
+    for device in ("cpu", "cuda"):  # multi-head attention has nothing to repeat
+        assert activations(mha, "32-true", device) == activations(mha, "32-true", "cpu")
 
 
 def test_padded_vocab_reported_separately():
