@@ -12,6 +12,7 @@ The first-step losses of the three must agree (a correctness check of the copied
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks import harness
-from benchmarks.models import Shape, contenders, loss_fn, random_batch
+from benchmarks.models import BUILDERS, Shape, contenders, loss_fn, random_batch
 from composer.optim import parameter_groups
 
 NAMES = ("composed", "handwritten", "transformers", "composed_unfused")  # the default contenders; also: composed_pad64
@@ -61,7 +62,12 @@ def flops_per_token(shape: Shape) -> float:
 
 def options(argv: Optional[list[str]]) -> Any:
     def names(text: str) -> tuple[str, ...]:
-        return tuple(n for n in text.split(",") if n)
+        chosen = tuple(n for n in text.split(",") if n)
+        unknown = [n for n in chosen if n != "composed" and n not in BUILDERS]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown contender(s) {', '.join(unknown)}: choose from composed, "
+                                             f"{', '.join(BUILDERS)}")
+        return chosen
 
     return harness.cli_args(__doc__.splitlines()[0], argv, extra=[
         ("--contenders", {"type": names, "default": NAMES, "help": "comma-separated: composed, handwritten, "
