@@ -21,6 +21,8 @@
 #   flex           sliding-window attention: FlexAttention block mask vs SDPA + mask (same loss and
 #                  gradients; speed), and the model compiled with fullgraph=True
 #   build          compose(device="meta") per preset; from_pretrained vs safetensors load_file
+#   gqa            grouped-query attention: enable_gqa vs K/V repeated vs query heads folded, bf16 and
+#                  float32; does components.attention's rule pick the fastest path on this GPU?
 # Benchmarks save their JSON after each stage, so a part cut by its limit still reports what it measured.
 # Everything lands in $OUT/gpu_results.json (one entry per part) and $OUT/log.txt (the full output); each
 # part also prints a one-line JSON summary. Record the rows in benchmarks/RESULTS.md afterwards with
@@ -116,6 +118,7 @@ else
 fi
 part flex 45 "$PYTHON" -m benchmarks.bench_flex "${BENCH[@]}"
 part build 30 "$PYTHON" -m benchmarks.bench_build "${BENCH[@]}"
+part gqa 40 "$PYTHON" -m benchmarks.bench_gqa "${BENCH[@]}"
 
 say "all parts done in $(( $(date +%s) - START ))s; results in $RESULT, log in $LOG"
 echo "=== one line per part ==="

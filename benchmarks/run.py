@@ -5,9 +5,10 @@
     python -m benchmarks.run --only decode --device cuda
 
 Other options (``--device``, ``--shape cpu|gpt2_124m``, ``--batch-size``, ``--rounds``, ``--threads``,
-``--no-compile``, ``--no-record``) are passed to every benchmark; a benchmark's own options (e.g.
-checkpointing's ``--modes``) go with ``--only`` that benchmark. A failing benchmark is reported and
-the others still run; the exit status is 1 if any failed. JSON results land in benchmarks/out/<name>.json.
+``--no-compile``, ``--no-record``) are passed to every benchmark (``gqa`` has its own shapes: not the
+first two); a benchmark's own options (e.g. checkpointing's ``--modes``) go with ``--only`` that
+benchmark. A failing benchmark is reported and the others still run; the exit status is 1 if any
+failed. JSON results land in benchmarks/out/<name>.json.
 """
 
 from __future__ import annotations
@@ -25,8 +26,23 @@ BENCHMARKS = {
     "checkpointing": "benchmarks.bench_checkpointing",
     "decode": "benchmarks.bench_decode",
     "build": "benchmarks.bench_build",
+    "gqa": "benchmarks.bench_gqa",
 }
+OWN_SHAPES = {"gqa"}  # benchmarks whose cases have their own shapes: --shape / --batch-size are not passed
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def without_shape(args: list[str]) -> list[str]:
+    """``args`` less ``--shape X`` / ``--batch-size N`` (either spelling: ``--shape=X`` too)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--shape", "--batch-size"):
+            skip = True
+        elif not a.startswith(("--shape=", "--batch-size=")):
+            out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         start = time.perf_counter()
         print(f"[{time.strftime('%H:%M:%S')}] === {name} ===", flush=True)
-        code = subprocess.call([sys.executable, "-m", BENCHMARKS[name], *rest], cwd=ROOT, env=env)
+        args_for = without_shape(rest) if name in OWN_SHAPES else rest
+        if args_for != rest:
+            print(f"{name}: its cases have their own shapes; --shape / --batch-size not passed", flush=True)
+        code = subprocess.call([sys.executable, "-m", BENCHMARKS[name], *args_for], cwd=ROOT, env=env)
         print(f"[{time.strftime('%H:%M:%S')}] === {name}: {'ok' if code == 0 else f'FAILED ({code})'} in "
               f"{time.perf_counter() - start:.0f} s ===", flush=True)
         if code:

@@ -49,6 +49,24 @@ def sdpa_reads_grouped_heads(device_type: str, dtype: torch.dtype, masked: bool,
             and head_dim <= FLASH_MAX_HEAD_DIM)
 
 
+
+def sdpa_folding_groups(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0,
+                        scale: Optional[float] = None) -> Tensor:
+    """SDPA over grouped K/V heads without copying them and without ``enable_gqa``: each group's query
+    heads become one head's rows. q [B, H, T, D], k/v [B, Hkv, S, D], mask [B|1, 1|H, T, S] (bool or
+    additive; required: the rows of a causal kernel would be out of order) -> [B, H, T, D]."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    groups = h // hkv
+    folded = q.reshape(b, hkv, groups * t, d)  # query head j reads K/V head j // groups
+    if mask.shape[1] == 1:  # [B|1, 1, T, S] -> [B|1, 1, G T, S]: row g T + i is query i's row
+        mask = mask.repeat(1, 1, groups, 1)
+    else:  # a per-head bias [B|1, H, T, S] -> [B|1, Hkv, G T, S]
+        mask = mask.reshape(mask.shape[0], hkv, groups * t, mask.shape[-1])
+    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return y.reshape(b, h, t, d)
+
+
 try:  # FlexAttention (torch >= 2.5)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch
@@ -301,15 +319,8 @@ class SelfAttention(nn.Module):
         if groups > 1:
             if sdpa_reads_grouped_heads(q.device.type, q.dtype, mask is not None, self.head_dim):
                 kwargs["enable_gqa"] = True
-            elif mask is not None:  # fold each group's query heads into one head's rows: no K/V copy
-                b, h, t, d = q.shape
-                folded = q.reshape(b, self.num_kv_heads, groups * t, d)  # query head j reads K/V head j // groups
-                if mask.shape[1] == 1:  # [B|1, 1, T, S] -> [B|1, 1, G T, S]: row g T + i is query i's row
-                    mask = mask.repeat(1, 1, groups, 1)
-                else:  # a per-head bias [B|1, H, T, S] -> [B|1, Hkv, G T, S]
-                    mask = mask.reshape(mask.shape[0], self.num_kv_heads, groups * t, mask.shape[-1])
-                y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
-                return y.reshape(b, h, t, d)
+            elif mask is not None:  # no K/V copy: see sdpa_folding_groups
+                return sdpa_folding_groups(q, k, v, mask, dropout_p=p, scale=self.scale)
             else:  # [B, Hkv, S, D] -> [B, H, S, D]
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,

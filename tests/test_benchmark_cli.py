@@ -23,6 +23,7 @@ def bench(module: str, *args: str) -> subprocess.CompletedProcess:
     ("bench_train_step", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
     ("bench_checkpointing", ["--rounds", "two"], "argument --rounds: 'two' is not a whole number >= 1"),
     ("bench_flex", ["--shape", "cpu"], "--shape cpu does not apply"),
+    ("bench_gqa", ["--batch-size", "4"], "--shape / --batch-size do not apply"),
     ("bench_train_step", ["--contenders", "composed,fast"], "argument --contenders: unknown contender(s) fast"),
     ("bench_decode", ["--device", "tpu:x"], "--device: 'tpu:x' is not a device"),
 ])
