@@ -159,13 +159,15 @@ def _layer_activation_bytes(cfg: ModelConfig, i: int, seq_len: int, a: int, r: i
         attn += (8 + (a if a != 4 else 0)) * h * context
     elif not fused_attention:  # math SDPA keeps the probabilities [H, T, S]
         attn += a * h * context
-    if hkv < h:  # K/V repeated to every query head where SDPA cannot read groups (see components.attention)
-        windowed_sdpa = getattr(att, "window", None) is not None and (
-            device != "cuda" or getattr(att, "kernel", "auto") == "sdpa")  # FlexAttention reads groups
+    if hkv < h:  # grouped K/V heads: read as they are, or copies (components/attention.py SelfAttention._attend)
+        window = getattr(att, "window", None) is not None
+        flex = (window and device == "cuda" and getattr(att, "kernel", "auto") != "sdpa" and not explicit
+                and not getattr(att, "dropout", 0.0))  # FlexAttention reads groups
         dtype = torch.float32 if a == 4 else torch.bfloat16
-        if explicit or not sdpa_reads_grouped_heads(device, dtype, windowed_sdpa, d):
-            # with a mask the query heads are folded (a copy of q), without one K and V are repeated
-            attn += a * h * d if windowed_sdpa and not explicit else a * 2 * h * d
+        if explicit:  # K and V repeated to every query head
+            attn += a * 2 * h * d
+        elif not flex and not sdpa_reads_grouped_heads(device, dtype, window, d):
+            attn += a * h * d if window else a * 2 * h * d  # masked: q folded (a copy); causal: K/V repeated
     attn += norm
     ffn = norm + _ffn_bytes(spec.ffn, c, a)
     drop = getattr(spec.block, "dropout", 0.0) or 0.0

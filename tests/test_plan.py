@@ -133,6 +133,13 @@ def test_grouped_heads_repeated_for_sdpa_are_planned_where_they_are_repeated():
         assert activations(gqa, "bf16-mixed", "cuda") == activations(gqa, "bf16-mixed", "cpu")
     for device in ("cpu", "cuda"):  # multi-head attention has nothing to repeat
         assert activations(mha, "32-true", device) == activations(mha, "32-true", "cpu")
+    window = {"type": "sliding_window", "num_kv_heads": 2, "window": 16}
+    flex, masked = small_model_dict(attention=window), small_model_dict(attention={**window, "kernel": "sdpa"})
+    # on CUDA a window runs FlexAttention, which reads grouped heads; with kernel: sdpa it is a mask: q is folded
+    assert activations(flex, "32-true", "cuda") == activations(flex, "32-true", "cpu")
+    if attention.SDPA_HAS_GQA:
+        folded = b * t * 2 * (h * d) * 4
+        assert activations(masked, "32-true", "cuda") - activations(masked, "32-true", "cpu") == folded
 
 
 def test_padded_vocab_reported_separately():
