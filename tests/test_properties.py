@@ -129,11 +129,12 @@ def valid_configs(draw) -> dict:
         family = draw(st.sampled_from(["attention", "ffn", "norm", "position", "block"]))
         # learned positions are model-wide only; a type change keeps the shared options
         here = dict(s)
-        if family == "attention" and draw(st.booleans()):
-            hidden = heads * head_dim  # other head counts whose head_dim rope can rotate at any fraction
-            here["heads"] = draw(st.sampled_from([h for h in range(1, hidden + 1) if hidden % h == 0
-                                                  and (hidden // h) % 4 == 0] or [heads]))
+        if family == "attention":  # overrides of one layer stack: each states its heads, which its kv heads divide
             here["layer_heads"] = True
+            if draw(st.booleans()):
+                hidden = heads * head_dim  # other head counts whose head_dim rope can rotate at any fraction
+                here["heads"] = draw(st.sampled_from([h for h in range(1, hidden + 1) if hidden % h == 0
+                                                      and (hidden // h) % 4 == 0] or [heads]))
         override = _component(draw, family, here, exclude=("learned",) if family == "position" else ())
         cfg["layers"].append({"select": _select(draw, s["layers"]), family: override})
     return cfg
