@@ -3,9 +3,9 @@
 One module serves all four; they differ in how many key/value heads they keep and how far
 back a query may look. Queries, keys and values come from one fused projection; the
 attention itself is ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
-GPUs; grouped key/value heads without copies wherever a fused kernel reads them: see
-``sdpa_reads_grouped_heads``). Only a
-logit soft-cap, which SDPA cannot express, takes the explicit softmax path. Sliding windows
+GPUs; grouped key/value heads without copies wherever a fused kernel reads them, see
+``sdpa_reads_grouped_heads``). Only a logit soft-cap, which SDPA cannot express, takes the
+explicit softmax path. Sliding windows
 over a whole sequence use FlexAttention with a block mask on CUDA (``kernel: auto``): blocks
 outside the window are skipped instead of masked, so the cost grows with T x W, not T x T.
 
@@ -47,7 +47,6 @@ def sdpa_reads_grouped_heads(device_type: str, dtype: torch.dtype, masked: bool,
         return True
     return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not masked
             and head_dim <= FLASH_MAX_HEAD_DIM)
-
 
 
 def sdpa_folding_groups(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0,
