@@ -25,8 +25,14 @@ from torch import Tensor
 from benchmarks import harness
 from components.attention import build_mask, sdpa_folding_groups, sdpa_reads_grouped_heads
 
+AttentionPath = Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]  # (q, k, v, mask) -> attention output
 
-def paths(groups: int, causal: bool) -> dict[str, Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]]:
+
+def paths(groups: int, causal_mask: Optional[Tensor]) -> dict[str, AttentionPath]:
+    """The three paths; ``causal_mask`` [1, 1, T, S] for the causal case (no mask given: the fold needs one,
+    the others run SDPA's causal kernel), None for the masked cases."""
+    causal = causal_mask is not None
+
     def gqa(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
@@ -34,12 +40,8 @@ def paths(groups: int, causal: bool) -> dict[str, Callable[[Tensor, Tensor, Tens
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
-    def fold(q, k, v, mask):
-        if mask is None:  # the causal case: an explicit causal mask (folded rows are out of order)
-            t, s = q.shape[2], k.shape[2]
-            mask = build_mask(torch.arange(s - t, s, device=q.device), torch.arange(s, device=q.device), None,
-                              causal=True, window=None)  # [1, 1, T, S]
-        return sdpa_folding_groups(q, k, v, mask)
+    def fold(q, k, v, mask):  # folded rows are out of order: the causal case needs its mask spelled out
+        return sdpa_folding_groups(q, k, v, mask if mask is not None else causal_mask)
 
     return {"gqa": gqa, "repeat": repeat, "fold": fold}
 
@@ -106,7 +108,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows = []
     for c in cases(device, args.quick):
         q, k, v, mask = tensors(c, device)
-        fns = paths(c["h"] // c["hkv"], causal=not c["masked"])
+        causal_mask = None if c["masked"] else build_mask(  # built once, outside the timed calls
+            torch.arange(c["s"] - c["t"], c["s"], device=device), torch.arange(c["s"], device=device), None,
+            causal=True, window=None)  # [1, 1, T, S]
+        fns = paths(c["h"] // c["hkv"], causal_mask)
         with torch.no_grad():
             outs = {n: fn(q, k, v, mask).float() for n, fn in fns.items()}
         diff = max(float((o - outs["gqa"]).abs().max()) for o in outs.values())

@@ -137,6 +137,11 @@ def _context(attn: Any, seq_len: int) -> int:
     return min(seq_len, window) if window else seq_len
 
 
+def _soft_capped(attn: Any) -> bool:
+    """A logit soft-cap: the attention runs an explicit softmax (no SDPA) and keeps its scores."""
+    return getattr(attn, "logit_softcap", None) is not None
+
+
 def _layer_activation_bytes(cfg: ModelConfig, i: int, seq_len: int, a: int, r: int,
                             fused_attention: bool, device: str) -> tuple[int, int, int]:
     """Bytes autograd keeps per token for layer i: (whole layer, attention part, ffn part).
@@ -154,7 +159,7 @@ def _layer_activation_bytes(cfg: ModelConfig, i: int, seq_len: int, a: int, r: i
     if spec.position.type == "rope":  # float32 copies of q, k and the rotated q, k
         attn += (4 + a) * (h + hkv) * d
     context = _context(att, seq_len)
-    explicit = getattr(att, "logit_softcap", None) is not None  # no SDPA: tanh and softmax outputs (float32)
+    explicit = _soft_capped(att)  # no SDPA: tanh and softmax outputs (float32)
     if explicit:  # + the probabilities cast back for the product with V (the same tensor in float32)
         attn += (8 + (a if a != 4 else 0)) * h * context
     elif not fused_attention:  # math SDPA keeps the probabilities [H, T, S]
@@ -312,7 +317,7 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
         notes.append(f"fused loss: logits of {chunk} tokens at a time (head.fused_loss, head.loss_chunk_size)")
     if not fused_attention:
         notes.append("attention without a fused kernel: T x T probabilities are stored")
-    capped = [i for i in range(cfg.num_layers) if getattr(cfg.layer(i).attention, "logit_softcap", None) is not None]
+    capped = [i for i in range(cfg.num_layers) if _soft_capped(cfg.layer(i).attention)]
     if capped:
         notes.append(f"{len(capped)} layer(s) cap attention logits (logit_softcap): explicit softmax, T x S float32 "
                      "scores stored (no fused kernel takes a soft-cap)")
