@@ -38,8 +38,12 @@ def time_build(name: str, rounds: int) -> dict[str, float]:
         t0 = time.perf_counter()
         model = compose(cfg, device="meta")
         times.append(time.perf_counter() - t0)
-    return {"compose_meta_s": statistics.median(times), "max_s": max(times), "load_config_s": config_s,
-            "params": model.num_parameters()}
+    return {
+        "compose_meta_s": statistics.median(times),
+        "max_s": max(times),
+        "load_config_s": config_s,
+        "params": model.num_parameters(),
+    }
 
 
 def read_all(state: Any) -> float:
@@ -59,12 +63,22 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     builds = {}
     for name in presets():
         builds[name] = time_build(name, rounds)
-        log(f"{name}: compose(device='meta') {builds[name]['compose_meta_s'] * 1e3:.1f} ms "
-            f"({builds[name]['params']:,} parameters; Hydra config {builds[name]['load_config_s'] * 1e3:.0f} ms)")
-        rows.append(harness.row(env, f"build {name} ({builds[name]['params'] / 1e6:,.0f}M parameters)",
-                                "compose(device='meta') seconds", builds[name]["compose_meta_s"],
-                                1.0 if name == "llama3_8b" else None, higher_is_better=False, fmt="{:.3f}",
-                                unit=" s"))
+        log(
+            f"{name}: compose(device='meta') {builds[name]['compose_meta_s'] * 1e3:.1f} ms "
+            f"({builds[name]['params']:,} parameters; Hydra config {builds[name]['load_config_s'] * 1e3:.0f} ms)"
+        )
+        rows.append(
+            harness.row(
+                env,
+                f"build {name} ({builds[name]['params'] / 1e6:,.0f}M parameters)",
+                "compose(device='meta') seconds",
+                builds[name]["compose_meta_s"],
+                1.0 if name == "llama3_8b" else None,
+                higher_is_better=False,
+                fmt="{:.3f}",
+                unit=" s",
+            )
+        )
 
     shape = Shape.from_args(args, device)
     model = build_composed(shape, torch.device("cpu"))
@@ -73,8 +87,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         file = Path(tmp) / "model.safetensors"
         size = file.stat().st_size
         dev = str(device)
-        fns = {"from_pretrained": lambda: read_all(ComposedModel.from_pretrained(tmp, device=dev)),
-               "safetensors_load_file": lambda: read_all(load_file(str(file), device=dev))}
+        fns = {
+            "from_pretrained": lambda: read_all(ComposedModel.from_pretrained(tmp, device=dev)),
+            "safetensors_load_file": lambda: read_all(load_file(str(file), device=dev)),
+        }
         sums = {n: fn() for n, fn in fns.items()}
         if abs(sums["from_pretrained"] - sums["safetensors_load_file"]) > 1e-9 * max(1.0, abs(sums["from_pretrained"])):
             raise AssertionError(f"the two loads read different data: {sums}")
@@ -82,11 +98,22 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     summary = harness.summary(timings, size / 2**20, device, unit="MiB")
     ratio = harness.speed_ratio(timings, "safetensors_load_file", "from_pretrained", device)  # time ratio
     log(f"load {size / 2**20:.0f} MiB: from_pretrained takes x{ratio:.3f} the time of a bare load_file")
-    rows.append(harness.row(env, f"checkpoint load ({size / 2**20:.0f} MiB to {dev}; "
-                            f"{summary['from_pretrained']['clock']} clock)",
-                            "from_pretrained time / safetensors load_file time", ratio, 1.2, higher_is_better=False))
-    result = {"env": env, "builds": builds, "load": {"bytes": size, "timings": summary, "time_ratio": ratio},
-              "rows": rows}
+    rows.append(
+        harness.row(
+            env,
+            f"checkpoint load ({size / 2**20:.0f} MiB to {dev}; {summary['from_pretrained']['clock']} clock)",
+            "from_pretrained time / safetensors load_file time",
+            ratio,
+            1.2,
+            higher_is_better=False,
+        )
+    )
+    result = {
+        "env": env,
+        "builds": builds,
+        "load": {"bytes": size, "timings": summary, "time_ratio": ratio},
+        "rows": rows,
+    }
     return harness.finish("build", result, rows, args)
 
 

@@ -32,13 +32,20 @@ def hf_generate(hf: torch.nn.Module, ids: torch.Tensor, new: int, static: bool) 
         compile_cfg = CompileConfig(fullgraph=True, mode="reduce-overhead" if ids.is_cuda else "default")
         compile_cfg._compile_all_devices = True
         kwargs = {"cache_implementation": "static", "compile_config": compile_cfg}
-    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                           eos_token_id=None, **kwargs)
+    cfg = GenerationConfig(
+        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs
+    )
     return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
 
 
-def contenders(composed: torch.nn.Module, hf: torch.nn.Module, ids: torch.Tensor, new: int,
-               compiled: bool, hf_compiled: bool = True) -> dict[str, Callable[[], torch.Tensor]]:
+def contenders(
+    composed: torch.nn.Module,
+    hf: torch.nn.Module,
+    ids: torch.Tensor,
+    new: int,
+    compiled: bool,
+    hf_compiled: bool = True,
+) -> dict[str, Callable[[], torch.Tensor]]:
     out: dict[str, Callable[[], torch.Tensor]] = {
         "composed": lambda: composed.generate(ids, new),
         "transformers": lambda: hf_generate(hf, ids, new, static=False),
@@ -63,8 +70,14 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     composed, hf = composed.to(dtype).eval(), hf.to(dtype).eval()
     log(f"{shape.describe()}, {dtype}, prompt {PROMPT} + {new} new tokens, {rounds} rounds on {env['device']}")
     rows: list[dict[str, str]] = []
-    result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "new_tokens": new, "dtype": str(dtype),
-                              "batches": {}, "rows": rows}
+    result: dict[str, Any] = {
+        "env": env,
+        "shape": shape.__dict__,
+        "new_tokens": new,
+        "dtype": str(dtype),
+        "batches": {},
+        "rows": rows,
+    }
     for batch in (1, 8):
         gen = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, shape.vocab_size, (batch, PROMPT), generator=gen).to(device)
@@ -81,21 +94,38 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         timings = harness.interleave(fns, rounds, device, warmup=0, log=log)
         summary = harness.summary(timings, batch * new, device, unit="new_tokens")
         result["batches"][batch] = {"timings": summary, "agreement_with_transformers": agree}
-        what = f"decode batch {batch} ({shape.describe().split(', batch')[0]}, {dtype}, {new} new tokens; " \
-               f"{summary['composed']['clock']} clock)"
+        what = (
+            f"decode batch {batch} ({shape.describe().split(', batch')[0]}, {dtype}, {new} new tokens; "
+            f"{summary['composed']['clock']} clock)"
+        )
         ratio = harness.speed_ratio(timings, "composed", "transformers", device)
-        rows.append(harness.row(env, what, "composed / transformers generate, eager", ratio,
-                                1.25 if (batch == 1 and not cuda) else None))
+        rows.append(
+            harness.row(
+                env, what, "composed / transformers generate, eager", ratio, 1.25 if (batch == 1 and not cuda) else None
+            )
+        )
         if not args.no_compile:
-            best_hf = min((n for n in ("transformers", "transformers_static_compiled") if n in timings),
-                          key=lambda n: timings[n].median(harness.uses_cpu_time(device)))
+            best_hf = min(
+                (n for n in ("transformers", "transformers_static_compiled") if n in timings),
+                key=lambda n: timings[n].median(harness.uses_cpu_time(device)),
+            )
             ratio_c = harness.speed_ratio(timings, "composed_compiled", best_hf, device)
             rows.append(harness.row(env, what, f"composed compiled / {best_hf}", ratio_c))
-            rows.append(harness.row(env, what, "composed compiled new tokens/s",
-                                    summary["composed_compiled"]["new_tokens_per_s"],
-                                    1000 if (cuda and batch == 1) else None, fmt="{:,.0f}"))
-        rows.append(harness.row(env, what, "composed eager new tokens/s", summary["composed"]["new_tokens_per_s"],
-                                fmt="{:,.0f}"))
+            rows.append(
+                harness.row(
+                    env,
+                    what,
+                    "composed compiled new tokens/s",
+                    summary["composed_compiled"]["new_tokens_per_s"],
+                    1000 if (cuda and batch == 1) else None,
+                    fmt="{:,.0f}",
+                )
+            )
+        rows.append(
+            harness.row(
+                env, what, "composed eager new tokens/s", summary["composed"]["new_tokens_per_s"], fmt="{:,.0f}"
+            )
+        )
         log(f"batch {batch}: " + ", ".join(f"{n} {s['new_tokens_per_s']:,.0f} tok/s" for n, s in summary.items()))
         harness.save_partial("decode", result, args)  # after each batch size
     return harness.finish("decode", result, rows, args)

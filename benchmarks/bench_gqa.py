@@ -71,20 +71,30 @@ def tensors(c: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, Te
         x = torch.randn(*shape, generator=gen, device=device, dtype=c["dtype"])
         return x.requires_grad_(c["backward"])
 
-    q, k, v = rand(c["b"], c["h"], c["t"], c["d"]), rand(c["b"], c["hkv"], c["s"], c["d"]), \
-        rand(c["b"], c["hkv"], c["s"], c["d"])
+    q, k, v = (
+        rand(c["b"], c["h"], c["t"], c["d"]),
+        rand(c["b"], c["hkv"], c["s"], c["d"]),
+        rand(c["b"], c["hkv"], c["s"], c["d"]),
+    )
     mask = None
     if c["masked"]:  # causal and a padded first row: its first quarter of keys are padding
         valid = torch.ones(c["b"], c["s"], dtype=torch.bool, device=device)
         valid[0, : c["s"] // 4] = False
-        mask = build_mask(torch.arange(c["s"] - c["t"], c["s"], device=device), torch.arange(c["s"], device=device),
-                          valid, causal=True, window=None)  # [B, 1, T, S], as the attention builds it
+        mask = build_mask(
+            torch.arange(c["s"] - c["t"], c["s"], device=device),
+            torch.arange(c["s"], device=device),
+            valid,
+            causal=True,
+            window=None,
+        )  # [B, 1, T, S], as the attention builds it
     return q, k, v, mask
 
 
-def timed(fn: Callable, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], grad: Optional[Tensor],
-          inner: int) -> Callable[[], None]:
+def timed(
+    fn: Callable, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], grad: Optional[Tensor], inner: int
+) -> Callable[[], None]:
     """``inner`` calls of path ``fn``: forward and backward (with ``grad``) or, without ``grad``, forward only."""
+
     def go() -> None:
         for _ in range(inner):
             if grad is not None:
@@ -93,14 +103,17 @@ def timed(fn: Callable, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
             else:
                 with torch.no_grad():
                     fn(q, k, v, mask)
+
     return go
 
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = harness.cli_args(__doc__.splitlines()[0], argv)
     if args.shape is not None or args.batch_size is not None:
-        raise SystemExit("bench_gqa: --shape / --batch-size do not apply: the cases have their own shapes "
-                         "(Llama 3 8B's heads on CUDA); use --quick for small ones")
+        raise SystemExit(
+            "bench_gqa: --shape / --batch-size do not apply: the cases have their own shapes "
+            "(Llama 3 8B's heads on CUDA); use --quick for small ones"
+        )
     log, device, env = harness.start("gqa", args)
     cuda = device.type == "cuda"
     rounds = args.rounds or (3 if args.quick else 10 if cuda else 30)
@@ -108,36 +121,67 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows = []
     for c in cases(device, args.quick):
         q, k, v, mask = tensors(c, device)
-        causal_mask = None if c["masked"] else build_mask(  # built once, outside the timed calls
-            torch.arange(c["s"] - c["t"], c["s"], device=device), torch.arange(c["s"], device=device), None,
-            causal=True, window=None)  # [1, 1, T, S]
+        causal_mask = (
+            None
+            if c["masked"]
+            else build_mask(  # built once, outside the timed calls
+                torch.arange(c["s"] - c["t"], c["s"], device=device),
+                torch.arange(c["s"], device=device),
+                None,
+                causal=True,
+                window=None,
+            )
+        )  # [1, 1, T, S]
         fns = paths(c["h"] // c["hkv"], causal_mask)
         with torch.no_grad():
             outs = {n: fn(q, k, v, mask).float() for n, fn in fns.items()}
         diff = max(float((o - outs["gqa"]).abs().max()) for o in outs.values())
-        label = (f"{c['name']} {str(c['dtype']).replace('torch.', '')}: {c['b']} x {c['t']} queries over {c['s']} "
-                 f"keys, {c['h']} / {c['hkv']} heads, head dim {c['d']}")
+        label = (
+            f"{c['name']} {str(c['dtype']).replace('torch.', '')}: {c['b']} x {c['t']} queries over {c['s']} "
+            f"keys, {c['h']} / {c['hkv']} heads, head dim {c['d']}"
+        )
         inner = (5 if cuda else 1) if c["backward"] else (50 if cuda else 10)  # calls per timed sample
         grad = torch.randn_like(outs["gqa"]).to(c["dtype"]) if c["backward"] else None
 
         log(f"{label}: max |difference| between paths {diff:.2e}")
         if not diff <= (1e-4 if c["dtype"] == torch.float32 else 2e-2):  # bf16 kernels round differently
             raise AssertionError(f"{label}: the three paths' outputs differ by {diff:.3g}")
-        timings = harness.interleave({n: timed(fn, q, k, v, mask, grad, inner) for n, fn in fns.items()},
-                                     rounds, device, log=log)
+        timings = harness.interleave(
+            {n: timed(fn, q, k, v, mask, grad, inner) for n, fn in fns.items()}, rounds, device, log=log
+        )
         cpu = harness.uses_cpu_time(device)
         medians = {n: t.median(cpu) for n, t in timings.items()}
         fastest = min(medians, key=medians.get)
-        picked = "gqa" if sdpa_reads_grouped_heads(device.type, c["dtype"], c["masked"], c["d"]) else \
-            ("fold" if c["masked"] else "repeat")
+        picked = (
+            "gqa"
+            if sdpa_reads_grouped_heads(device.type, c["dtype"], c["masked"], c["d"])
+            else ("fold" if c["masked"] else "repeat")
+        )
         ratio = medians[fastest] / medians[picked]
-        log(f"{label}: " + ", ".join(f"{n} {m * 1e3 / inner:.2f} ms" for n, m in medians.items())
-            + f"; picked {picked}, fastest {fastest}, picked / fastest speed {ratio:.3f}")
-        result["cases"].append({"case": label, "max_diff": diff, "ms_per_call": {n: m * 1e3 / inner for n, m in
-                                                                                medians.items()},
-                                "picked": picked, "fastest": fastest, "picked_vs_fastest": ratio})
-        rows.append(harness.row(env, f"GQA attention, {label}", f"speed of the picked path ({picked}) / the "
-                                f"fastest ({fastest})", ratio, 0.9))
+        log(
+            f"{label}: "
+            + ", ".join(f"{n} {m * 1e3 / inner:.2f} ms" for n, m in medians.items())
+            + f"; picked {picked}, fastest {fastest}, picked / fastest speed {ratio:.3f}"
+        )
+        result["cases"].append(
+            {
+                "case": label,
+                "max_diff": diff,
+                "ms_per_call": {n: m * 1e3 / inner for n, m in medians.items()},
+                "picked": picked,
+                "fastest": fastest,
+                "picked_vs_fastest": ratio,
+            }
+        )
+        rows.append(
+            harness.row(
+                env,
+                f"GQA attention, {label}",
+                f"speed of the picked path ({picked}) / the fastest ({fastest})",
+                ratio,
+                0.9,
+            )
+        )
         harness.save_partial("gqa", result, args)
     result["rows"] = rows
     return harness.finish("gqa", result, rows, args)

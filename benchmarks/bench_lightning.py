@@ -61,6 +61,7 @@ def count_host_reads(counter: dict[str, int]) -> Iterator[None]:
         def counted(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             counter[name] = counter.get(name, 0) + 1
             return fn(self, *args, **kwargs)
+
         return counted
 
     try:
@@ -118,22 +119,34 @@ class StepClock(L.Callback):
         self.end = (time.perf_counter(), time.process_time())
 
 
-def lightning_run(model: torch.nn.Module, batch: dict, steps: int, skip: int, device: torch.device,
-                  precision: str, root: str) -> StepClock:
+def lightning_run(
+    model: torch.nn.Module, batch: dict, steps: int, skip: int, device: torch.device, precision: str, root: str
+) -> StepClock:
     clock = StepClock(skip, device)
     lit = LitComposer(model, OPTIM, SCHEDULE, task="lm")
     trainer = L.Trainer(
-        max_steps=steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-        gradient_clip_val=1.0, log_every_n_steps=10, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        logger=L.pytorch.loggers.CSVLogger(root, name="", version=""), default_root_dir=root,
-        callbacks=[ValidateAtEnd(), Throughput(None, precision), NanGuard(), LearningRate(), clock])
+        max_steps=steps,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        gradient_clip_val=1.0,
+        log_every_n_steps=10,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=L.pytorch.loggers.CSVLogger(root, name="", version=""),
+        default_root_dir=root,
+        callbacks=[ValidateAtEnd(), Throughput(None, precision), NanGuard(), LearningRate(), clock],
+    )
     trainer.fit(lit, DataLoader(Repeat(batch, steps), batch_size=None))
     return clock
 
 
-def bare_run(model: torch.nn.Module, batch: dict, steps: int, skip: int, device: torch.device,
-             precision: str) -> tuple[float, float]:
+def bare_run(
+    model: torch.nn.Module, batch: dict, steps: int, skip: int, device: torch.device, precision: str
+) -> tuple[float, float]:
     """The same training in a plain loop; returns (wall, cpu) seconds for steps ``skip``..end."""
     opt = build_optimizer(model, OPTIM)
     sched = build_scheduler(opt, SCHEDULE, max_steps=steps)
@@ -168,8 +181,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ids = random_batch(shape, torch.device("cpu"))
     batch = {"input_ids": ids, "labels": ids.clone()}
     log(f"{shape.describe()}, {precision}, {steps} steps x {reps} runs each (timing after step {skip})")
-    per_step: dict[str, dict[str, list[float]]] = {"lightning": {"wall": [], "cpu": []},
-                                                    "bare": {"wall": [], "cpu": []}}
+    per_step: dict[str, dict[str, list[float]]] = {
+        "lightning": {"wall": [], "cpu": []},
+        "bare": {"wall": [], "cpu": []},
+    }
     reads: dict[str, int] = {}
     sync_warnings = quiet = 0
     with tempfile.TemporaryDirectory() as root:
@@ -185,26 +200,56 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             wall, cpu = bare_run(model, batch, steps, skip, device, precision)
             per_step["bare"]["wall"].append(wall / n)
             per_step["bare"]["cpu"].append(cpu / n)
-            log(f"run {rep + 1}/{reps}: lightning {per_step['lightning']['wall'][-1] * 1e3:.0f} ms/step, "
-                f"bare {per_step['bare']['wall'][-1] * 1e3:.0f} ms/step (wall)")
+            log(
+                f"run {rep + 1}/{reps}: lightning {per_step['lightning']['wall'][-1] * 1e3:.0f} ms/step, "
+                f"bare {per_step['bare']['wall'][-1] * 1e3:.0f} ms/step (wall)"
+            )
     clock_name = "cpu" if harness.uses_cpu_time(device) else "wall"
     med = {k: statistics.median(v[clock_name]) for k, v in per_step.items()}
     ratio = med["bare"] / med["lightning"]  # Lightning's speed relative to the bare loop
-    log(f"lightning runs at x{ratio:.3f} the bare loop's speed; host reads inside non-logging steps: {reads or 0}"
-        + (f"; sync warnings: {sync_warnings}" if cuda else ""))
+    log(
+        f"lightning runs at x{ratio:.3f} the bare loop's speed; host reads inside non-logging steps: {reads or 0}"
+        + (f"; sync warnings: {sync_warnings}" if cuda else "")
+    )
     what = f"Lightning loop vs bare loop ({shape.describe()}, {precision}; {clock_name} clock)"
     # on CPUs the model checks the token-id range each step (one read; accelerators skip it)
     allowed = 0.0 if cuda else 1.0
-    rows = [harness.row(env, what, "Lightning / bare loop speed", ratio, 0.95),
-            harness.row(env, what, "host reads (.item/float/int/bool/tolist) per non-logging step"
-                        + ("" if cuda else " (CPU: 1 = the id-range check)"),
-                        sum(reads.values()) / max(1, quiet), allowed, higher_is_better=False)]
+    rows = [
+        harness.row(env, what, "Lightning / bare loop speed", ratio, 0.95),
+        harness.row(
+            env,
+            what,
+            "host reads (.item/float/int/bool/tolist) per non-logging step"
+            + ("" if cuda else " (CPU: 1 = the id-range check)"),
+            sum(reads.values()) / max(1, quiet),
+            allowed,
+            higher_is_better=False,
+        ),
+    ]
     if cuda:
-        rows.append(harness.row(env, what, "CUDA sync warnings (set_sync_debug_mode) in non-logging steps",
-                                sync_warnings, 0.0, higher_is_better=False, fmt="{:.0f}"))
-    result = {"env": env, "shape": shape.__dict__, "precision": precision, "per_step_s": per_step,
-              "medians_s": med, "ratio": ratio, "host_reads": reads, "quiet_steps": quiet,
-              "sync_warnings": sync_warnings, "rows": rows}
+        rows.append(
+            harness.row(
+                env,
+                what,
+                "CUDA sync warnings (set_sync_debug_mode) in non-logging steps",
+                sync_warnings,
+                0.0,
+                higher_is_better=False,
+                fmt="{:.0f}",
+            )
+        )
+    result = {
+        "env": env,
+        "shape": shape.__dict__,
+        "precision": precision,
+        "per_step_s": per_step,
+        "medians_s": med,
+        "ratio": ratio,
+        "host_reads": reads,
+        "quiet_steps": quiet,
+        "sync_warnings": sync_warnings,
+        "rows": rows,
+    }
     return harness.finish("lightning", result, rows, args)
 
 

@@ -35,8 +35,9 @@ def autocast(device: torch.device, bf16: Optional[bool] = None) -> Any:
     return contextlib.nullcontext()
 
 
-def make_step(name: str, model: torch.nn.Module, ids: torch.Tensor, device: torch.device,
-              bf16: Optional[bool] = None) -> Callable[[], None]:
+def make_step(
+    name: str, model: torch.nn.Module, ids: torch.Tensor, device: torch.device, bf16: Optional[bool] = None
+) -> Callable[[], None]:
     """One AdamW training step of ``model`` (same hyper-parameters for every contender); the optimizer is
     ``step.optimizer``."""
     groups = parameter_groups(model, weight_decay=0.1)
@@ -65,16 +66,36 @@ def options(argv: Optional[list[str]]) -> Any:
         chosen = tuple(n for n in text.split(",") if n)
         unknown = [n for n in chosen if n != "composed" and n not in BUILDERS]
         if unknown:
-            raise argparse.ArgumentTypeError(f"unknown contender(s) {', '.join(unknown)}: choose from composed, "
-                                             f"{', '.join(BUILDERS)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown contender(s) {', '.join(unknown)}: choose from composed, {', '.join(BUILDERS)}"
+            )
         return chosen
 
-    return harness.cli_args(__doc__.splitlines()[0], argv, extra=[
-        ("--contenders", {"type": names, "default": NAMES, "help": "comma-separated: composed, handwritten, "
-                          "transformers, composed_unfused (head.fused_loss=false), composed_pad64 (vocabulary "
-                          "padded to a multiple of 64)"}),
-        ("--compiled", {"type": names, "default": None, "help": "contenders also run under torch.compile "
-                        "(default: all; compile time is the budget on a GPU machine)"})])
+    return harness.cli_args(
+        __doc__.splitlines()[0],
+        argv,
+        extra=[
+            (
+                "--contenders",
+                {
+                    "type": names,
+                    "default": NAMES,
+                    "help": "comma-separated: composed, handwritten, "
+                    "transformers, composed_unfused (head.fused_loss=false), composed_pad64 (vocabulary "
+                    "padded to a multiple of 64)",
+                },
+            ),
+            (
+                "--compiled",
+                {
+                    "type": names,
+                    "default": None,
+                    "help": "contenders also run under torch.compile "
+                    "(default: all; compile time is the budget on a GPU machine)",
+                },
+            ),
+        ],
+    )
 
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -96,8 +117,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise AssertionError(f"the contenders' losses differ by {spread:.3g}: {first}")
 
     rows: list[dict[str, str]] = []
-    result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "first_losses": first, "variants": {},
-                              "rows": rows}
+    result: dict[str, Any] = {"env": env, "shape": shape.__dict__, "first_losses": first, "variants": {}, "rows": rows}
     variants = ["eager"] + ([] if args.no_compile else ["compiled"])
     compiled = list(dict.fromkeys(["composed", *[n for n in (args.compiled or names) if n in models]]))
     if args.no_hf_compile:
@@ -119,30 +139,53 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             peaks = {n: harness.peak_bytes(step, device) for n, step in steps.items()}
         with torch.no_grad(), autocast(device):
             last = {n: float(loss_fn(n, models[n], ids)) for n in runners}  # eager: no recompile
-        ratios = {f"composed_vs_{n}": harness.speed_ratio(timings, "composed", n, device) for n in runners
-                  if n != "composed"}
+        ratios = {
+            f"composed_vs_{n}": harness.speed_ratio(timings, "composed", n, device) for n in runners if n != "composed"
+        }
         result["variants"][variant] = {"timings": summary, "peak_bytes": peaks, "last_losses": last, **ratios}
-        log(f"{variant}: " + ", ".join(f"{n} {summary[n]['tokens_per_s']:,.0f} tok/s" for n in runners)
-            + f"; {ratios}; peak MiB {({n: round(b / 2**20) for n, b in peaks.items()})}; losses after {last}")
+        log(
+            f"{variant}: "
+            + ", ".join(f"{n} {summary[n]['tokens_per_s']:,.0f} tok/s" for n in runners)
+            + f"; {ratios}; peak MiB { ({n: round(b / 2**20) for n, b in peaks.items()}) }; losses after {last}"
+        )
         clock = summary["composed"]["clock"]
         what = f"train step {variant} ({shape.describe()}; {clock} clock)"
         cpu = device.type == "cpu"
-        goals = {"handwritten": 0.98 if cpu else 1.0 if variant == "compiled" else None,
-                 "transformers": 1.1 if cpu else 1.5 if variant == "eager" else None}
+        goals = {
+            "handwritten": 0.98 if cpu else 1.0 if variant == "compiled" else None,
+            "transformers": 1.1 if cpu else 1.5 if variant == "eager" else None,
+        }
         for n in runners:
             if n != "composed":
-                rows.append(harness.row(env, what, f"composed / {n} tokens/s", ratios[f"composed_vs_{n}"],
-                                        goals.get(n)))
+                rows.append(
+                    harness.row(env, what, f"composed / {n} tokens/s", ratios[f"composed_vs_{n}"], goals.get(n))
+                )
         best = max(runners, key=lambda n: summary[n]["tokens_per_s"] if n.startswith("composed") else 0)
         for n in dict.fromkeys(["composed", best]):
-            rows.append(harness.row(env, what, f"{n} tokens/s", summary[n]["tokens_per_s"],
-                                    500_000 if (not cpu and variant == "compiled") else None, fmt="{:,.0f}"))
+            rows.append(
+                harness.row(
+                    env,
+                    what,
+                    f"{n} tokens/s",
+                    summary[n]["tokens_per_s"],
+                    500_000 if (not cpu and variant == "compiled") else None,
+                    fmt="{:,.0f}",
+                )
+            )
             if device.type == "cuda":
                 mfu = summary[n]["tokens_per_s"] * flops_per_token(shape) / H100_PEAK
                 rows.append(harness.row(env, what, f"{n} MFU (6N + attention vs 989 TFLOP/s)", mfu))
         if "handwritten" in peaks:
-            rows.append(harness.row(env, what, "peak memory composed / hand-written",
-                                    peaks["composed"] / peaks["handwritten"], 1.0, higher_is_better=False))
+            rows.append(
+                harness.row(
+                    env,
+                    what,
+                    "peak memory composed / hand-written",
+                    peaks["composed"] / peaks["handwritten"],
+                    1.0,
+                    higher_is_better=False,
+                )
+            )
         harness.save_partial("train_step", result, args)  # after each variant
     result["ok"] = all(math.isfinite(v) for v in first.values())
     return harness.finish("train_step", result, rows, args)

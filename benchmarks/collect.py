@@ -16,8 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RUN_KEYS = ("status", "error", "precision", "steps", "val_loss", "best_val_loss", "val_accuracy", "tokens_per_s",
-            "wall_s", "overrides")
+RUN_KEYS = (
+    "status",
+    "error",
+    "precision",
+    "steps",
+    "val_loss",
+    "best_val_loss",
+    "val_accuracy",
+    "tokens_per_s",
+    "wall_s",
+    "overrides",
+)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -37,14 +47,20 @@ def part(name: str, rc: int, seconds: float, parts_dir: Path, result_json: Path)
     summary: dict[str, Any] = {"part": name, "rc": rc, "s": entry["seconds"]}
     if bench is not None:
         entry["result"] = load(bench)
-        summary["rows"] = [[r["benchmark"].split(" (")[0], r["measured"], r["value"], r["goal"], r["met"]]
-                           for r in entry["result"].get("rows", []) if r["goal"] or "tokens/s" in r["measured"]]
+        summary["rows"] = [
+            [r["benchmark"].split(" (")[0], r["measured"], r["value"], r["goal"], r["met"]]
+            for r in entry["result"].get("rows", [])
+            if r["goal"] or "tokens/s" in r["measured"]
+        ]
     if runs:
-        entry["runs"] = [{"dir": str(p.parent.relative_to(parts_dir)), **{k: load(p).get(k) for k in RUN_KEYS}}
-                         for p in runs]
+        entry["runs"] = [
+            {"dir": str(p.parent.relative_to(parts_dir)), **{k: load(p).get(k) for k in RUN_KEYS}} for p in runs
+        ]
         entry["ok"] = entry["ok"] and all(r["status"] == "completed" for r in entry["runs"])
-        summary["runs"] = [{k: r.get(k) for k in ("dir", "status", "precision", "val_loss", "tokens_per_s", "error")}
-                           for r in entry["runs"]]
+        summary["runs"] = [
+            {k: r.get(k) for k in ("dir", "status", "precision", "val_loss", "tokens_per_s", "error")}
+            for r in entry["runs"]
+        ]
     data = load(result_json)
     data.setdefault("parts", {})[name] = entry
     write(result_json, data)
@@ -63,8 +79,9 @@ def record(result_json: Path) -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["part"] and len(argv) == 6:
         name, rc, seconds, parts_dir, result_json = argv[1:]
-        print(json.dumps(part(name, int(rc), float(seconds), Path(parts_dir), Path(result_json)), default=str),
-              flush=True)
+        print(
+            json.dumps(part(name, int(rc), float(seconds), Path(parts_dir), Path(result_json)), default=str), flush=True
+        )
         return 0
     if argv[:1] == ["record"] and len(argv) == 2:
         print(f"appended {record(Path(argv[1]))} rows to benchmarks/RESULTS.md")

@@ -109,10 +109,20 @@ class GPT(nn.Module):
         return logits, loss
 
 
-_NAMES = {"wte.weight": "embed.weight", "wpe.weight": "position.weight", "ln_f.weight": "final_norm.weight",
-          "ln_f.bias": "final_norm.bias"}
-_BLOCK = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out",
-          "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
+_NAMES = {
+    "wte.weight": "embed.weight",
+    "wpe.weight": "position.weight",
+    "ln_f.weight": "final_norm.weight",
+    "ln_f.bias": "final_norm.bias",
+}
+_BLOCK = {
+    "ln_1": "attn_norm",
+    "ln_2": "ffn_norm",
+    "attn.c_attn": "attn.qkv",
+    "attn.c_proj": "attn.out",
+    "mlp.c_fc": "ffn.up",
+    "mlp.c_proj": "ffn.down",
+}
 
 
 @torch.no_grad()
@@ -133,5 +143,11 @@ def load_composed(gpt: GPT, composed: nn.Module) -> GPT:
 def config_like(composed_config) -> GPTConfig:
     """The GPTConfig of a composed model's (resolved) ModelConfig."""
     c = composed_config
-    return GPTConfig(vocab_size=c.padded_vocab_size, block_size=c.max_position_embeddings, n_layer=c.num_layers,
-                     n_head=c.num_heads, n_embd=c.hidden_size, dropout=c.dropout)
+    return GPTConfig(
+        vocab_size=c.padded_vocab_size,
+        block_size=c.max_position_embeddings,
+        n_layer=c.num_layers,
+        n_head=c.num_heads,
+        n_embd=c.hidden_size,
+        dropout=c.dropout,
+    )

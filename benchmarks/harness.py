@@ -73,9 +73,15 @@ def environment(device: torch.device) -> dict[str, Any]:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "load_1min": load,
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_1min": load,
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -95,8 +101,13 @@ class Timing:
         return statistics.median(self.cpu if use_cpu and self.cpu else self.wall)
 
 
-def interleave(contenders: dict[str, Callable[[], Any]], rounds: int, device: torch.device, warmup: int = 1,
-               log: Optional[Callable[[str], None]] = None) -> dict[str, Timing]:
+def interleave(
+    contenders: dict[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device,
+    warmup: int = 1,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict[str, Timing]:
     """Run every contender ``warmup`` times (untimed), then ``rounds`` times each, interleaved."""
     for _ in range(warmup):
         for fn in contenders.values():
@@ -135,9 +146,13 @@ def summary(timings: dict[str, Timing], work: float, device: torch.device, unit:
     cpu = uses_cpu_time(device)
     for name, t in timings.items():
         med = t.median(cpu)
-        out[name] = {"median_wall_s": statistics.median(t.wall), "median_cpu_s": statistics.median(t.cpu) if t.cpu
-                     else None, f"{unit}_per_s": work / med, "clock": "cpu" if cpu else "wall",
-                     "samples_wall_s": [round(x, 5) for x in t.wall]}
+        out[name] = {
+            "median_wall_s": statistics.median(t.wall),
+            "median_cpu_s": statistics.median(t.cpu) if t.cpu else None,
+            f"{unit}_per_s": work / med,
+            "clock": "cpu" if cpu else "wall",
+            "samples_wall_s": [round(x, 5) for x in t.wall],
+        }
     return out
 
 
@@ -156,8 +171,11 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
@@ -214,21 +232,35 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-HEADER = ("| date | device | torch | benchmark | measured | value | goal | met |\n"
-          "|---|---|---|---|---|---|---|---|\n")
+HEADER = "| date | device | torch | benchmark | measured | value | goal | met |\n|---|---|---|---|---|---|---|---|\n"
 
 
-def row(env: dict[str, Any], benchmark: str, measured: str, value: float, goal: Optional[float] = None,
-        higher_is_better: bool = True, fmt: str = "{:.3g}", unit: str = "") -> dict[str, str]:
+def row(
+    env: dict[str, Any],
+    benchmark: str,
+    measured: str,
+    value: float,
+    goal: Optional[float] = None,
+    higher_is_better: bool = True,
+    fmt: str = "{:.3g}",
+    unit: str = "",
+) -> dict[str, str]:
     """One RESULTS.md row: ``measured`` names the figure (e.g. "composed / hand-written, tokens/s")."""
     if goal is None:
         met = ""
     else:
         met = "yes" if (value >= goal if higher_is_better else value <= goal) else "**no**"
     sign = ">=" if higher_is_better else "<="
-    return {"date": env["date"], "device": env["device"], "torch": env["torch"], "benchmark": benchmark,
-            "measured": measured, "value": fmt.format(value) + unit,
-            "goal": "" if goal is None else f"{sign} {fmt.format(goal)}{unit}", "met": met}
+    return {
+        "date": env["date"],
+        "device": env["device"],
+        "torch": env["torch"],
+        "benchmark": benchmark,
+        "measured": measured,
+        "value": fmt.format(value) + unit,
+        "goal": "" if goal is None else f"{sign} {fmt.format(goal)}{unit}",
+        "met": met,
+    }
 
 
 def append_rows(rows: list[dict[str, str]], path: Path = RESULTS) -> None:
@@ -239,8 +271,10 @@ def append_rows(rows: list[dict[str, str]], path: Path = RESULTS) -> None:
     elif not text.endswith("\n"):
         text += "\n"
     for r in rows:
-        cells = [str(r[k]).replace("|", "/") for k in ("date", "device", "torch", "benchmark", "measured", "value",
-                                                         "goal", "met")]
+        cells = [
+            str(r[k]).replace("|", "/")
+            for k in ("date", "device", "torch", "benchmark", "measured", "value", "goal", "met")
+        ]
         text += "| " + " | ".join(cells) + " |\n"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
@@ -270,8 +304,10 @@ def finish(name: str, result: dict[str, Any], rows: list[dict[str, str]], args: 
 
 def logger(name: str) -> Callable[[str], None]:
     """A timestamped progress printer for benchmark ``name``."""
+
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {message}", flush=True)
+
     return log
 
 
@@ -299,8 +335,12 @@ def cli_args(description: str, argv: Optional[list[str]] = None, extra: list[tup
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds (a smoke test)")
     from benchmarks.models import SHAPES
 
-    p.add_argument("--shape", choices=[name for name in SHAPES if name != "quick"], default=None,  # quick: --quick
-                   help="model shape (default: gpt2_124m on CUDA, cpu elsewhere; see benchmarks/models.py SHAPES)")
+    p.add_argument(
+        "--shape",
+        choices=[name for name in SHAPES if name != "quick"],
+        default=None,  # quick: --quick
+        help="model shape (default: gpt2_124m on CUDA, cpu elsewhere; see benchmarks/models.py SHAPES)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default: the shape's)")
     p.add_argument("--rounds", type=positive_int, default=None, help="timed rounds per contender")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU intra-op threads (default 1)")

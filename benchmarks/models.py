@@ -37,8 +37,9 @@ class Shape:
         return self.batch_size * self.context
 
     @classmethod
-    def for_device(cls, device: torch.device, quick: bool = False, name: Optional[str] = None,
-                   batch_size: Optional[int] = None) -> Shape:
+    def for_device(
+        cls, device: torch.device, quick: bool = False, name: Optional[str] = None, batch_size: Optional[int] = None
+    ) -> Shape:
         """The benchmark shape: ``name`` one of SHAPES (default: gpt2_124m on CUDA, cpu elsewhere; quick: a
         smoke-test size), with ``batch_size`` rows if given."""
         name = "quick" if quick else name or ("gpt2_124m" if device.type == "cuda" else "cpu")
@@ -51,20 +52,28 @@ class Shape:
         return cls.for_device(device, args.quick, args.shape, args.batch_size)
 
     def overrides(self) -> list[str]:
-        return ["model=gpt2", f"model.num_layers={self.num_layers}", f"model.hidden_size={self.hidden_size}",
-                f"model.num_heads={self.num_heads}", f"model.max_position_embeddings={self.context}",
-                f"model.vocab_size={self.vocab_size}", "model.dropout=0.0"]
+        return [
+            "model=gpt2",
+            f"model.num_layers={self.num_layers}",
+            f"model.hidden_size={self.hidden_size}",
+            f"model.num_heads={self.num_heads}",
+            f"model.max_position_embeddings={self.context}",
+            f"model.vocab_size={self.vocab_size}",
+            "model.dropout=0.0",
+        ]
 
     def describe(self) -> str:
-        return (f"gpt2-shaped {self.num_layers} layers x {self.hidden_size} wide, {self.num_heads} heads, "
-                f"vocab {self.vocab_size}, batch {self.batch_size} x {self.context}")
+        return (
+            f"gpt2-shaped {self.num_layers} layers x {self.hidden_size} wide, {self.num_heads} heads, "
+            f"vocab {self.vocab_size}, batch {self.batch_size} x {self.context}"
+        )
 
 
 # name -> (layers, width, heads, context, vocabulary, batch)
 SHAPES = {
     "gpt2_124m": (12, 768, 12, 1024, 50257, 16),  # GPT-2 124M, batch 16 x 1024 (the CUDA shape)
-    "cpu": (4, 384, 6, 256, 50257, 4),            # GPT-2's wiring and vocabulary, small enough for one core
-    "quick": (2, 128, 4, 64, 1024, 2),            # a smoke test
+    "cpu": (4, 384, 6, 256, 50257, 4),  # GPT-2's wiring and vocabulary, small enough for one core
+    "quick": (2, 128, 4, 64, 1024, 2),  # a smoke test
 }
 
 
@@ -127,12 +136,20 @@ def build_unfused(composed: nn.Module) -> nn.Module:
     return unfused
 
 
-BUILDERS = {"handwritten": build_handwritten, "transformers": build_hf, "composed_pad64": build_padded,
-            "composed_unfused": build_unfused}
+BUILDERS = {
+    "handwritten": build_handwritten,
+    "transformers": build_hf,
+    "composed_pad64": build_padded,
+    "composed_unfused": build_unfused,
+}
 
 
-def contenders(shape: Shape, device: torch.device, names: tuple[str, ...] = ("composed", "handwritten", "transformers"),
-               seed: int = 0) -> dict[str, nn.Module]:
+def contenders(
+    shape: Shape,
+    device: torch.device,
+    names: tuple[str, ...] = ("composed", "handwritten", "transformers"),
+    seed: int = 0,
+) -> dict[str, nn.Module]:
     """The named contenders with the composed model's weights (``composed`` is always built first)."""
     composed = build_composed(shape, device, seed)
     return {name: composed if name == "composed" else BUILDERS[name](composed) for name in names}

@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this one (repeatable)")
     args, rest = parser.parse_known_args(argv)
     names = args.only or list(BENCHMARKS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+    }
     failed = []
     for name in names:
         start = time.perf_counter()
@@ -60,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         if args_for != rest:
             print(f"{name}: its cases have their own shapes; --shape / --batch-size not passed", flush=True)
         code = subprocess.call([sys.executable, "-m", BENCHMARKS[name], *args_for], cwd=ROOT, env=env)
-        print(f"[{time.strftime('%H:%M:%S')}] === {name}: {'ok' if code == 0 else f'FAILED ({code})'} in "
-              f"{time.perf_counter() - start:.0f} s ===", flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] === {name}: {'ok' if code == 0 else f'FAILED ({code})'} in "
+            f"{time.perf_counter() - start:.0f} s ===",
+            flush=True,
+        )
         if code:
             failed.append(name)
     if failed:

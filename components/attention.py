@@ -45,12 +45,17 @@ def sdpa_reads_grouped_heads(device_type: str, dtype: torch.dtype, masked: bool,
         return False
     if device_type == "cpu":
         return True
-    return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not masked
-            and head_dim <= FLASH_MAX_HEAD_DIM)
+    return (
+        device_type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and not masked
+        and head_dim <= FLASH_MAX_HEAD_DIM
+    )
 
 
-def sdpa_folding_groups(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0,
-                        scale: Optional[float] = None) -> Tensor:
+def sdpa_folding_groups(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0, scale: Optional[float] = None
+) -> Tensor:
     """SDPA over grouped K/V heads without copying them and without ``enable_gqa``: each group's query
     heads become one head's rows. q [B, H, T, D], k/v [B, Hkv, S, D], mask [B|1, 1|H, T, S] (bool or
     additive; required: the rows of a causal kernel would be out of order) -> [B, H, T, D]."""
@@ -99,8 +104,11 @@ class AttentionConfig(ComponentConfig):
             if model.hidden_size % self.num_heads == 0:
                 inherit(self, "head_dim", model.hidden_size // self.num_heads)
             elif self.num_heads != model.num_heads:  # the model-level rule reports the other case
-                check.fail("num_heads", f"hidden_size {model.hidden_size} is not divisible by {self.num_heads}",
-                           "pick a divisor of hidden_size or set head_dim")
+                check.fail(
+                    "num_heads",
+                    f"hidden_size {model.hidden_size} is not divisible by {self.num_heads}",
+                    "pick a divisor of hidden_size or set head_dim",
+                )
         inherit(self, "out_bias", self.bias)
         inherit(self, "dropout", model.dropout)
         check_probability(self, "dropout", check)
@@ -122,8 +130,7 @@ class MQAConfig(AttentionConfig):
 class GQAConfig(AttentionConfig):
     """Grouped-query attention: groups of query heads share a key/value head."""
 
-    num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads / 2)",
-                                         min=1)
+    num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads / 2)", min=1)
 
     def kv_heads(self) -> int:
         return self.num_kv_heads
@@ -132,14 +139,20 @@ class GQAConfig(AttentionConfig):
         super().resolve(model, check)
         if self.num_kv_heads is None:
             if self.num_heads % 2 and self.num_heads > 1:
-                check.missing("num_kv_heads", f"no default for an odd num_heads ({self.num_heads})",
-                              "set num_kv_heads to a divisor of num_heads")
+                check.missing(
+                    "num_kv_heads",
+                    f"no default for an odd num_heads ({self.num_heads})",
+                    "set num_kv_heads to a divisor of num_heads",
+                )
                 return
             inherit(self, "num_kv_heads", max(1, self.num_heads // 2))
         if self.num_heads % self.num_kv_heads:
             divisors = [d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]
-            check.fail("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}",
-                       f"use one of {divisors}")
+            check.fail(
+                "num_kv_heads",
+                f"{self.num_kv_heads} does not divide num_heads={self.num_heads}",
+                f"use one of {divisors}",
+            )
 
 
 @dataclass(kw_only=True)
@@ -148,8 +161,9 @@ class SlidingWindowConfig(GQAConfig):
 
     num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads)", min=1)
     window: int = option(help="tokens each query can see, itself included", min=1)
-    kernel: str = option("auto", help="auto (FlexAttention block mask on CUDA, else SDPA + mask) | sdpa | flex",
-                         choices=KERNELS)
+    kernel: str = option(
+        "auto", help="auto (FlexAttention block mask on CUDA, else SDPA + mask) | sdpa | flex", choices=KERNELS
+    )
 
     def window_size(self) -> Optional[int]:
         return self.window
@@ -158,15 +172,22 @@ class SlidingWindowConfig(GQAConfig):
         inherit(self, "num_kv_heads", self.num_heads or model.num_heads)
         super().resolve(model, check)
         if self.kernel == "flex" and flex_attention is None:
-            check.fail("kernel", "flex needs torch >= 2.5 (torch.nn.attention.flex_attention)",
-                       "use kernel: auto or sdpa, or upgrade torch")
+            check.fail(
+                "kernel",
+                "flex needs torch >= 2.5 (torch.nn.attention.flex_attention)",
+                "use kernel: auto or sdpa, or upgrade torch",
+            )
         if self.window is not None and self.window > model.max_position_embeddings:
-            check.fail("window", f"{self.window} exceeds max_position_embeddings={model.max_position_embeddings}",
-                       f"use a window between 1 and {model.max_position_embeddings}")
+            check.fail(
+                "window",
+                f"{self.window} exceeds max_position_embeddings={model.max_position_embeddings}",
+                f"use a window between 1 and {model.max_position_embeddings}",
+            )
 
 
-def build_mask(q_pos: Tensor, k_pos: Tensor, key_valid: Optional[Tensor], causal: bool,
-               window: Optional[int]) -> Tensor:
+def build_mask(
+    q_pos: Tensor, k_pos: Tensor, key_valid: Optional[Tensor], causal: bool, window: Optional[int]
+) -> Tensor:
     """Boolean mask [B or 1, 1, Tq, Tk], True where query i may attend to key j.
 
     q_pos [Tq] and k_pos [Tk] are cache slots (k_pos -1: empty slot); key_valid [B, Tk] marks
@@ -210,11 +231,11 @@ class SelfAttention(nn.Module):
         self.__dict__["position"] = ctx.position
 
     def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
-        return KVCache(batch_size, self.num_kv_heads, self.head_dim, capacity, self.window,
-                       dtype=dtype, device=device)
+        return KVCache(batch_size, self.num_kv_heads, self.head_dim, capacity, self.window, dtype=dtype, device=device)
 
-    def forward(self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Optional[KVCache] = None,
-                use_cache: bool = False) -> tuple[Tensor, Optional[KVCache]]:
+    def forward(
+        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Optional[KVCache] = None, use_cache: bool = False
+    ) -> tuple[Tensor, Optional[KVCache]]:
         b, t, _ = hidden.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(hidden).split([h * d, hkv * d, hkv * d], dim=-1)
@@ -228,8 +249,9 @@ class SelfAttention(nn.Module):
 
         if past_key_value is not None and getattr(past_key_value, "static", False):
             return self._static(q, k, v, inputs, past_key_value, use_cache, b, t)
-        q_pos = inputs.cached(("q_slots", t), lambda: torch.arange(
-            inputs.past_length, inputs.past_length + t, device=hidden.device))  # [T]
+        q_pos = inputs.cached(
+            ("q_slots", t), lambda: torch.arange(inputs.past_length, inputs.past_length + t, device=hidden.device)
+        )  # [T]
         if past_key_value is not None:
             new_valid = None if inputs.key_valid is None else inputs.key_valid[:, -t:]
             k, v, k_pos, k_valid = past_key_value.update(k, v, new_valid)  # [B, Hkv, S, D], [S], [B, S]
@@ -242,8 +264,13 @@ class SelfAttention(nn.Module):
         plain = k_valid is None and bias is None
         # no mask needed: a full causal square, or one new token that may see the whole cache
         square = plain and past_key_value is None and self.window is None
-        decode = plain and past_key_value is not None and t == 1 and not past_key_value.rolling and (
-            self.window is None or self.window >= k.shape[2])
+        decode = (
+            plain
+            and past_key_value is not None
+            and t == 1
+            and not past_key_value.rolling
+            and (self.window is None or self.window >= k.shape[2])
+        )
         if plain and past_key_value is None and self._use_flex(q):  # a window over the whole sequence
             y = self._flex(q, k, v, inputs, t)  # [B, H, T, D]
             return self.out(y.transpose(1, 2).reshape(b, t, h * d)), past_key_value if use_cache else None
@@ -281,11 +308,11 @@ class SelfAttention(nn.Module):
         key = ("flex", causal, window, t, q.device)
         block = inputs.cached(key, lambda: create_block_mask(allowed, None, None, t, t, device=q.device))
         attend = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-        return attend(q, k, v, block_mask=block, scale=self.scale,
-                      enable_gqa=self.num_heads != self.num_kv_heads)
+        return attend(q, k, v, block_mask=block, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
 
-    def _static(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, cache: KVCache, use_cache: bool,
-                b: int, t: int) -> tuple[Tensor, Optional[KVCache]]:
+    def _static(
+        self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, cache: KVCache, use_cache: bool, b: int, t: int
+    ) -> tuple[Tensor, Optional[KVCache]]:
         """Attend over a static cache's whole buffer: the mask comes from its slot positions."""
         q_pos = inputs.cache_position  # [T]
         k, v, k_pos, k_valid = cache.update(k, v, inputs.key_valid, q_pos)  # [B, Hkv, S, D], [S], [B, S]
@@ -304,7 +331,7 @@ class SelfAttention(nn.Module):
         if self.softcap is not None:  # explicit softmax: SDPA has no score modifier
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+            scale = self.scale if self.scale is not None else self.head_dim**-0.5
             scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, S]
             scores = self.softcap * torch.tanh(scores / self.softcap)
             if is_causal:
@@ -322,8 +349,9 @@ class SelfAttention(nn.Module):
                 return sdpa_folding_groups(q, k, v, mask, dropout_p=p, scale=self.scale)
             else:  # [B, Hkv, S, D] -> [B, H, S, D]
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
-                                              scale=self.scale, **kwargs)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.scale, **kwargs
+        )
 
 
 _FLEX = []

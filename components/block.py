@@ -74,8 +74,9 @@ class PreNormBlock(_Block):
         super().__init__(cfg, ctx)
         self.attn_norm, self.ffn_norm = ctx.make_norm(), ctx.make_norm()
 
-    def forward(self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None,
-                use_cache: bool = False) -> tuple[Tensor, Any, Optional[Tensor]]:  # [B, T, C] -> [B, T, C]
+    def forward(
+        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None, use_cache: bool = False
+    ) -> tuple[Tensor, Any, Optional[Tensor]]:  # [B, T, C] -> [B, T, C]
         a, present = self._attention(self.attn_norm(hidden), inputs, past_key_value, use_cache)
         hidden = hidden + self.drop(a)
         f, aux = self._feed_forward(self.ffn_norm(hidden))
@@ -90,8 +91,9 @@ class PostNormBlock(_Block):
         super().__init__(cfg, ctx)
         self.attn_norm, self.ffn_norm = ctx.make_norm(), ctx.make_norm()
 
-    def forward(self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None,
-                use_cache: bool = False) -> tuple[Tensor, Any, Optional[Tensor]]:
+    def forward(
+        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None, use_cache: bool = False
+    ) -> tuple[Tensor, Any, Optional[Tensor]]:
         a, present = self._attention(hidden, inputs, past_key_value, use_cache)
         hidden = self.attn_norm(hidden + self.drop(a))
         f, aux = self._feed_forward(hidden)
@@ -105,8 +107,9 @@ class ParallelBlock(_Block):
         self.attn_norm = ctx.make_norm()
         self.ffn_norm = None if cfg.shared_norm else ctx.make_norm()
 
-    def forward(self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None,
-                use_cache: bool = False) -> tuple[Tensor, Any, Optional[Tensor]]:
+    def forward(
+        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None, use_cache: bool = False
+    ) -> tuple[Tensor, Any, Optional[Tensor]]:
         normed = self.attn_norm(hidden)
         a, present = self._attention(normed, inputs, past_key_value, use_cache)
         f, aux = self._feed_forward(normed if self.ffn_norm is None else self.ffn_norm(hidden))

@@ -34,8 +34,11 @@ def _check_common(cfg, model, check) -> None:
     inherit(cfg, "dropout", model.dropout)
     check_probability(cfg, "dropout", check)
     if cfg.intermediate_size is not None and cfg.intermediate_size < model.hidden_size:
-        check.warn("intermediate_size", f"{cfg.intermediate_size} is smaller than hidden_size "
-                   f"{model.hidden_size} (unusual: a bottleneck feed-forward)")
+        check.warn(
+            "intermediate_size",
+            f"{cfg.intermediate_size} is smaller than hidden_size "
+            f"{model.hidden_size} (unusual: a bottleneck feed-forward)",
+        )
 
 
 @dataclass
@@ -72,7 +75,8 @@ class GatedConfig(ComponentConfig):
     """Gated linear unit: silu(gate) * up (SwiGLU)."""
 
     intermediate_size: Optional[int] = option(
-        None, help="hidden width (null: 8/3 * hidden_size rounded up to multiple_of)", min=1)
+        None, help="hidden width (null: 8/3 * hidden_size rounded up to multiple_of)", min=1
+    )
     multiple_of: int = option(256, help="rounding of the default intermediate_size", min=1)
     bias: bool = option(False, help="biases on the projections")
     dropout: Optional[float] = option(None, help="dropout on the output (null: model.dropout)")
@@ -104,4 +108,3 @@ class GatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [B, T, I] each
         return self.dropout(self.down(self.act(gate) * up))
-

@@ -29,18 +29,25 @@ class LMHeadConfig(ComponentConfig):
     bias: bool = option(False, help="learn a per-token logit bias")
     logit_softcap: Optional[float] = option(None, help="cap logits with c*tanh(x/c) (Gemma 2: 30)")
     fused_loss: bool = option(
-        True, help="the training step's loss straight from the hidden states, chunk by chunk, without "
-        "[tokens, vocab] logits; false: logits, then cross-entropy")
+        True,
+        help="the training step's loss straight from the hidden states, chunk by chunk, without "
+        "[tokens, vocab] logits; false: logits, then cross-entropy",
+    )
     loss_chunk_size: Optional[int] = option(
-        None, min=1, help="tokens per chunk of the fused loss (null: 128 MiB of float32 logits on a CPU, "
-        "1 GiB on a GPU)")
+        None,
+        min=1,
+        help="tokens per chunk of the fused loss (null: 128 MiB of float32 logits on a CPU, 1 GiB on a GPU)",
+    )
 
     def resolve(self, model, check) -> None:
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             check.fail("logit_softcap", f"{self.logit_softcap} must be positive", "use null for no cap")
         if self.loss_chunk_size is not None and not self.fused_loss:
-            check.fail("loss_chunk_size", f"{self.loss_chunk_size} is set but fused_loss is false",
-                       "set fused_loss=true, or loss_chunk_size=null")
+            check.fail(
+                "loss_chunk_size",
+                f"{self.loss_chunk_size} is set but fused_loss is false",
+                "set fused_loss=true, or loss_chunk_size=null",
+            )
 
 
 @HEAD.register("lm", config=LMHeadConfig)
@@ -59,7 +66,7 @@ class LMHead(nn.Module):
     def reset_buffers(self) -> None:
         if self.pad_mask.device.type != "meta":  # filled when the model is materialised
             self.pad_mask.fill_(False)
-            self.pad_mask[self.vocab_size:] = True
+            self.pad_mask[self.vocab_size :] = True
 
     @contextmanager
     def decode_layout(self) -> Iterator[None]:
@@ -95,8 +102,9 @@ class LMHead(nn.Module):
         The labels are shifted (not the logits, whose copy would cost B T V floats): the last
         position gets IGNORE_INDEX and the loss reads the logits [B T, V] as they are."""
         targets = next_token_targets(labels)  # [B, T]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
     def fused(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """The same loss as ``loss(self(hidden), labels)`` from the final hidden states [B, T, C],
@@ -104,8 +112,15 @@ class LMHead(nn.Module):
         logits [chunk, V] is alive, nothing is recomputed, and the gradients are made in this pass."""
         targets = next_token_targets(labels).reshape(-1)  # [B T]
         flat = hidden.reshape(-1, hidden.shape[-1])  # [B T, C]
-        return linear_cross_entropy(flat, self.proj.weight, self.proj.bias, targets, self.loss_chunk_size,
-                                    softcap=self.softcap, vocab=self.vocab_size)
+        return linear_cross_entropy(
+            flat,
+            self.proj.weight,
+            self.proj.bias,
+            targets,
+            self.loss_chunk_size,
+            softcap=self.softcap,
+            vocab=self.vocab_size,
+        )
 
 
 def next_token_targets(labels: Tensor) -> Tensor:
@@ -119,8 +134,9 @@ class ClassificationHeadConfig(ComponentConfig):
     """Sequence classification: pool the hidden states, then a linear layer to class logits."""
 
     num_classes: int = option(help="number of classes", min=2)
-    pooling: str = option("last", help="last | mean | first (token whose state is classified)",
-                          choices=("last", "mean", "first"))
+    pooling: str = option(
+        "last", help="last | mean | first (token whose state is classified)", choices=("last", "mean", "first")
+    )
     dropout: Optional[float] = option(None, help="dropout before the classifier (null: model.dropout)")
 
     def resolve(self, model, check) -> None:

@@ -21,9 +21,17 @@ from torch import Tensor
 
 
 class KVCache:
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 window: Optional[int] = None, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        window: Optional[int] = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         self.window = window
         self.rolling = window is not None and window < capacity
         size = window if self.rolling else capacity
@@ -64,8 +72,9 @@ class KVCache:
         self.slot_pos = torch.nn.functional.pad(self.slot_pos, (0, pad), value=-1)
         self.valid = torch.nn.functional.pad(self.valid, (0, pad), value=True)
 
-    def update(self, k: Tensor, v: Tensor, valid: Optional[Tensor],
-               cache_position: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def update(
+        self, k: Tensor, v: Tensor, valid: Optional[Tensor], cache_position: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Append k, v [B, Hkv, T, D] (``valid`` [B, T] or None) and return what to attend over:
         keys, values [B, Hkv, S', D], their absolute positions [S'] and validity [B, S'].
         A static cache writes at ``cache_position`` [T] (absolute positions, a tensor)."""
@@ -108,8 +117,9 @@ class KVCache:
         self.length = start + t
         return keys, values, positions, validity
 
-    def _write_static(self, k: Tensor, v: Tensor, valid: Optional[Tensor],
-                      cache_position: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _write_static(
+        self, k: Tensor, v: Tensor, valid: Optional[Tensor], cache_position: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         t = k.shape[2]
         if valid is None:
             valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
@@ -118,8 +128,13 @@ class KVCache:
             positions = torch.cat([self.slot_pos, cache_position])
             validity = torch.cat([self.valid, valid], dim=1)
             keep = min(t, self.size)
-            self._put(cache_position[-keep:] % self.size, k[:, :, -keep:], v[:, :, -keep:],
-                      cache_position[-keep:], valid[:, -keep:])
+            self._put(
+                cache_position[-keep:] % self.size,
+                k[:, :, -keep:],
+                v[:, :, -keep:],
+                cache_position[-keep:],
+                valid[:, -keep:],
+            )
             return keys, values, positions, validity
         slots = cache_position % self.size if self.rolling else cache_position  # [T]
         self._put(slots, k, v, cache_position, valid)

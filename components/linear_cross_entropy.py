@@ -56,8 +56,18 @@ def _autocast_devices() -> frozenset[str]:
     (meta, for one). An older torch that does not know a device type's name leaves it out."""
     available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
     kinds = set()
-    for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "maia",
-                 torch._C._get_privateuse1_backend_name()):
+    for kind in (
+        "cpu",
+        "cuda",
+        "xpu",
+        "mps",
+        "hpu",
+        "mtia",
+        "xla",
+        "ipu",
+        "maia",
+        torch._C._get_privateuse1_backend_name(),
+    ):
         try:
             if available(kind):
                 kinds.add(kind)
@@ -79,8 +89,16 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, chunk_size: int,
-                softcap: Optional[float], vocab: int) -> Tensor:
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        targets: Tensor,
+        chunk_size: int,
+        softcap: Optional[float],
+        vocab: int,
+    ) -> Tensor:
         n, v = hidden.shape[0], weight.shape[0]
         device = hidden.device
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -100,10 +118,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z_buf = torch.empty(rows, v, dtype=dtype, device=device)  # [chunk, V]: logits, then the gradient
             f_buf = z_buf if dtype == torch.float32 else torch.empty(rows, v, dtype=torch.float32, device=device)
             for start in range(0, n, chunk_size):
-                h = h_all[start:start + chunk_size]  # [m, C]
+                h = h_all[start : start + chunk_size]  # [m, C]
                 m = h.shape[0]
-                labelled = labelled_all[start:start + chunk_size, None]  # [m, 1]
-                safe = torch.where(labelled, targets[start:start + chunk_size, None], 0)  # [m, 1]
+                labelled = labelled_all[start : start + chunk_size, None]  # [m, 1]
+                safe = torch.where(labelled, targets[start : start + chunk_size, None], 0)  # [m, 1]
                 z, logits = z_buf[:m], f_buf[:m]  # [m, V]
                 if b is None:
                     torch.mm(h, w.t(), out=z)
@@ -131,7 +149,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     z.copy_(grad)  # the products run in the forward's dtype
                 weights = labelled * scale  # [m, 1]: unlabelled rows contribute nothing
                 if grad_h is not None:
-                    gh = grad_h[start:start + chunk_size]  # [m, C]
+                    gh = grad_h[start : start + chunk_size]  # [m, C]
                     if dtype == torch.float32:
                         torch.mm(z, w, out=gh)
                     else:
@@ -159,15 +177,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         dh, dw, db = ctx.dtypes
-        return (None if grad_h is None else (grad_h * grad_out).to(dh),
-                None if grad_w is None else (grad_w * grad_out).to(dw),
-                None if grad_b is None else (grad_b * grad_out).to(db),
-                None, None, None, None)
+        return (
+            None if grad_h is None else (grad_h * grad_out).to(dh),
+            None if grad_w is None else (grad_w * grad_out).to(dw),
+            None if grad_b is None else (grad_b * grad_out).to(db),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                         chunk_size: Optional[int] = None, softcap: Optional[float] = None,
-                         vocab: Optional[int] = None) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
+) -> Tensor:
     """Mean cross-entropy of ``F.linear(hidden, weight, bias)`` [N, V] against ``targets`` [N] (IGNORE_INDEX
     skipped), ``chunk_size`` rows at a time (None: ``auto_chunk_size``). ``softcap``: logits become
     softcap * tanh(logits / softcap); ``vocab``: columns from this index on are padding (masked).

@@ -31,11 +31,13 @@ class MoEConfig(ComponentConfig):
 
     def resolve(self, model, check) -> None:
         if self.top_k > self.num_experts:
-            check.fail("top_k", f"{self.top_k} exceeds num_experts={self.num_experts}",
-                       "choose top_k <= num_experts")
+            check.fail("top_k", f"{self.top_k} exceeds num_experts={self.num_experts}", "choose top_k <= num_experts")
         if getattr(self.expert, "type", None) == "moe":
-            check.fail("expert.type", "an expert cannot itself be a mixture of experts",
-                       "use a dense ffn type (mlp, swiglu, geglu)")
+            check.fail(
+                "expert.type",
+                "an expert cannot itself be a mixture of experts",
+                "use a dense ffn type (mlp, swiglu, geglu)",
+            )
 
 
 @FFN.register("moe", config=MoEConfig)

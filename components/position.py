@@ -71,26 +71,30 @@ class RopeConfig(ComponentConfig):
 
     theta: float = option(10000.0, help="base of the rotation frequencies", min=1.0)
     rotary_fraction: float = option(1.0, help="fraction of each head's dims rotated (GPT-NeoX: 0.25)")
-    scaling: str = option("none", help="context extension: none | linear | llama3",
-                          choices=("none", "linear", "llama3"))
+    scaling: str = option(
+        "none", help="context extension: none | linear | llama3", choices=("none", "linear", "llama3")
+    )
     scaling_factor: float = option(1.0, help="positions are stretched by this factor", min=1.0)
     low_freq_factor: float = option(1.0, help="llama3 scaling: low-frequency boundary", min=0.0)
     high_freq_factor: float = option(4.0, help="llama3 scaling: high-frequency boundary", min=0.0)
-    original_max_position_embeddings: int = option(8192, help="llama3 scaling: pre-training context",
-                                                   min=1)
+    original_max_position_embeddings: int = option(8192, help="llama3 scaling: pre-training context", min=1)
 
     def resolve(self, model, check) -> None:
         head_dim = getattr(model.attention, "head_dim", None) or model.head_dim
         if not 0.0 < self.rotary_fraction <= 1.0:
             check.fail("rotary_fraction", f"{self.rotary_fraction} is outside (0, 1]", "use e.g. 1.0 or 0.25")
         elif int(head_dim * self.rotary_fraction) % 2:
-            check.fail("rotary_fraction", f"rotates {int(head_dim * self.rotary_fraction)} dims of head_dim "
-                       f"{head_dim}, which is odd", "rope needs an even number of rotated dims: change "
-                       "hidden_size / num_heads or rotary_fraction")
+            check.fail(
+                "rotary_fraction",
+                f"rotates {int(head_dim * self.rotary_fraction)} dims of head_dim {head_dim}, which is odd",
+                "rope needs an even number of rotated dims: change hidden_size / num_heads or rotary_fraction",
+            )
         if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            check.fail("high_freq_factor", f"{self.high_freq_factor} <= low_freq_factor {self.low_freq_factor}",
-                       "llama3 scaling needs high_freq_factor > low_freq_factor (Llama 3.1: 4.0 and 1.0)")
-
+            check.fail(
+                "high_freq_factor",
+                f"{self.high_freq_factor} <= low_freq_factor {self.low_freq_factor}",
+                "llama3 scaling needs high_freq_factor > low_freq_factor (Llama 3.1: 4.0 and 1.0)",
+            )
 
     def check_layer(self, layer) -> Optional[tuple[str, str]]:
         """(problem, fix) if ``layer``'s own attention (a per-layer override may change head_dim)
@@ -98,9 +102,12 @@ class RopeConfig(ComponentConfig):
         head_dim = getattr(layer.attention, "head_dim", None) or 0
         rotated = int(head_dim * self.rotary_fraction)
         if rotated % 2:
-            return (f"head_dim {head_dim} with rope rotary_fraction {self.rotary_fraction} rotates {rotated} dims, "
-                    "which is odd", "rope needs an even number of rotated dims: change num_heads / head_dim here "
-                    "or the rope's rotary_fraction")
+            return (
+                f"head_dim {head_dim} with rope rotary_fraction {self.rotary_fraction} rotates {rotated} dims, "
+                "which is odd",
+                "rope needs an even number of rotated dims: change num_heads / head_dim here "
+                "or the rope's rotary_fraction",
+            )
         return None
 
 
@@ -153,8 +160,16 @@ class Rope(_NoPosition):
 
     def rotate(self, q: Tensor, k: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
         # q [B, H, T, D], k [B, Hkv, T, D]; the first R dims of each head are rotated.
-        key = ("rope", self.rotary_dim, self.cfg.theta, self.cfg.scaling, self.cfg.scaling_factor,
-               self.cfg.low_freq_factor, self.cfg.high_freq_factor, self.cfg.original_max_position_embeddings)
+        key = (
+            "rope",
+            self.rotary_dim,
+            self.cfg.theta,
+            self.cfg.scaling,
+            self.cfg.scaling_factor,
+            self.cfg.low_freq_factor,
+            self.cfg.high_freq_factor,
+            self.cfg.original_max_position_embeddings,
+        )
         cos, sin = inputs.cached(key, lambda: self.cos_sin(inputs.position_ids))
         return self._turn(q, cos, sin), self._turn(k, cos, sin)
 

@@ -76,8 +76,13 @@ def run_with_own_memo(module: Callable, hidden: Tensor, inputs: AttentionInputs,
     """``module(hidden, inputs', *args)`` where inputs' has a fresh memo: for checkpointed (recomputed)
     regions, which must not write into state outside them (torch.compile traces them as one op). Built
     field by field: torch 2.11's compiler cannot trace ``dataclasses.replace`` inside a checkpointed region."""
-    own = AttentionInputs(position_ids=inputs.position_ids, key_valid=inputs.key_valid,
-                          past_length=inputs.past_length, cache_position=inputs.cache_position, memo={})
+    own = AttentionInputs(
+        position_ids=inputs.position_ids,
+        key_valid=inputs.key_valid,
+        past_length=inputs.past_length,
+        cache_position=inputs.cache_position,
+        memo={},
+    )
     return module(hidden, own, *args)
 
 

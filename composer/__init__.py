@@ -1,9 +1,9 @@
 """composer: declarative transformers. A YAML description in, a PyTorch model out.
 
-    from composer import load_config, compose
-    cfg = load_config(["model=llama3_8b", "model.num_layers=4"])
-    model = compose(cfg.model)
-    out = model(input_ids)            # out.logits [B, T, vocab]
+from composer import load_config, compose
+cfg = load_config(["model=llama3_8b", "model.num_layers=4"])
+model = compose(cfg.model)
+out = model(input_ids)            # out.logits [B, T, vocab]
 """
 
 from __future__ import annotations

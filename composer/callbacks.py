@@ -86,13 +86,15 @@ class Throughput(Callback):
         self._peak = peak_flops(pl_module.device, self.precision)
         self._paused = True  # the clock starts with the first batch
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._paused:  # first batch, or the first after a validation (and its checkpoint)
             self._mark, self._mark_tokens, self._paused = time.perf_counter(), self.tokens, False
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.tokens += batch["input_ids"].numel() * trainer.world_size  # shape only: no device read
         if not _should_log(trainer):
             return
@@ -134,8 +136,9 @@ class LearningRate(Callback):
     """Logs ``lr`` (the scheduled learning rate of the step) every ``log_every_n_steps``; every
     parameter group follows the same schedule, so one value describes them all."""
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.optimizers and _should_log(trainer):
             lr = float(trainer.optimizers[0].param_groups[0]["lr"])
             pl_module.log("lr", lr, on_step=True, on_epoch=False, rank_zero_only=True)
@@ -158,12 +161,14 @@ class NanGuard(Callback):
         self._first_bad: Optional[torch.Tensor] = None  # step of the first bad loss, -1 while none
         self._step = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._step = trainer.global_step + 1  # the optimizer step this batch belongs to (1-based)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
@@ -197,17 +202,20 @@ class NanGuard(Callback):
         what = "the training loss became NaN/Inf" if first >= 0 or not bad_weight else "a weight became NaN/Inf"
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
         kept = f"the last good checkpoint is kept: {ckpt}" if ckpt else "no checkpoint had been written yet"
-        raise NonFiniteLoss(f"{what} {where} (training stopped); {kept}. Fix: lower optim.lr, set "
-                            "trainer.gradient_clip_val (e.g. 1.0), raise scheduler.warmup_steps, or use "
-                            "trainer.precision=bf16-mixed instead of 16-mixed")
+        raise NonFiniteLoss(
+            f"{what} {where} (training stopped); {kept}. Fix: lower optim.lr, set "
+            "trainer.gradient_clip_val (e.g. 1.0), raise scheduler.warmup_steps, or use "
+            "trainer.precision=bf16-mixed instead of 16-mixed"
+        )
 
 
 class ValidateAtEnd(Callback):
     """Asks Lightning to stop at ``max_steps`` itself, which makes it validate (and checkpoint)
     after the last step even when max_steps is not a multiple of val_check_interval."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
 
@@ -217,8 +225,16 @@ class SampleText(Callback):
     ``prompt`` (or after the first tokens of a validation sequence) and prints them (rank 0).
     The last sample is kept in ``self.last`` for the run summary."""
 
-    def __init__(self, tokenizer: Any, prompt: str = "", max_new_tokens: int = 64, every_n_validations: int = 1,
-                 temperature: float = 0.8, top_k: Optional[int] = 40, prompt_tokens: int = 16):
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt: str = "",
+        max_new_tokens: int = 64,
+        every_n_validations: int = 1,
+        temperature: float = 0.8,
+        top_k: Optional[int] = 40,
+        prompt_tokens: int = 16,
+    ):
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -230,8 +246,9 @@ class SampleText(Callback):
         self._count = 0
         self._val_prompt: Optional[torch.Tensor] = None
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self._val_prompt is None and batch_idx == 0:
             self._val_prompt = batch["input_ids"][:1, : self.prompt_tokens].detach()
 
@@ -257,8 +274,14 @@ class SampleText(Callback):
             ids = torch.zeros((1, 1), dtype=torch.long, device=device)
         ids = ids[:, : max(1, model.config.max_position_embeddings - 1)]
         room = model.config.max_position_embeddings - ids.shape[1]
-        out = model.generate(ids, max_new_tokens=max(1, min(self.max_new_tokens, room)), do_sample=True,
-                             temperature=self.temperature, top_k=self.top_k, seed=self._count)
+        out = model.generate(
+            ids,
+            max_new_tokens=max(1, min(self.max_new_tokens, room)),
+            do_sample=True,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self._count,
+        )
         return self.tokenizer.decode(out[0].tolist())
 
 
@@ -292,5 +315,14 @@ class ComposerTQDMProgressBar(TQDMProgressBar):
         return items
 
 
-__all__ = ["ComposerProgressBar", "ComposerTQDMProgressBar", "LearningRate", "NanGuard", "NonFiniteLoss", "SampleText",
-           "Throughput", "ValidateAtEnd", "peak_flops"]
+__all__ = [
+    "ComposerProgressBar",
+    "ComposerTQDMProgressBar",
+    "LearningRate",
+    "NanGuard",
+    "NonFiniteLoss",
+    "SampleText",
+    "Throughput",
+    "ValidateAtEnd",
+    "peak_flops",
+]

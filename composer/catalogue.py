@@ -57,11 +57,17 @@ def _yaml_value(value: Any) -> str:
 def component_yaml(family: str, name: str) -> str:
     """The config-group file for component ``name`` of ``family``."""
     entry = FAMILIES[family].get(name)
-    lines = [f"# {entry.description}", f"# Options of {family} '{name}' (generated from {entry.config.__qualname__}; "
-             "null = inherit or derive).", f"type: {name}"]
+    lines = [
+        f"# {entry.description}",
+        f"# Options of {family} '{name}' (generated from {entry.config.__qualname__}; null = inherit or derive).",
+        f"type: {name}",
+    ]
     for opt in options(entry):
-        lines.append(f"{opt.name}: {_yaml_value(opt.default)}  # {opt.help}" if opt.help
-                     else f"{opt.name}: {_yaml_value(opt.default)}")
+        lines.append(
+            f"{opt.name}: {_yaml_value(opt.default)}  # {opt.help}"
+            if opt.help
+            else f"{opt.name}: {_yaml_value(opt.default)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -83,7 +89,9 @@ def render(family: str | None = None) -> None:
         table.add_column("description")
         table.add_column("options (default)")
         for e in entries:
-            opts = "\n".join(f"{o.name}: {o.type} = {_yaml_value(o.default)}" + (f"  [dim]{o.help}[/dim]" if o.help
-                                                                                  else "") for o in options(e))
+            opts = "\n".join(
+                f"{o.name}: {o.type} = {_yaml_value(o.default)}" + (f"  [dim]{o.help}[/dim]" if o.help else "")
+                for o in options(e)
+            )
             table.add_row(e.name, e.description, opts or "[dim]none[/dim]")
         console.print(table)

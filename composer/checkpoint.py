@@ -69,13 +69,20 @@ METADATA_KEY = "composer_config"  # safetensors header metadata holding the conf
 def config_document(model: nn.Module) -> dict[str, Any]:
     """What config.json (and every header) holds for ``model``."""
     dtypes = {p.dtype for p in model.parameters()}
-    return {"format_version": FORMAT_VERSION, "library": "composer",
-            "dtype": str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None,
-            "model": model.config.to_dict()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "composer",
+        "dtype": str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None,
+        "model": model.config.to_dict(),
+    }
 
 
-def save_pretrained(model: nn.Module, directory: Union[str, Path], tokenizer: Any = None,
-                    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: Union[str, Path],
+    tokenizer: Any = None,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write ``model`` to ``directory`` (created if needed): weights, config.json, tokenizer.json.
 
     tokenizer:      a ``tokenizers.Tokenizer`` (or anything with ``to_str()``), saved as tokenizer.json
@@ -108,9 +115,11 @@ def _check_describes(model: nn.Module) -> None:
     have = {k: tuple(v.shape) for k, v in unique_state(model).items()}
     if want != have:
         diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
-        raise CheckpointError("the model's weights differ from what its config describes (hand-made modules "
-                              f"from ModelBuilder?): {', '.join(diff[:8])}; from_pretrained could not rebuild it. "
-                              "Save such a model's state_dict yourself with safetensors.torch.save_file")
+        raise CheckpointError(
+            "the model's weights differ from what its config describes (hand-made modules "
+            f"from ModelBuilder?): {', '.join(diff[:8])}; from_pretrained could not rebuild it. "
+            "Save such a model's state_dict yourself with safetensors.torch.save_file"
+        )
 
 
 def save_tokenizer(tokenizer: Any, directory: Union[str, Path]) -> None:
@@ -141,8 +150,12 @@ def _version(text: Any, where: str) -> tuple[int, int]:
 
 # Format 0.x (composer before 0.1) stored the model options at the top level of config.json, beside
 # format_version, with nanoGPT's names for the sizes.
-_RENAMED_0X = {"n_layer": "num_layers", "n_head": "num_heads", "n_embd": "hidden_size",
-               "block_size": "max_position_embeddings"}
+_RENAMED_0X = {
+    "n_layer": "num_layers",
+    "n_head": "num_heads",
+    "n_embd": "hidden_size",
+    "block_size": "max_position_embeddings",
+}
 
 
 def _migrate_0_to_1(doc: dict) -> dict:
@@ -159,25 +172,38 @@ def migrate(doc: Any, where: str) -> dict:
         raise CheckpointError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     if "format_version" not in doc:
         if "model_type" in doc:
-            raise CheckpointError(f"{where} is a Hugging Face config (model_type {doc['model_type']!r}), not a "
-                                  "composer checkpoint; convert the folder with `composer-import <hf dir> <out dir>` "
-                                  "or composer.hf.import_hf")
+            raise CheckpointError(
+                f"{where} is a Hugging Face config (model_type {doc['model_type']!r}), not a "
+                "composer checkpoint; convert the folder with `composer-import <hf dir> <out dir>` "
+                "or composer.hf.import_hf"
+            )
         doc = {**doc, "format_version": "0.0"}
     current = _version(FORMAT_VERSION, "composer")
     found = _version(doc["format_version"], where)
     if found[0] > current[0]:
-        raise IncompatibleVersion(f"{where}: checkpoint format version {doc['format_version']} is newer than this "
-                                  f"code reads (format {current[0]}.x, version {FORMAT_VERSION}); upgrade composer "
-                                  "to load it")
+        raise IncompatibleVersion(
+            f"{where}: checkpoint format version {doc['format_version']} is newer than this "
+            f"code reads (format {current[0]}.x, version {FORMAT_VERSION}); upgrade composer "
+            "to load it"
+        )
     while found[0] < current[0]:
         old = doc["format_version"]
         doc = _MIGRATIONS[found[0]](doc)
-        log.warning("%s: migrated the checkpoint config from format %s to %s (re-save with save_pretrained to "
-                    "update the file)", where, old, doc["format_version"])
+        log.warning(
+            "%s: migrated the checkpoint config from format %s to %s (re-save with save_pretrained to update the file)",
+            where,
+            old,
+            doc["format_version"],
+        )
         found = _version(doc["format_version"], where)
     if found > current:
-        log.info("%s: format %s is newer than %s; reading it as %s", where, doc["format_version"],
-                 FORMAT_VERSION, FORMAT_VERSION)
+        log.info(
+            "%s: format %s is newer than %s; reading it as %s",
+            where,
+            doc["format_version"],
+            FORMAT_VERSION,
+            FORMAT_VERSION,
+        )
     if not isinstance(doc.get("model"), dict):
         raise CheckpointError(f"{where}: no 'model' section holding the model config")
     return doc
@@ -198,8 +224,9 @@ def _weight_files(path: Path) -> list[Path]:
         if path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(pickle_hint(path))
         if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path} is not a .safetensors file; pass a checkpoint folder or its "
-                                  "model.safetensors")
+            raise CheckpointError(
+                f"{path} is not a .safetensors file; pass a checkpoint folder or its model.safetensors"
+            )
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist; pass a folder written by save_pretrained or a .safetensors file")
@@ -210,8 +237,9 @@ def _weight_files(path: Path) -> list[Path]:
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(pickle_hint(pickles[0]))
-    raise CheckpointError(f"{path} holds no {WEIGHTS_NAME} (nor {INDEX_NAME}); pass a folder written by "
-                          "save_pretrained")
+    raise CheckpointError(
+        f"{path} holds no {WEIGHTS_NAME} (nor {INDEX_NAME}); pass a folder written by save_pretrained"
+    )
 
 
 def _locate(path: Union[str, Path]) -> _Checkpoint:
@@ -235,9 +263,11 @@ def _locate(path: Union[str, Path]) -> _Checkpoint:
         except ValueError as exc:
             raise CheckpointError(f"{source}: '{METADATA_KEY}' is not valid JSON ({exc})") from None
     else:
-        raise CheckpointError(f"no model config for {path}: neither {beside} nor a '{METADATA_KEY}' entry in the "
-                              "safetensors header; save with save_pretrained, or put the config.json it was "
-                              "saved with beside the weights")
+        raise CheckpointError(
+            f"no model config for {path}: neither {beside} nor a '{METADATA_KEY}' entry in the "
+            "safetensors header; save with save_pretrained, or put the config.json it was "
+            "saved with beside the weights"
+        )
     return _Checkpoint(files, headers, migrate(doc, source), source)
 
 

@@ -38,15 +38,17 @@ def _search_path_overrides(config_dirs: Iterable[str | Path]) -> list[str]:
     dirs = [Path(d).expanduser().resolve() for d in config_dirs]
     for d in dirs:
         if not d.is_dir():
-            raise ConfigError([Problem("config_dir", f"{d} is not a directory",
-                                       "pass an existing folder of YAML configs")])
+            raise ConfigError(
+                [Problem("config_dir", f"{d} is not a directory", "pass an existing folder of YAML configs")]
+            )
     if not dirs:
         return []
     return ["hydra.searchpath=[" + ",".join(f"file://{d}" for d in dirs) + "]"]
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "train",
-                config_dirs: Iterable[str | Path] = ()) -> Any:
+def load_config(
+    overrides: Sequence[str] = (), config_name: str = "train", config_dirs: Iterable[str | Path] = ()
+) -> Any:
     """Compose ``conf/<config_name>.yaml`` with command-line style ``overrides``.
 
     ``config_dirs`` adds folders to the search path, so a user's own presets
@@ -112,9 +114,16 @@ def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: I
     if isinstance(exc, (OverrideParseException, TypeError, ValueError)):
         bad = _culprit(exc, overrides, config_name, config_dirs)
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return ConfigError([Problem(bad.partition("=")[0].lstrip("+~"), f"cannot apply override {bad!r} ({first})",
-                                    "write key=value or group=option (one option name, e.g. model=gpt2); "
-                                    "quote values with special characters")])
+        return ConfigError(
+            [
+                Problem(
+                    bad.partition("=")[0].lstrip("+~"),
+                    f"cannot apply override {bad!r} ({first})",
+                    "write key=value or group=option (one option name, e.g. model=gpt2); "
+                    "quote values with special characters",
+                )
+            ]
+        )
     if isinstance(exc, MissingConfigException):
         missing = exc.missing_cfg_file or ""
         group, _, name = missing.rpartition("/")
@@ -122,10 +131,18 @@ def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: I
         if group and options:
             close = difflib.get_close_matches(name, options, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            return ConfigError([Problem(group.replace("/", "."), f"no config named {name!r}",
-                                        f"{hint}available: {', '.join(sorted(options))}")])
-        return ConfigError([Problem(missing or config_name, "config not found",
-                                    "check the name and the --config-dir / search path")])
+            return ConfigError(
+                [
+                    Problem(
+                        group.replace("/", "."),
+                        f"no config named {name!r}",
+                        f"{hint}available: {', '.join(sorted(options))}",
+                    )
+                ]
+            )
+        return ConfigError(
+            [Problem(missing or config_name, "config not found", "check the name and the --config-dir / search path")]
+        )
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     cause = str(exc.__cause__ or "")
     if m:
@@ -152,8 +169,9 @@ def to_container(cfg: Any) -> Any:
     return cfg
 
 
-def model_config(overrides: Sequence[str] = (), config_dirs: Iterable[str | Path] = (),
-                 config_name: str = "train") -> Any:
+def model_config(
+    overrides: Sequence[str] = (), config_dirs: Iterable[str | Path] = (), config_name: str = "train"
+) -> Any:
     """The validated ModelConfig of ``load_config(overrides).model``."""
     from .schema import resolve_model_config
 

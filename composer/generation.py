@@ -59,23 +59,36 @@ class SamplingSettings:
     def check(self) -> None:
         """ModelError naming the argument and the fix for any value out of range."""
         if self.do_sample and not (_is_number(self.temperature) and self.temperature > 0):
-            raise ModelError(f"generate(temperature={self.temperature!r}): temperature must be > 0 when sampling; "
-                             "use e.g. 0.7, or do_sample=False for greedy decoding")
+            raise ModelError(
+                f"generate(temperature={self.temperature!r}): temperature must be > 0 when sampling; "
+                "use e.g. 0.7, or do_sample=False for greedy decoding"
+            )
         if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
-            raise ModelError(f"generate(top_k={self.top_k!r}): top_k must be an integer >= 1; "
-                             "use e.g. 50, or None to keep every token")
+            raise ModelError(
+                f"generate(top_k={self.top_k!r}): top_k must be an integer >= 1; "
+                "use e.g. 50, or None to keep every token"
+            )
         if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ModelError(f"generate(top_p={self.top_p!r}): top_p must be in (0, 1]; "
-                             "use e.g. 0.9, or None (1.0) to keep every token")
+            raise ModelError(
+                f"generate(top_p={self.top_p!r}): top_p must be in (0, 1]; "
+                "use e.g. 0.9, or None (1.0) to keep every token"
+            )
         if self.repetition_penalty is not None and not (
-                _is_number(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ModelError(f"generate(repetition_penalty={self.repetition_penalty!r}): the penalty must be > 0; "
-                             "use e.g. 1.2 (1.0 or None: no penalty)")
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0
+        ):
+            raise ModelError(
+                f"generate(repetition_penalty={self.repetition_penalty!r}): the penalty must be > 0; "
+                "use e.g. 1.2 (1.0 or None: no penalty)"
+            )
         ignored = [n for n in ("top_k", "top_p") if getattr(self, n) is not None]
         if not self.do_sample and (ignored or self.temperature != 1.0):
             names = ", ".join(ignored + (["temperature"] if self.temperature != 1.0 else []))
-            warnings.warn(f"generate: {names} only apply when sampling and are ignored by greedy decoding; "
-                          "pass do_sample=True to sample", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"generate: {names} only apply when sampling and are ignored by greedy decoding; "
+                "pass do_sample=True to sample",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def _is_int(x: Any) -> bool:
@@ -113,8 +126,9 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def choose_tokens(logits: Tensor, s: SamplingSettings, seen: Optional[Tensor] = None,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
+def choose_tokens(
+    logits: Tensor, s: SamplingSettings, seen: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+) -> Tensor:
     """Next tokens [B] from the last position's logits [B, V]: repetition penalty, then (when
     sampling) temperature, top-k and top-p, then a draw; greedy takes the argmax."""
     if s.repetition_penalty is not None and s.repetition_penalty != 1.0 and seen is not None:
@@ -142,23 +156,29 @@ def _check_model(model: Any) -> None:
         raise ModelError(f"generate needs a language-model head (head.type=lm); this model's head is {head!r}")
     for i in range(cfg.num_layers):
         if not getattr(cfg.layer(i).attention, "causal", True):
-            raise ModelError(f"generate needs causal attention; model.layers[{i}].attention has causal=false "
-                             "(an encoder); set attention.causal=true to decode with this model")
+            raise ModelError(
+                f"generate needs causal attention; model.layers[{i}].attention has causal=false "
+                "(an encoder); set attention.causal=true to decode with this model"
+            )
 
 
 def _check_ids(model: Any, input_ids: Any) -> Tensor:
     if not isinstance(input_ids, Tensor):
         raise ModelError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ModelError(f"input_ids must be 2-D [batch, seq_len] with seq_len >= 1, got shape "
-                         f"{tuple(input_ids.shape)}; add a batch dimension with input_ids.unsqueeze(0)")
+        raise ModelError(
+            f"input_ids must be 2-D [batch, seq_len] with seq_len >= 1, got shape "
+            f"{tuple(input_ids.shape)}; add a batch dimension with input_ids.unsqueeze(0)"
+        )
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ModelError(f"input_ids must be an integer tensor, got {input_ids.dtype}; convert with input_ids.long()")
     vocab = model.config.vocab_size
     lo, hi = int(input_ids.min()), int(input_ids.max())  # one sync per call
     if lo < 0 or hi >= vocab:
-        raise ModelError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab}); "
-                         "check the tokenizer matches the model's vocab_size")
+        raise ModelError(
+            f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab}); "
+            "check the tokenizer matches the model's vocab_size"
+        )
     return input_ids.long()
 
 
@@ -198,33 +218,52 @@ def left_pad(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Optiona
     first = torch.where(mask, col, t).amin(dim=1)
     if bool((last - first + 1 != count).any()):
         row = int((last - first + 1 != count).nonzero()[0, 0])
-        raise ModelError(f"attention_mask row {row} has padding between tokens; pad prompts on one side only "
-                         "(left padding, e.g. tokenizer padding_side='left')")
+        raise ModelError(
+            f"attention_mask row {row} has padding between tokens; pad prompts on one side only "
+            "(left padding, e.g. tokenizer padding_side='left')"
+        )
     shift = (t - 1) - last  # [B] trailing padding columns
     if bool(shift.any()):
-        warnings.warn("generate: input is right-padded; converting to left padding (the returned ids are "
-                      "left-padded). Pad on the left to avoid this copy.", UserWarning, stacklevel=4)
+        warnings.warn(
+            "generate: input is right-padded; converting to left padding (the returned ids are "
+            "left-padded). Pad on the left to avoid this copy.",
+            UserWarning,
+            stacklevel=4,
+        )
         index = (col[None, :] - shift[:, None]) % t  # [B, T] roll each row right by its padding
         input_ids, mask = input_ids.gather(1, index), mask.gather(1, index)
     return input_ids, mask
 
 
-def _fit_context(ids: Tensor, mask: Optional[Tensor], max_new_tokens: int, limit: int,
-                 prompt_overflow: str) -> tuple[Tensor, Optional[Tensor]]:
+def _fit_context(
+    ids: Tensor, mask: Optional[Tensor], max_new_tokens: int, limit: int, prompt_overflow: str
+) -> tuple[Tensor, Optional[Tensor]]:
     t = ids.shape[1]
     if t + max_new_tokens <= limit:
         return ids, mask
     keep = limit - max_new_tokens
-    fix = (f"shorten the prompt to at most {keep} tokens, lower max_new_tokens, or pass "
-           f"prompt_overflow='truncate_left' to keep only the last {keep} prompt tokens")
+    fix = (
+        f"shorten the prompt to at most {keep} tokens, lower max_new_tokens, or pass "
+        f"prompt_overflow='truncate_left' to keep only the last {keep} prompt tokens"
+    )
     if keep < 1:
-        raise ModelError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
-                         f"max_position_embeddings={limit}; use max_new_tokens <= {limit - 1}")
+        raise ModelError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
+            f"max_position_embeddings={limit}; use max_new_tokens <= {limit - 1}"
+        )
     if prompt_overflow == "error":
-        raise ModelError(f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} exceeds "
-                         f"max_position_embeddings={limit}; {fix}")
-    log.warning("generate: prompt of %d tokens + max_new_tokens %d exceeds max_position_embeddings=%d; "
-                "keeping the last %d prompt tokens (prompt_overflow='truncate_left')", t, max_new_tokens, limit, keep)
+        raise ModelError(
+            f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} exceeds "
+            f"max_position_embeddings={limit}; {fix}"
+        )
+    log.warning(
+        "generate: prompt of %d tokens + max_new_tokens %d exceeds max_position_embeddings=%d; "
+        "keeping the last %d prompt tokens (prompt_overflow='truncate_left')",
+        t,
+        max_new_tokens,
+        limit,
+        keep,
+    )
     ids = ids[:, -keep:]
     if mask is not None:
         mask = mask[:, -keep:]
@@ -257,8 +296,9 @@ CACHE_BUCKET = 256  # static caches are sized in multiples of this (one compiled
 def compiled_step(mode: str) -> Callable:
     """The decode step under ``torch.compile(mode=mode, fullgraph=True, dynamic=False)``."""
     if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(_decode_step, mode=None if mode == "default" else mode, fullgraph=True,
-                                        dynamic=False)
+        _COMPILED[mode] = torch.compile(
+            _decode_step, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False
+        )
     return _COMPILED[mode]
 
 
@@ -284,9 +324,19 @@ class _Decoder:
     """One batch's decode loop. ``steps()`` yields each step's tokens [B]; ``result()`` is the
     output buffer up to the last step, [B, T + steps]."""
 
-    def __init__(self, model: Any, ids: Tensor, mask: Optional[Tensor], max_new_tokens: int,
-                 settings: SamplingSettings, eos: Optional[list[int]], pad_id: Optional[int],
-                 generator: Optional[torch.Generator], use_cache: bool, compile_mode: Optional[str] = None):
+    def __init__(
+        self,
+        model: Any,
+        ids: Tensor,
+        mask: Optional[Tensor],
+        max_new_tokens: int,
+        settings: SamplingSettings,
+        eos: Optional[list[int]],
+        pad_id: Optional[int],
+        generator: Optional[torch.Generator],
+        use_cache: bool,
+        compile_mode: Optional[str] = None,
+    ):
         self.model, self.settings, self.generator, self.use_cache = model, settings, generator, use_cache
         self.compile_mode = compile_mode
         self.prompt, self.mask, self.max_new = ids, mask, max_new_tokens
@@ -335,22 +385,28 @@ class _Decoder:
                 logits = model(self.out[:, :n], attention_mask=None if mask is None else full_mask[:, :n]).logits
             elif step == 0:  # prefill (eager: prompt lengths vary)
                 prompt_pos = None if not static or mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-                logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                               position_ids=prompt_pos).logits
+                logits = model(
+                    ids, attention_mask=mask, past_key_values=cache, use_cache=True, position_ids=prompt_pos
+                ).logits
             elif static:  # the compiled step: same shapes, same buffers every time
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 logits = step_fn(model, self.out[:, n - 1 : n], position, cache)
                 position = position + 1
             else:  # one new token against the cache
-                logits = model(self.out[:, n - 1 : n], attention_mask=None if mask is None else full_mask[:, :n],
-                               past_key_values=cache, use_cache=True,
-                               position_ids=None if mask is None else position).logits
+                logits = model(
+                    self.out[:, n - 1 : n],
+                    attention_mask=None if mask is None else full_mask[:, :n],
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_ids=None if mask is None else position,
+                ).logits
                 if mask is not None:
                     position = position + 1
             if logits.dim() != 3:
-                raise ModelError(f"generate needs next-token logits [B, T, V], the model returned shape "
-                                 f"{tuple(logits.shape)}")
+                raise ModelError(
+                    f"generate needs next-token logits [B, T, V], the model returned shape {tuple(logits.shape)}"
+                )
             tokens = choose_tokens(logits[:, -1, :vocab], s, seen, self.generator)  # [B]
             if finished is not None:
                 tokens = tokens.masked_fill(finished, self.pad_id)
@@ -378,10 +434,23 @@ class _Request:
     compile_mode: Optional[str] = None
 
 
-def _prepare(model: Any, input_ids: Any, max_new_tokens: Any, do_sample: bool, temperature: float,
-             top_k: Optional[int], top_p: Optional[float], repetition_penalty: Optional[float],
-             eos_token_id: Any, pad_token_id: Optional[int], attention_mask: Optional[Tensor], use_cache: bool,
-             seed: Any, prompt_overflow: str, compile: Union[bool, str] = False) -> _Request:
+def _prepare(
+    model: Any,
+    input_ids: Any,
+    max_new_tokens: Any,
+    do_sample: bool,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    repetition_penalty: Optional[float],
+    eos_token_id: Any,
+    pad_token_id: Optional[int],
+    attention_mask: Optional[Tensor],
+    use_cache: bool,
+    seed: Any,
+    prompt_overflow: str,
+    compile: Union[bool, str] = False,
+) -> _Request:
     _check_model(model)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ModelError(f"generate(max_new_tokens={max_new_tokens!r}): expected an integer >= 0")
@@ -410,8 +479,9 @@ def _compile_mode(compile: Any, use_cache: bool, device: torch.device) -> Option
     if compile is False or compile is None:
         return None
     if compile is not True and compile not in COMPILE_MODES:
-        raise ModelError(f"generate(compile={compile!r}): use True, False or a torch.compile mode: "
-                         f"{', '.join(COMPILE_MODES)}")
+        raise ModelError(
+            f"generate(compile={compile!r}): use True, False or a torch.compile mode: {', '.join(COMPILE_MODES)}"
+        )
     if not use_cache:
         raise ModelError("generate(compile=...) decodes over a static KV cache; it needs use_cache=True")
     if compile is True:
@@ -421,8 +491,9 @@ def _compile_mode(compile: Any, use_cache: bool, device: torch.device) -> Option
 
 def _decoder(model: Any, r: _Request, rows: Optional[slice] = None) -> _Decoder:
     ids, mask = (r.ids, r.mask) if rows is None else (r.ids[rows], None if r.mask is None else r.mask[rows])
-    return _Decoder(model, ids, mask, r.max_new_tokens, r.settings, r.eos, r.pad_id, r.generator, r.use_cache,
-                    r.compile_mode)
+    return _Decoder(
+        model, ids, mask, r.max_new_tokens, r.settings, r.eos, r.pad_id, r.generator, r.use_cache, r.compile_mode
+    )
 
 
 def _decode_rows(model: Any, r: _Request, rows: slice, streamer: Optional[Streamer], streamed: list[bool]) -> Tensor:
@@ -440,18 +511,28 @@ def _run_split(model: Any, r: _Request, rows: slice, streamer: Optional[Streamer
         return _decode_rows(model, r, rows, streamer, streamed)
     n = rows.stop - rows.start
     if streamed[0]:
-        raise ModelError("out of accelerator memory after tokens were streamed; generate fewer prompts at once "
-                         "or lower max_new_tokens")
+        raise ModelError(
+            "out of accelerator memory after tokens were streamed; generate fewer prompts at once "
+            "or lower max_new_tokens"
+        )
     if n == 1:
-        raise ModelError(f"out of accelerator memory generating one prompt of {r.ids.shape[1]} tokens + "
-                         f"{r.max_new_tokens} new; lower max_new_tokens, shorten the prompt, or use a smaller dtype")
+        raise ModelError(
+            f"out of accelerator memory generating one prompt of {r.ids.shape[1]} tokens + "
+            f"{r.max_new_tokens} new; lower max_new_tokens, shorten the prompt, or use a smaller dtype"
+        )
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = rows.start + n // 2
-    warnings.warn(f"generate: a batch of {n} prompts does not fit in accelerator memory; splitting it into "
-                  f"{n // 2} + {n - n // 2} and retrying", RuntimeWarning, stacklevel=3)
-    parts = [_run_split(model, r, slice(rows.start, half), streamer, streamed),
-             _run_split(model, r, slice(half, rows.stop), streamer, streamed)]
+    warnings.warn(
+        f"generate: a batch of {n} prompts does not fit in accelerator memory; splitting it into "
+        f"{n // 2} + {n - n // 2} and retrying",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    parts = [
+        _run_split(model, r, slice(rows.start, half), streamer, streamed),
+        _run_split(model, r, slice(half, rows.stop), streamer, streamed),
+    ]
     width = max(p.shape[1] for p in parts)
     # a part that stopped early has every row finished: fill with the pad id
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=r.pad_id or 0) for p in parts])
@@ -513,10 +594,26 @@ def generate(
     unsplit run). Bad arguments raise ModelError naming the argument and the fix.
     """
     if streamer is not None and not callable(streamer):
-        raise ModelError(f"generate(streamer=...): expected a callable receiving token ids [B], got "
-                         f"{type(streamer).__name__}")
-    r = _prepare(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                 eos_token_id, pad_token_id, attention_mask, use_cache, seed, prompt_overflow, compile)
+        raise ModelError(
+            f"generate(streamer=...): expected a callable receiving token ids [B], got {type(streamer).__name__}"
+        )
+    r = _prepare(
+        model,
+        input_ids,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        eos_token_id,
+        pad_token_id,
+        attention_mask,
+        use_cache,
+        seed,
+        prompt_overflow,
+        compile,
+    )
     return _generate(model, r, streamer).clone()  # a normal tensor, usable outside inference mode
 
 
@@ -532,9 +629,20 @@ def stream_generate(model: Any, input_ids: Tensor, max_new_tokens: int = 32, **k
 
 
 def _defaults(kwargs: dict) -> dict:
-    known = dict(do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=None,
-                 eos_token_id=None, pad_token_id=None, attention_mask=None, use_cache=True, seed=None,
-                 prompt_overflow="error", compile=False)
+    known = dict(
+        do_sample=False,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        repetition_penalty=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attention_mask=None,
+        use_cache=True,
+        seed=None,
+        prompt_overflow="error",
+        compile=False,
+    )
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ModelError(f"stream_generate got unknown arguments {unknown}; known: {', '.join(known)}")
@@ -549,11 +657,21 @@ def _stream(model: Any, r: _Request) -> Iterator[Tensor]:
         try:
             yield from _decoder(model, r).steps()
         except OutOfMemoryError:
-            raise ModelError(f"out of accelerator memory streaming {r.ids.shape[0]} prompts; stream fewer at "
-                             "once, lower max_new_tokens, or use generate(), which splits the batch") from None
+            raise ModelError(
+                f"out of accelerator memory streaming {r.ids.shape[0]} prompts; stream fewer at "
+                "once, lower max_new_tokens, or use generate(), which splits the batch"
+            ) from None
     finally:
         model.train(was_training)
 
 
-__all__ = ["SamplingSettings", "apply_repetition_penalty", "choose_tokens", "generate", "left_pad",
-           "stream_generate", "top_k_filter", "top_p_filter"]
+__all__ = [
+    "SamplingSettings",
+    "apply_repetition_penalty",
+    "choose_tokens",
+    "generate",
+    "left_pad",
+    "stream_generate",
+    "top_k_filter",
+    "top_p_filter",
+]

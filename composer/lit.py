@@ -48,8 +48,15 @@ class LitComposer(L.LightningModule):
             mapping is passed to it as keyword arguments, e.g. ``{"mode": "max-autotune"}``.
     """
 
-    def __init__(self, model: ComposedModel, optim: Mapping[str, Any], scheduler: Mapping[str, Any],
-                 task: str = "lm", metric: Optional[str] = None, compile: bool | Mapping[str, Any] = False):
+    def __init__(
+        self,
+        model: ComposedModel,
+        optim: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        task: str = "lm",
+        metric: Optional[str] = None,
+        compile: bool | Mapping[str, Any] = False,
+    ):
         super().__init__()
         self.model = model
         self.optim_cfg = dict(optim)
@@ -72,8 +79,12 @@ class LitComposer(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: Mapping[str, Tensor], return_logits: bool = True) -> Any:
-        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch.get("labels"),
-                          return_logits=return_logits)
+        return self.model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+            return_logits=return_logits,
+        )
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         out = self(batch, return_logits=False)  # the lm head's fused loss: no [B, T, V] logits
@@ -127,8 +138,10 @@ class LitComposer(L.LightningModule):
         optimizer = build_optimizer(self.model, self.optim_cfg)
         steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(optimizer, self.scheduler_cfg, max_steps=steps)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
+        }
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -170,8 +183,13 @@ def rng_states() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -184,8 +202,9 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     n = states["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(states["torch"])
     if "torch.cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["torch.cuda"])

@@ -55,9 +55,16 @@ class ComposedModel(nn.Module):
         super().__init__()
         self.config = config
         c = config.hidden_size
-        base = BuildContext(c, config.vocab_size, config.max_position_embeddings, config.num_layers,
-                            dropout=config.dropout, num_heads=config.num_heads, head_dim=config.head_dim,
-                            build=lambda family, cfg, ctx: FAMILIES[family].build(cfg, ctx))
+        base = BuildContext(
+            c,
+            config.vocab_size,
+            config.max_position_embeddings,
+            config.num_layers,
+            dropout=config.dropout,
+            num_heads=config.num_heads,
+            head_dim=config.head_dim,
+            build=lambda family, cfg, ctx: FAMILIES[family].build(cfg, ctx),
+        )
         self.embed = nn.Embedding(config.padded_vocab_size, c)  # [V, C]
         self.position = POSITION.build(config.position, base, "model.position")  # adds to embeddings if learned
         self.embed_norm = NORM.build(config.norm, base, "model.norm") if config.embedding_norm else None
@@ -134,8 +141,11 @@ class ComposedModel(nn.Module):
                     nn.init.normal_(module.weight, 0.0, s, generator=gen)
                 if module.bias is not None and any(p is module.bias for p in own):
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding) or getattr(module, "weight", None) is not None and \
-                    module.weight.dim() == 2:
+            elif (
+                isinstance(module, nn.Embedding)
+                or getattr(module, "weight", None) is not None
+                and module.weight.dim() == 2
+            ):
                 nn.init.normal_(module.weight, 0.0, std, generator=gen)
             elif hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -162,26 +172,37 @@ class ComposedModel(nn.Module):
         skip = {id(self.embed.weight)} if exclude_embeddings else set()
         if exclude_embeddings and getattr(self.position, "weight", None) is not None:
             skip.add(id(self.position.weight))
-        return sum(p.numel() for p in self.parameters()
-                   if id(p) not in skip and (p.requires_grad or not trainable_only))
+        return sum(
+            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not trainable_only)
+        )
 
     # ------------------------------------------------------------------ caches
-    def allocate_cache(self, batch_size: int, capacity: int, dtype: Optional[torch.dtype] = None,
-                       device: Any = None, static: bool = False) -> Cache:
+    def allocate_cache(
+        self,
+        batch_size: int,
+        capacity: int,
+        dtype: Optional[torch.dtype] = None,
+        device: Any = None,
+        static: bool = False,
+    ) -> Cache:
         """One pre-allocated KV cache per layer for ``capacity`` tokens (rolling for windows).
 
         ``static``: fixed buffers written at tensor positions, for a compiled decode step (see
         components.kv_cache); the forward pass then takes ``attention_mask`` [B, T] for the new
         tokens only, and ``position_ids`` whenever there is padding."""
         ref = self.embed.weight
-        caches = [layer.attn.make_cache(batch_size, capacity, dtype or ref.dtype, device or ref.device)
-                  for layer in self.layers]
+        caches = [
+            layer.attn.make_cache(batch_size, capacity, dtype or ref.dtype, device or ref.device)
+            for layer in self.layers
+        ]
         if static:
             for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
                 if not (getattr(layer.attn, "supports_static_cache", False) and isinstance(cache, KVCache)):
-                    raise ModelError(f"layer {i}'s attention ({type(layer.attn).__name__}) does not support a static "
-                                     "KV cache; generate without compile=..., or give the attention "
-                                     "supports_static_cache = True and handle AttentionInputs.cache_position")
+                    raise ModelError(
+                        f"layer {i}'s attention ({type(layer.attn).__name__}) does not support a static "
+                        "KV cache; generate without compile=..., or give the attention "
+                        "supports_static_cache = True and handle AttentionInputs.cache_position"
+                    )
                 cache.make_static()
         return Cache(caches, static=static)
 
@@ -214,8 +235,9 @@ class ComposedModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
         if position_ids is None:  # the same for every row: [1, T], broadcast (a learned table is read once)
             position_ids = torch.arange(past, past + t, device=input_ids.device)[None]
-        inputs = AttentionInputs(position_ids=position_ids, key_valid=key_valid, past_length=past,
-                                 cache_position=cache_position)
+        inputs = AttentionInputs(
+            position_ids=position_ids, key_valid=key_valid, past_length=past, cache_position=cache_position
+        )
 
         hidden = self.embed(input_ids)  # [B, T, C]
         pos = self.position.embed(position_ids)
@@ -229,8 +251,9 @@ class ComposedModel(nn.Module):
         for i, layer in enumerate(self.layers):
             past_i = past_key_values[i] if past_key_values is not None else None
             if self.config.checkpointed(i) == "layer" and self.training and torch.is_grad_enabled() and not use_cache:
-                hidden, _, aux = checkpoint(run_with_own_memo, layer, hidden, inputs, past_i, use_cache,
-                                            use_reentrant=False)
+                hidden, _, aux = checkpoint(
+                    run_with_own_memo, layer, hidden, inputs, past_i, use_cache, use_reentrant=False
+                )
             else:
                 hidden, _, aux = layer(hidden, inputs, past_i, use_cache)
             if aux is not None:
@@ -240,8 +263,12 @@ class ComposedModel(nn.Module):
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         loss = logits = None
-        if (not return_logits and labels is not None and getattr(self.head, "fused_loss", False)
-                and torch.is_grad_enabled()):
+        if (
+            not return_logits
+            and labels is not None
+            and getattr(self.head, "fused_loss", False)
+            and torch.is_grad_enabled()
+        ):
             loss = self.head.fused(hidden, labels)  # the full logits are never materialised
         else:
             logits = self.head(hidden, attention_mask)
@@ -249,8 +276,9 @@ class ComposedModel(nn.Module):
                 loss = self.head.loss(logits, labels)
         if loss is not None and aux_total is not None:
             loss = loss + aux_total
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_total,
-                           past_key_values=past_key_values if use_cache else None)
+        return ModelOutput(
+            logits=logits, loss=loss, aux_loss=aux_total, past_key_values=past_key_values if use_cache else None
+        )
 
     def _check_inputs(self, input_ids: Any, attention_mask: Any, past: int, static: bool = False) -> None:
         """Boundary checks: shape, dtype, id range, length, mask shape (ModelError). With a static
@@ -258,25 +286,33 @@ class ComposedModel(nn.Module):
         if not isinstance(input_ids, Tensor):
             raise ModelError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
-            raise ModelError(f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}; "
-                             "add a batch dimension with input_ids.unsqueeze(0)")
+            raise ModelError(
+                f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids.unsqueeze(0)"
+            )
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ModelError(f"input_ids must be an integer tensor, got {input_ids.dtype}; "
-                             "convert with input_ids.long()")
+            raise ModelError(
+                f"input_ids must be an integer tensor, got {input_ids.dtype}; convert with input_ids.long()"
+            )
         b, t = input_ids.shape
         if t == 0:
             raise ModelError("input_ids is empty (seq_len 0); pass at least one token")
         limit = self.config.max_position_embeddings
         if past + t > limit:
-            raise ModelError(f"sequence length {past + t} (past {past} + new {t}) exceeds "
-                             f"max_position_embeddings={limit}; truncate the input or use a model with "
-                             "a longer context")
+            raise ModelError(
+                f"sequence length {past + t} (past {past} + new {t}) exceeds "
+                f"max_position_embeddings={limit}; truncate the input or use a model with "
+                "a longer context"
+            )
         if attention_mask is not None:
             want = (b, past + t)
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != want:
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)
-                what = "[batch, seq_len] (a static cache keeps the past's padding)" if static else \
-                    "[batch, past + seq_len]"
+                what = (
+                    "[batch, seq_len] (a static cache keeps the past's padding)"
+                    if static
+                    else "[batch, past + seq_len]"
+                )
                 raise ModelError(f"attention_mask must have shape {want} {what}, got {got}")
         if torch.compiler.is_compiling():
             return
@@ -284,8 +320,10 @@ class ComposedModel(nn.Module):
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one host read
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
-                raise ModelError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
-                                 "check the tokenizer matches the model's vocab_size")
+                raise ModelError(
+                    f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
+                    "check the tokenizer matches the model's vocab_size"
+                )
 
     # ------------------------------------------------------------------ generation and checkpoints
     def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs: Any) -> Tensor:
@@ -318,9 +356,22 @@ def _with(ctx: BuildContext, **changes: Any) -> BuildContext:
     return replace(ctx, **changes)
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                   "sparse_")
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+)
 
 
 @contextmanager
@@ -347,21 +398,37 @@ def target_device(device: Any, argument: str = "device") -> torch.device:
         try:
             dev = torch.device(device if device is not None else "cpu")
         except (RuntimeError, TypeError):
-            raise InvalidParameter([Problem(argument, f"{device!r} is not a device",
-                                            "use cpu, cuda or cuda:<index>")]) from None
+            raise InvalidParameter(
+                [Problem(argument, f"{device!r} is not a device", "use cpu, cuda or cuda:<index>")]
+            ) from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise InvalidParameter([Problem(argument, f"{device!r}: this torch ({torch.__version__}) sees no CUDA "
-                                            "device", "use cpu, or run where a GPU and a CUDA build of torch are")])
+            raise InvalidParameter(
+                [
+                    Problem(
+                        argument,
+                        f"{device!r}: this torch ({torch.__version__}) sees no CUDA device",
+                        "use cpu, or run where a GPU and a CUDA build of torch are",
+                    )
+                ]
+            )
         if dev.index is not None and dev.index >= count:
-            raise InvalidParameter([Problem(argument, f"{device!r}: this machine has {count} CUDA device(s)",
-                                            f"use cuda:0 ... cuda:{count - 1}")])
+            raise InvalidParameter(
+                [
+                    Problem(
+                        argument,
+                        f"{device!r}: this machine has {count} CUDA device(s)",
+                        f"use cuda:0 ... cuda:{count - 1}",
+                    )
+                ]
+            )
     return dev
 
 
-def compose(config: Any, device: Any = None, dtype: Optional[torch.dtype] = None,
-            seed: Optional[int] = None) -> ComposedModel:
+def compose(
+    config: Any, device: Any = None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None
+) -> ComposedModel:
     """Validate ``config`` (a model DictConfig, mapping or ModelConfig) and build the model.
 
     Built on the meta device; ``device="meta"`` returns it unallocated, any other device
@@ -381,9 +448,16 @@ def compose(config: Any, device: Any = None, dtype: Optional[torch.dtype] = None
     model.tie_weights()
     left = model.init_weights(seed)
     if left:  # built on meta, these never had values: refuse rather than return uninitialised memory
-        raise ConfigError([Problem(", ".join(left), "parameters with no initialisation (the model is built on "
-                                   "the meta device, so constructor values are not kept)",
-                                   "give their module a reset_parameters() or init_weights(generator) method")])
+        raise ConfigError(
+            [
+                Problem(
+                    ", ".join(left),
+                    "parameters with no initialisation (the model is built on "
+                    "the meta device, so constructor values are not kept)",
+                    "give their module a reset_parameters() or init_weights(generator) method",
+                )
+            ]
+        )
     return model
 
 
@@ -405,16 +479,30 @@ class ModelBuilder:
     def with_layer(self, index: int, block: Any) -> ModelBuilder:
         n = self._raw["num_layers"]
         if not -n <= index < n:
-            raise ConfigError([Problem(f"with_layer({index})", f"layer {index} does not exist ({n} layers)",
-                                       f"use an index in [0, {n})")])
+            raise ConfigError(
+                [
+                    Problem(
+                        f"with_layer({index})",
+                        f"layer {index} does not exist ({n} layers)",
+                        f"use an index in [0, {n})",
+                    )
+                ]
+            )
         if isinstance(block, nn.Module):
             _check_interface(block, BLOCK, f"with_layer({index})")
             self._modules[index % n] = block
         elif isinstance(block, Mapping):
             self._raw["layers"] = [*self._raw.get("layers", []), {"select": [index % n], **block}]
         else:
-            raise ConfigError([Problem(f"with_layer({index})", f"expected an nn.Module or a mapping, got "
-                                       f"{type(block).__name__}", "pass a block module or {'attention': ...}")])
+            raise ConfigError(
+                [
+                    Problem(
+                        f"with_layer({index})",
+                        f"expected an nn.Module or a mapping, got {type(block).__name__}",
+                        "pass a block module or {'attention': ...}",
+                    )
+                ]
+            )
         return self
 
     def with_head(self, head: Any) -> ModelBuilder:
@@ -425,8 +513,9 @@ class ModelBuilder:
             self._raw["head"] = head
         return self
 
-    def build(self, device: Any = None, dtype: Optional[torch.dtype] = None,
-              seed: Optional[int] = None) -> ComposedModel:
+    def build(
+        self, device: Any = None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None
+    ) -> ComposedModel:
         model = compose(self._raw, device=device, dtype=dtype, seed=seed)
         for index, block in self._modules.items():
             model.layers[index] = block
@@ -438,5 +527,12 @@ class ModelBuilder:
 def _check_interface(module: nn.Module, registry: Any, path: str) -> None:
     gaps = interface_gaps(module, registry.protocol)
     if gaps:
-        raise ConfigError([Problem(path, f"{type(module).__name__} does not implement the {registry.family} "
-                                   "interface: " + "; ".join(gaps), "add the missing members")])
+        raise ConfigError(
+            [
+                Problem(
+                    path,
+                    f"{type(module).__name__} does not implement the {registry.family} interface: " + "; ".join(gaps),
+                    "add the missing members",
+                )
+            ]
+        )

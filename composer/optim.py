@@ -46,14 +46,16 @@ def check_optim(cfg: Mapping[str, Any]) -> list[Problem]:
         problems.append(Problem("optim.weight_decay", f"{wd!r} must be a number >= 0", "e.g. optim.weight_decay=0.1"))
     betas = cfg.get("betas", (0.9, 0.999))
     if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
-        problems.append(Problem("optim.betas", f"{betas!r} must be two numbers in [0, 1)",
-                                "e.g. optim.betas=[0.9,0.95]"))
+        problems.append(
+            Problem("optim.betas", f"{betas!r} must be two numbers in [0, 1)", "e.g. optim.betas=[0.9,0.95]")
+        )
     eps = cfg.get("eps", 1e-8)
     if not _number(eps) or eps <= 0:
         problems.append(Problem("optim.eps", f"{eps!r} must be a positive number", "e.g. optim.eps=1e-8"))
     if cfg.get("fused", "auto") not in ("auto", True, False):
-        problems.append(Problem("optim.fused", f"{cfg.get('fused')!r} is not auto, true or false",
-                                "use optim.fused=auto"))
+        problems.append(
+            Problem("optim.fused", f"{cfg.get('fused')!r} is not auto, true or false", "use optim.fused=auto")
+        )
     return problems
 
 
@@ -65,18 +67,29 @@ def check_scheduler(cfg: Mapping[str, Any], lr: Any) -> list[Problem]:
         problems.append(Problem("scheduler.name", f"{name!r} is not a schedule", f"use one of {', '.join(SCHEDULES)}"))
     warmup = cfg.get("warmup_steps", 0)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        problems.append(Problem("scheduler.warmup_steps", f"{warmup!r} must be an integer >= 0",
-                                "e.g. scheduler.warmup_steps=100"))
+        problems.append(
+            Problem("scheduler.warmup_steps", f"{warmup!r} must be an integer >= 0", "e.g. scheduler.warmup_steps=100")
+        )
     min_lr = cfg.get("min_lr", 0.0)
     if not _number(min_lr) or min_lr < 0:
         problems.append(Problem("scheduler.min_lr", f"{min_lr!r} must be a number >= 0", "e.g. scheduler.min_lr=3e-5"))
     elif _number(lr) and min_lr > lr:
-        problems.append(Problem("scheduler.min_lr", f"{min_lr} is above optim.lr={lr}",
-                                "set scheduler.min_lr to at most optim.lr (often lr / 10)"))
+        problems.append(
+            Problem(
+                "scheduler.min_lr",
+                f"{min_lr} is above optim.lr={lr}",
+                "set scheduler.min_lr to at most optim.lr (often lr / 10)",
+            )
+        )
     decay = cfg.get("decay_steps")
     if decay is not None and (isinstance(decay, bool) or not isinstance(decay, int) or decay < 1):
-        problems.append(Problem("scheduler.decay_steps", f"{decay!r} must be a positive integer or null",
-                                "null decays over trainer.max_steps"))
+        problems.append(
+            Problem(
+                "scheduler.decay_steps",
+                f"{decay!r} must be a positive integer or null",
+                "null decays over trainer.max_steps",
+            )
+        )
     return problems
 
 
@@ -87,8 +100,11 @@ def _number(x: Any) -> bool:
 def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
     """Two AdamW groups: matrices (decayed) and the rest (not decayed); tied weights once."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    embeddings |= {id(p) for name, p in model.named_parameters()  # learned position tables
-                   if name.startswith(("position.", "layer_positions."))}
+    embeddings |= {
+        id(p)
+        for name, p in model.named_parameters()  # learned position tables
+        if name.startswith(("position.", "layer_positions."))
+    }
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -112,8 +128,13 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
     fused = cfg.get("fused", "auto")
     if fused == "auto":
         fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.999))),
-                             eps=float(cfg.get("eps", 1e-8)), fused=bool(fused) or None)
+    return torch.optim.AdamW(
+        groups,
+        lr=float(cfg["lr"]),
+        betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.999))),
+        eps=float(cfg.get("eps", 1e-8)),
+        fused=bool(fused) or None,
+    )
 
 
 def lr_factor(step: int, name: str, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:

@@ -71,8 +71,11 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         """The estimated peak of one training step."""
-        return self.weights + self.optimizer + max(self.activations + self.transient,
-                                                   self.gradients + self.gradient_transient)
+        return (
+            self.weights
+            + self.optimizer
+            + max(self.activations + self.transient, self.gradients + self.gradient_transient)
+        )
 
 
 @dataclass
@@ -142,8 +145,9 @@ def _soft_capped(attn: Any) -> bool:
     return getattr(attn, "logit_softcap", None) is not None
 
 
-def _layer_activation_bytes(cfg: ModelConfig, i: int, seq_len: int, a: int, r: int,
-                            fused_attention: bool, device: str) -> tuple[int, int, int]:
+def _layer_activation_bytes(
+    cfg: ModelConfig, i: int, seq_len: int, a: int, r: int, fused_attention: bool, device: str
+) -> tuple[int, int, int]:
     """Bytes autograd keeps per token for layer i: (whole layer, attention part, ffn part).
 
     a: activation bytes (matmul inputs/outputs), r: residual-stream / norm bytes."""
@@ -166,8 +170,13 @@ def _layer_activation_bytes(cfg: ModelConfig, i: int, seq_len: int, a: int, r: i
         attn += a * h * context
     if hkv < h:  # grouped K/V heads: read as they are, or copies (components/attention.py SelfAttention._attend)
         window = getattr(att, "window", None) is not None
-        flex = (window and device == "cuda" and getattr(att, "kernel", "auto") != "sdpa" and not explicit
-                and not getattr(att, "dropout", 0.0))  # FlexAttention reads groups
+        flex = (
+            window
+            and device == "cuda"
+            and getattr(att, "kernel", "auto") != "sdpa"
+            and not explicit
+            and not getattr(att, "dropout", 0.0)
+        )  # FlexAttention reads groups
         dtype = torch.float32 if a == 4 else torch.bfloat16
         if explicit:  # K and V repeated to every query head
             attn += a * 2 * h * d
@@ -208,19 +217,32 @@ def _forward_flops(model: ComposedModel, cfg: ModelConfig, seq_len: int) -> floa
     return float(flops)
 
 
-def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precision: str = "bf16-mixed",
-         checkpointing: Optional[str] = None, fused_attention: bool = True, device: str = "cuda") -> Plan:
+def plan(
+    config: Any,
+    batch_size: int = 1,
+    seq_len: Optional[int] = None,
+    precision: str = "bf16-mixed",
+    checkpointing: Optional[str] = None,
+    fused_attention: bool = True,
+    device: str = "cuda",
+) -> Plan:
     """Parameters, FLOPs, KV cache and training memory of ``config``; allocates nothing. ``device``: the
     device type the step runs on ("cuda", "cpu", ...), which sizes the fused loss's automatic chunk."""
     cfg = config if isinstance(config, ModelConfig) else resolve_model_config(config)
     problems = []
     if precision not in PRECISIONS:
-        problems.append(Problem("precision", f"{precision!r} is not a precision",
-                                f"use one of {', '.join(PRECISIONS)}"))
+        problems.append(
+            Problem("precision", f"{precision!r} is not a precision", f"use one of {', '.join(PRECISIONS)}")
+        )
     seq_len = cfg.max_position_embeddings if seq_len is None else seq_len
     if not 1 <= seq_len <= cfg.max_position_embeddings:
-        problems.append(Problem("seq_len", f"{seq_len} is outside [1, max_position_embeddings="
-                                f"{cfg.max_position_embeddings}]", "use a shorter seq_len or a longer-context model"))
+        problems.append(
+            Problem(
+                "seq_len",
+                f"{seq_len} is outside [1, max_position_embeddings={cfg.max_position_embeddings}]",
+                "use a shorter seq_len or a longer-context model",
+            )
+        )
     if batch_size < 1:
         problems.append(Problem("batch_size", f"{batch_size} must be >= 1", "use a positive batch size"))
     if checkpointing is not None:
@@ -235,8 +257,17 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
     rows = []
     for i, layer in enumerate(model.layers):
         spec = cfg.layer(i)
-        rows.append(LayerRow(i, spec.block.type, _type(spec.attention), _type(spec.ffn), spec.norm.type,
-                             spec.position.type, sum(p.numel() for p in layer.parameters())))
+        rows.append(
+            LayerRow(
+                i,
+                spec.block.type,
+                _type(spec.attention),
+                _type(spec.ffn),
+                spec.norm.type,
+                spec.position.type,
+                sum(p.numel() for p in layer.parameters()),
+            )
+        )
     total = model.num_parameters()
     embedding = total - model.num_parameters(exclude_embeddings=True)
     trainable = model.num_parameters(trainable_only=True)
@@ -293,12 +324,21 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
     for i in range(cfg.num_layers):
         mode = cfg.checkpointed(i)
         if mode != "none":
-            spec_flops = _matmul_flops(model.layers[i].attn if mode == "attention" else model.layers[i].ffn
-                                       if mode == "ffn" else model.layers[i])
+            spec_flops = _matmul_flops(
+                model.layers[i].attn
+                if mode == "attention"
+                else model.layers[i].ffn
+                if mode == "ffn"
+                else model.layers[i]
+            )
             att = cfg.layer(i).attention
             if mode in ("layer", "attention"):
-                spec_flops += 4 * _context(att, seq_len) * (getattr(att, "num_heads", 0) or cfg.num_heads) * (
-                    getattr(att, "head_dim", 0) or cfg.head_dim)
+                spec_flops += (
+                    4
+                    * _context(att, seq_len)
+                    * (getattr(att, "num_heads", 0) or cfg.num_heads)
+                    * (getattr(att, "head_dim", 0) or cfg.head_dim)
+                )
             recompute += spec_flops
     memory = MemoryEstimate(
         weights=total * wb + (total * 2 if precision in ("bf16-mixed", "16-mixed") else 0),  # + autocast copies
@@ -319,10 +359,29 @@ def plan(config: Any, batch_size: int = 1, seq_len: Optional[int] = None, precis
         notes.append("attention without a fused kernel: T x T probabilities are stored")
     capped = [i for i in range(cfg.num_layers) if _soft_capped(cfg.layer(i).attention)]
     if capped:
-        notes.append(f"{len(capped)} layer(s) cap attention logits (logit_softcap): explicit softmax, T x S float32 "
-                     "scores stored (no fused kernel takes a soft-cap)")
-    return Plan(cfg.name or "model", batch_size, seq_len, precision, cfg.gradient_checkpointing, rows, total,
-                embedding, trainable, padding, fwd, 3 * fwd, recompute, kv_per_token, kv_max, memory, notes)
+        notes.append(
+            f"{len(capped)} layer(s) cap attention logits (logit_softcap): explicit softmax, T x S float32 "
+            "scores stored (no fused kernel takes a soft-cap)"
+        )
+    return Plan(
+        cfg.name or "model",
+        batch_size,
+        seq_len,
+        precision,
+        cfg.gradient_checkpointing,
+        rows,
+        total,
+        embedding,
+        trainable,
+        padding,
+        fwd,
+        3 * fwd,
+        recompute,
+        kv_per_token,
+        kv_max,
+        memory,
+        notes,
+    )
 
 
 def human(n: float, unit: str = "") -> str:
@@ -350,21 +409,42 @@ def render(report: Plan, console: Any = None) -> None:
     groups: list[list[LayerRow]] = []
     for row in report.rows:  # collapse runs of identical layers
         key = (row.block, row.attention, row.ffn, row.norm, row.position, row.params)
-        if groups and (groups[-1][0].block, groups[-1][0].attention, groups[-1][0].ffn, groups[-1][0].norm,
-                       groups[-1][0].position, groups[-1][0].params) == key:
+        if (
+            groups
+            and (
+                groups[-1][0].block,
+                groups[-1][0].attention,
+                groups[-1][0].ffn,
+                groups[-1][0].norm,
+                groups[-1][0].position,
+                groups[-1][0].params,
+            )
+            == key
+        ):
             groups[-1].append(row)
         else:
             groups.append([row])
     for g in groups:
         idx = str(g[0].index) if len(g) == 1 else f"{g[0].index}-{g[-1].index}"
         r = g[0]
-        layers.add_row(idx, r.block, r.attention, r.ffn, r.norm, r.position, f"{r.params:,}" + (
-            f" x{len(g)}" if len(g) > 1 else ""))
+        layers.add_row(
+            idx,
+            r.block,
+            r.attention,
+            r.ffn,
+            r.norm,
+            r.position,
+            f"{r.params:,}" + (f" x{len(g)}" if len(g) > 1 else ""),
+        )
     console.print(layers)
 
     m = report.memory
-    summary = Table(title=f"{report.name}: batch {report.batch_size} x seq_len {report.seq_len}, {report.precision}, "
-                    f"checkpointing {report.checkpointing}", title_justify="left", show_header=False)
+    summary = Table(
+        title=f"{report.name}: batch {report.batch_size} x seq_len {report.seq_len}, {report.precision}, "
+        f"checkpointing {report.checkpointing}",
+        title_justify="left",
+        show_header=False,
+    )
     summary.add_column("what")
     summary.add_column("value", justify="right")
     rows = [

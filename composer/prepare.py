@@ -45,9 +45,18 @@ STATE = ".prepare-state.json"
 TOKENIZER = "tokenizer.json"
 
 
-def prepare(input_path: str | Path, output: str | Path, *, tokenizer: str = "char", bpe_vocab_size: int = 4096,
-            tokenizer_file: Optional[str | Path] = None, val_fraction: float = 0.1, block_bytes: int = BLOCK_BYTES,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def prepare(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    tokenizer: str = "char",
+    bpe_vocab_size: int = 4096,
+    tokenizer_file: Optional[str | Path] = None,
+    val_fraction: float = 0.1,
+    block_bytes: int = BLOCK_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Prepare (or finish preparing) ``output`` from ``input_path``; returns the meta.json contents."""
     problems = check_fraction(val_fraction, "val_fraction")
     if tokenizer_file is None:
@@ -55,25 +64,32 @@ def prepare(input_path: str | Path, output: str | Path, *, tokenizer: str = "cha
     if block_bytes < 1:
         problems.append(Problem("data.block_bytes", f"{block_bytes} must be positive", "use e.g. 1048576"))
     if problems:
-        raise ConfigError.of([Problem(p.path.replace("data.", "--").replace("_", "-"), p.message, p.fix)
-                              for p in problems], header="invalid arguments")
+        raise ConfigError.of(
+            [Problem(p.path.replace("data.", "--").replace("_", "-"), p.message, p.fix) for p in problems],
+            header="invalid arguments",
+        )
     corpus = Corpus.open(input_path, key="INPUT")
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder (OUTPUT); choose a folder path")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"input": corpus.fingerprint(), "tokenizer": None if tokenizer_file else tokenizer,
-                "bpe_vocab_size": bpe_vocab_size if tokenizer == "bpe" and not tokenizer_file else None,
-                "tokenizer_file_sha256": _sha256(tokenizer_file) if tokenizer_file else None,
-                "val_fraction": val_fraction}
+    settings = {
+        "input": corpus.fingerprint(),
+        "tokenizer": None if tokenizer_file else tokenizer,
+        "bpe_vocab_size": bpe_vocab_size if tokenizer == "bpe" and not tokenizer_file else None,
+        "tokenizer_file_sha256": _sha256(tokenizer_file) if tokenizer_file else None,
+        "val_fraction": val_fraction,
+    }
     if (out / META).exists():
         meta = _read_json(out / META)
         if meta.get("settings") == settings:
             _say(progress, f"{out} is already prepared from this input; nothing to do")
             return meta
         if not overwrite:
-            raise DataError(f"{out}: already holds data prepared from other input or settings; choose another "
-                            "OUTPUT folder or pass --overwrite")
+            raise DataError(
+                f"{out}: already holds data prepared from other input or settings; choose another "
+                "OUTPUT folder or pass --overwrite"
+            )
         (out / META).unlink()
     state = _read_json(out / STATE) if (out / STATE).exists() else {}
     if state.get("settings") != settings:  # a fresh start: nothing earlier is reused
@@ -94,16 +110,32 @@ def prepare(input_path: str | Path, output: str | Path, *, tokenizer: str = "cha
         counts = {}
         for name in SPLITS:
             counts[name] = _encode_split(out, state, name, corpus, ranges[name], tok, dtype, block_bytes, bars)
-    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
-            "tokenizer": TOKENIZER, "tokenizer_kind": settings["tokenizer"] or "file",
-            "train_tokens": counts["train"], "val_tokens": counts["val"], "settings": settings}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "tokenizer": TOKENIZER,
+        "tokenizer_kind": settings["tokenizer"] or "file",
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "settings": settings,
+    }
     atomic_write_json(out / META, meta)
     (out / STATE).unlink(missing_ok=True)
     return meta
 
 
-def _tokenizer(out: Path, state: dict, corpus: Corpus, split: int, kind: str, bpe_vocab_size: int,
-               tokenizer_file: Optional[str | Path], bars: Progress) -> Any:
+def _tokenizer(
+    out: Path,
+    state: dict,
+    corpus: Corpus,
+    split: int,
+    kind: str,
+    bpe_vocab_size: int,
+    tokenizer_file: Optional[str | Path],
+    bars: Progress,
+) -> Any:
     """The tokenizer: reloaded when an earlier run saved it, else built from the training split and saved."""
     if state.get("tokenizer_saved") and (out / TOKENIZER).is_file():
         return load_tokenizer(out / TOKENIZER, key="OUTPUT")
@@ -124,8 +156,17 @@ def _tokenizer(out: Path, state: dict, corpus: Corpus, split: int, kind: str, bp
     return tok
 
 
-def _encode_split(out: Path, state: dict, name: str, corpus: Corpus, span: tuple[int, int], tok: Any,
-                  dtype: np.dtype, block_bytes: int, bars: Progress) -> int:
+def _encode_split(
+    out: Path,
+    state: dict,
+    name: str,
+    corpus: Corpus,
+    span: tuple[int, int],
+    tok: Any,
+    dtype: np.dtype,
+    block_bytes: int,
+    bars: Progress,
+) -> int:
     """Tokenize bytes ``span`` of the corpus into ``out/<name>.bin``, resuming from the state; token count."""
     final, partial = out / f"{name}.bin", out / f"{name}.bin.partial"
     done = state["splits"].get(name, {})
@@ -187,8 +228,13 @@ def _sha256(path: str | Path) -> str:
 
 
 def _progress(enabled: bool) -> Progress:
-    columns = (TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False)
 
 
@@ -198,9 +244,12 @@ def _say(enabled: bool, text: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="composer-prepare", description="Tokenize UTF-8 text into train.bin / val.bin "
-                                "(+ tokenizer.json, meta.json) for `composer-train data=tokens data.path=OUTPUT`. "
-                                "Resumable: rerun the same command after an interruption.")
+    p = argparse.ArgumentParser(
+        prog="composer-prepare",
+        description="Tokenize UTF-8 text into train.bin / val.bin "
+        "(+ tokenizer.json, meta.json) for `composer-train data=tokens data.path=OUTPUT`. "
+        "Resumable: rerun the same command after an interruption.",
+    )
     p.add_argument("input", metavar="INPUT", help="a UTF-8 text file or a folder of them (sorted by name)")
     p.add_argument("output", metavar="OUTPUT", help="folder to write")
     p.add_argument("--tokenizer", default="char", choices=KINDS, help="tokenizer to build (default: char)")
@@ -216,19 +265,33 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cli import run
 
-    return run(_main, None if argv is None else list(argv), prog="composer-prepare",
-               interrupted="interrupted; rerun the same command to resume")
+    return run(
+        _main,
+        None if argv is None else list(argv),
+        prog="composer-prepare",
+        interrupted="interrupted; rerun the same command to resume",
+    )
 
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    meta = prepare(args.input, args.output, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
-                   tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction,
-                   block_bytes=args.block_bytes, overwrite=args.overwrite, progress=not args.quiet)
+    meta = prepare(
+        args.input,
+        args.output,
+        tokenizer=args.tokenizer,
+        bpe_vocab_size=args.bpe_vocab_size,
+        tokenizer_file=args.tokenizer_file,
+        val_fraction=args.val_fraction,
+        block_bytes=args.block_bytes,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     if not args.quiet:
-        print(f"{args.output}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens "
-              f"({meta['dtype']}, vocabulary {meta['vocab_size']:,}). Train with:\n"
-              f"  composer-train data=tokens data.path={args.output}")
+        print(
+            f"{args.output}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens "
+            f"({meta['dtype']}, vocabulary {meta['vocab_size']:,}). Train with:\n"
+            f"  composer-train data=tokens data.path={args.output}"
+        )
     return 0
 
 

@@ -120,19 +120,32 @@ class Registry:
             cls = getattr(importlib.import_module(module_name), attr)
         except Exception as exc:  # ImportError, a bad path ('.x'), or the module's own code failing
             raise ConfigError(
-                [Problem(path, f"cannot import {self.family} plugin {dotted!r} ({exc})",
-                         "check the module is installed and the class name is spelled right")]
+                [
+                    Problem(
+                        path,
+                        f"cannot import {self.family} plugin {dotted!r} ({exc})",
+                        "check the module is installed and the class name is spelled right",
+                    )
+                ]
             ) from None
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ConfigError([Problem(path, f"{dotted!r} is not an nn.Module subclass",
-                                       "point type: at a torch.nn.Module class")])
+            raise ConfigError(
+                [Problem(path, f"{dotted!r} is not an nn.Module subclass", "point type: at a torch.nn.Module class")]
+            )
         # Kept apart from the registered names: a dotted path is not advertised in catalogues
         # or "registered types" lists (and a class that then fails its build leaves no trace).
         if dotted not in self._dotted:
             cfg = getattr(cls, "Config", ComponentConfig)
             if not (dataclasses.is_dataclass(cfg) and issubclass(cfg, ComponentConfig)):
-                raise ConfigError([Problem(path, f"{dotted}.Config must be a dataclass subclassing "
-                                           "components.protocols.ComponentConfig", "declare its options there")])
+                raise ConfigError(
+                    [
+                        Problem(
+                            path,
+                            f"{dotted}.Config must be a dataclass subclassing components.protocols.ComponentConfig",
+                            "declare its options there",
+                        )
+                    ]
+                )
             self._dotted[dotted] = Entry(dotted, cls, cfg, _summary(cfg) or _summary(cls))
         return self._dotted[dotted]
 
@@ -144,27 +157,35 @@ class Registry:
             module = entry.cls(cfg, ctx)
         except TypeError as exc:  # a class that is not built as Component(cfg, ctx)
             raise ConfigError(
-                [Problem(path or f"model.{self.family}.type",
-                         f"{entry.cls.__module__}.{entry.cls.__qualname__}(cfg, ctx) failed ({exc})",
-                         "a component's __init__ takes its Config and the BuildContext "
-                         "(see components/protocols.py)")]
+                [
+                    Problem(
+                        path or f"model.{self.family}.type",
+                        f"{entry.cls.__module__}.{entry.cls.__qualname__}(cfg, ctx) failed ({exc})",
+                        "a component's __init__ takes its Config and the BuildContext (see components/protocols.py)",
+                    )
+                ]
             ) from exc
         missing = interface_gaps(module, self.protocol)
         if missing:
             raise ConfigError(
-                [Problem(path or f"model.{self.family}.type",
-                         f"{entry.cls.__module__}.{entry.cls.__qualname__} does not implement the "
-                         f"{self.family} interface ({self.protocol.__module__}.{self.protocol.__name__}): "
-                         + "; ".join(missing),
-                         "add the missing members (see components/protocols.py)")]
+                [
+                    Problem(
+                        path or f"model.{self.family}.type",
+                        f"{entry.cls.__module__}.{entry.cls.__qualname__} does not implement the "
+                        f"{self.family} interface ({self.protocol.__module__}.{self.protocol.__name__}): "
+                        + "; ".join(missing),
+                        "add the missing members (see components/protocols.py)",
+                    )
+                ]
             )
         return module
 
 
 def interface_gaps(obj: Any, protocol: type) -> list[str]:
     """What ``obj`` lacks of ``protocol``: missing attributes, methods, or method parameters."""
-    gaps = [f"missing attribute '{name}'" for name in getattr(protocol, "__annotations__", {})
-            if not hasattr(obj, name)]
+    gaps = [
+        f"missing attribute '{name}'" for name in getattr(protocol, "__annotations__", {}) if not hasattr(obj, name)
+    ]
     return gaps + list(_method_gaps(type(obj), protocol))
 
 
@@ -198,9 +219,7 @@ NORM = Registry("norm", protocols.Norm)
 POSITION = Registry("position", protocols.PositionEncoding)
 HEAD = Registry("head", protocols.Head)
 BLOCK = Registry("block", protocols.Block)
-FAMILIES: dict[str, Registry] = {
-    r.family: r for r in (ATTENTION, FFN, NORM, POSITION, HEAD, BLOCK)
-}
+FAMILIES: dict[str, Registry] = {r.family: r for r in (ATTENTION, FFN, NORM, POSITION, HEAD, BLOCK)}
 
 _state = {"builtins": False, "entry_points": False}
 
@@ -223,15 +242,20 @@ def _load_entry_points() -> None:
         family, _, name = ep.name.partition(".")
         if family not in FAMILIES or not name:
             raise ConfigError(
-                [Problem(f"entry point {ep.name!r} ({ep.value})",
-                         "is not named <family>.<name>",
-                         f"name it one of {', '.join(f + '.<name>' for f in FAMILIES)}")]
+                [
+                    Problem(
+                        f"entry point {ep.name!r} ({ep.value})",
+                        "is not named <family>.<name>",
+                        f"name it one of {', '.join(f + '.<name>' for f in FAMILIES)}",
+                    )
+                ]
             )
         try:
             cls = ep.load()
         except Exception as exc:  # a broken plugin must not hide the others' names
-            raise ConfigError([Problem(f"entry point {ep.name!r}", f"failed to load ({exc})",
-                                       "fix or uninstall the plugin package")]) from None
+            raise ConfigError(
+                [Problem(f"entry point {ep.name!r}", f"failed to load ({exc})", "fix or uninstall the plugin package")]
+            ) from None
         FAMILIES[family].register(name)(cls)
 
 

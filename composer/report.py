@@ -36,8 +36,12 @@ from typing import Any, Optional
 from .errors import ConfigError, Problem
 
 # (metrics.json key, column title); a column appears when some run has the value
-METRICS = (("val_loss", "final val_loss"), ("best_val_loss", "best val_loss"),
-           ("val_accuracy", "final val_accuracy"), ("best_val_accuracy", "best val_accuracy"))
+METRICS = (
+    ("val_loss", "final val_loss"),
+    ("best_val_loss", "best val_loss"),
+    ("val_accuracy", "final val_accuracy"),
+    ("best_val_accuracy", "best val_accuracy"),
+)
 MAXIMIZED = ("val_accuracy", "best_val_accuracy", "tokens_per_s")
 # (key, column title): peak memory, shown when some run recorded it; rss_growth_mb = peak - start
 MEMORY = (("peak_rss_mb", "peak RSS MiB"), ("rss_growth_mb", "RSS growth MiB"), ("peak_gpu_mb", "peak GPU MiB"))
@@ -116,8 +120,9 @@ def _job_dirs(sweep: Path) -> list[Path]:
         if folder != sweep and is_run:
             found.append(folder)
             continue
-        stack.extend(p for p in folder.iterdir() if p.is_dir() and p.name not in SKIP_DIRS
-                     and not p.name.startswith("."))
+        stack.extend(
+            p for p in folder.iterdir() if p.is_dir() and p.name not in SKIP_DIRS and not p.name.startswith(".")
+        )
     return found
 
 
@@ -138,9 +143,16 @@ def read_run(folder: Path) -> Run:
     error = record.get("error")
     if status not in ("completed", "failed"):
         status, error = "unfinished", "no metrics.json yet: still running, or stopped before it finished"
-    return Run(path=folder, num=num, overrides=[str(o) for o in overrides], status=status, error=error,
-               metrics=record, curves=read_curves(folder / "metrics.csv"),
-               optimized_metric=config.get("optimized_metric"))
+    return Run(
+        path=folder,
+        num=num,
+        overrides=[str(o) for o in overrides],
+        status=status,
+        error=error,
+        metrics=record,
+        curves=read_curves(folder / "metrics.csv"),
+        optimized_metric=config.get("optimized_metric"),
+    )
 
 
 @dataclass
@@ -149,11 +161,11 @@ class Sweep:
 
     path: Path
     runs: list[Run]
-    swept: list[str]                    # override keys shown as columns (seed excluded)
-    expected: Optional[int]             # jobs the sweep launches (None: unknown)
-    metric: str                         # the sort metric
+    swept: list[str]  # override keys shown as columns (seed excluded)
+    expected: Optional[int]  # jobs the sweep launches (None: unknown)
+    metric: str  # the sort metric
     maximize: bool
-    optuna: Optional[dict] = None       # optimization_results.yaml
+    optuna: Optional[dict] = None  # optimization_results.yaml
 
     @property
     def missing(self) -> list[int]:
@@ -201,25 +213,51 @@ def read_sweep(path: str | Path, metric: Optional[str] = None) -> Sweep:
     """Every run under the multirun folder ``path``; ConfigError when it is not one."""
     sweep = Path(path)
     if not sweep.is_dir():
-        raise ConfigError([Problem("sweep_dir", f"{sweep} is not a folder",
-                                   "pass a multirun folder, e.g. multirun/<date>/<time> (hydra.sweep.dir)")],
-                          header="invalid composer-report argument")
-    runs = sorted((read_run(f) for f in _job_dirs(sweep)),
-                  key=lambda r: (r.num is None, r.num if r.num is not None else 0, str(r.path)))
+        raise ConfigError(
+            [
+                Problem(
+                    "sweep_dir",
+                    f"{sweep} is not a folder",
+                    "pass a multirun folder, e.g. multirun/<date>/<time> (hydra.sweep.dir)",
+                )
+            ],
+            header="invalid composer-report argument",
+        )
+    runs = sorted(
+        (read_run(f) for f in _job_dirs(sweep)),
+        key=lambda r: (r.num is None, r.num if r.num is not None else 0, str(r.path)),
+    )
     if not runs and ((sweep / ".hydra").is_dir() or (sweep / "metrics.json").is_file()):
-        raise ConfigError([Problem("sweep_dir", f"{sweep} is a single run's folder, not a sweep",
-                                   "pass the folder of a composer-train -m sweep (multirun/<date>/<time>); a single "
-                                   "run's summary is its metrics.json")], header="invalid composer-report argument")
+        raise ConfigError(
+            [
+                Problem(
+                    "sweep_dir",
+                    f"{sweep} is a single run's folder, not a sweep",
+                    "pass the folder of a composer-train -m sweep (multirun/<date>/<time>); a single "
+                    "run's summary is its metrics.json",
+                )
+            ],
+            header="invalid composer-report argument",
+        )
     if not runs:
-        raise ConfigError([Problem("sweep_dir", f"{sweep} holds no runs (no job folder with .hydra/ or "
-                                   "metrics.json)", "pass the folder composer-train -m wrote (multirun/<date>/<time>)"
-                                   " once its first job has started")], header="invalid composer-report argument")
+        raise ConfigError(
+            [
+                Problem(
+                    "sweep_dir",
+                    f"{sweep} holds no runs (no job folder with .hydra/ or metrics.json)",
+                    "pass the folder composer-train -m wrote (multirun/<date>/<time>) once its first job has started",
+                )
+            ],
+            header="invalid composer-report argument",
+        )
     multirun = _yaml(sweep / "multirun.yaml")
     if isinstance(multirun, dict):
         swept, expected, direction = _sweep_settings(multirun.get("hydra") or {}, whole_sweep=True)
     else:
-        job = next((_yaml(r.path / ".hydra" / "hydra.yaml") for r in runs
-                    if (r.path / ".hydra" / "hydra.yaml").is_file()), None)
+        job = next(
+            (_yaml(r.path / ".hydra" / "hydra.yaml") for r in runs if (r.path / ".hydra" / "hydra.yaml").is_file()),
+            None,
+        )
         swept, expected, direction = _sweep_settings((job or {}).get("hydra") or {}, whole_sweep=False)
     parsed = [parse_overrides(r.overrides) for r in runs]
     order: list[str] = []
@@ -229,8 +267,10 @@ def read_sweep(path: str | Path, metric: Optional[str] = None) -> Sweep:
     columns = [k for k in order if k in varying or k in swept] + [k for k in swept if k not in order]
     known = sorted({k for r in runs for k, v in r.metrics.items() if isinstance(v, (int, float))})
     if metric is not None and any(r.status == "completed" for r in runs) and metric not in known:
-        raise ConfigError([Problem("--metric", f"no run of {sweep} has {metric!r}", f"use one of {', '.join(known)}")],
-                          header="invalid composer-report argument")
+        raise ConfigError(
+            [Problem("--metric", f"no run of {sweep} has {metric!r}", f"use one of {', '.join(known)}")],
+            header="invalid composer-report argument",
+        )
     optimized = next((r.optimized_metric for r in runs if r.optimized_metric), None) or "best_val_loss"
     metric = metric or optimized
     # the search's direction belongs to its metric; other metrics: higher is better for accuracies
@@ -281,8 +321,14 @@ def build_table(sweep: Sweep) -> list[Row]:
     for key, runs in groups.items():
         done = [r for r in runs if r.status == "completed"]
         stats = {}
-        for name in (*(m for m, _ in METRICS), "params", "tokens_per_s", "wall_s", *(m for m, _ in MEMORY),
-                     sweep.metric):
+        for name in (
+            *(m for m, _ in METRICS),
+            "params",
+            "tokens_per_s",
+            "wall_s",
+            *(m for m, _ in MEMORY),
+            sweep.metric,
+        ):
             s = _stats([_value(r.metrics, name) for r in done])
             if s is not None:
                 stats[name] = s
@@ -327,16 +373,26 @@ def trailing_columns(rows: list[Row]) -> list[tuple[str, str]]:
 def table_text(sweep: Sweep, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the human-readable table (report.md and the terminal)."""
     metrics, trailing = table_columns(sweep, rows), trailing_columns(rows)
-    header = [*sweep.swept, "seeds", "params",
-              *(t + (" *" if k == sweep.metric else "") for k, t in (*metrics, *trailing))]
+    header = [
+        *sweep.swept,
+        "seeds",
+        "params",
+        *(t + (" *" if k == sweep.metric else "") for k, t in (*metrics, *trailing)),
+    ]
     cells = []
     for r in rows:
         seeds = f"{len(r.done)}/{len(r.runs)}"
         params = r.stats.get("params")
         means = [r.stats[k][0] if k in r.stats else None for k, _ in trailing]  # means only
-        cells.append([*(_short(v) for v in r.values.values()), seeds, f"{params[0]:,.0f}" if params else "-",
-                      *(_fmt(r.stats.get(k)) for k, _ in metrics),
-                      *("-" if m is None else f"{m:,.0f}" if i != 1 else f"{m:.1f}" for i, m in enumerate(means))])
+        cells.append(
+            [
+                *(_short(v) for v in r.values.values()),
+                seeds,
+                f"{params[0]:,.0f}" if params else "-",
+                *(_fmt(r.stats.get(k)) for k, _ in metrics),
+                *("-" if m is None else f"{m:,.0f}" if i != 1 else f"{m:.1f}" for i, m in enumerate(means)),
+            ]
+        )
     return header, cells
 
 
@@ -346,12 +402,27 @@ def write_csv(sweep: Sweep, rows: list[Row], path: Path) -> None:
     stats = [k for k, _ in (*table_columns(sweep, rows), *trailing_columns(rows))]
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([*sweep.swept, "runs", "completed", "failed", "seeds", "params",
-                     *(f"{k}_{s}" for k in stats for s in ("mean", "std"))])
+    writer.writerow(
+        [
+            *sweep.swept,
+            "runs",
+            "completed",
+            "failed",
+            "seeds",
+            "params",
+            *(f"{k}_{s}" for k in stats for s in ("mean", "std")),
+        ]
+    )
     for r in rows:
         params = r.stats.get("params")
-        cells = [*r.values.values(), len(r.runs), len(r.done), sum(x.status == "failed" for x in r.runs),
-                 " ".join(str(x.seed) for x in r.done if x.seed is not None), int(params[0]) if params else ""]
+        cells = [
+            *r.values.values(),
+            len(r.runs),
+            len(r.done),
+            sum(x.status == "failed" for x in r.runs),
+            " ".join(str(x.seed) for x in r.done if x.seed is not None),
+            int(params[0]) if params else "",
+        ]
         for k in stats:
             mean, std = r.stats.get(k, (None, None))
             cells += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
@@ -366,11 +437,15 @@ def problems_text(sweep: Sweep) -> list[str]:
         if r.status != "completed":
             where = f"job {r.num}" if r.num is not None else str(r.path)
             error = " ".join((r.error or "").split())  # one line
-            lines.append(f"{where} ({' '.join(o for o in r.overrides if _is_swept(o, sweep))}) {r.status}: "
-                         f"{error[:400] + ' ...' if len(error) > 400 else error}")
+            lines.append(
+                f"{where} ({' '.join(o for o in r.overrides if _is_swept(o, sweep))}) {r.status}: "
+                f"{error[:400] + ' ...' if len(error) > 400 else error}"
+            )
     if sweep.missing:
-        lines.append(f"missing (not started yet, or lost): job{'s' if len(sweep.missing) > 1 else ''} "
-                     f"{', '.join(map(str, sweep.missing))} of {sweep.expected}")
+        lines.append(
+            f"missing (not started yet, or lost): job{'s' if len(sweep.missing) > 1 else ''} "
+            f"{', '.join(map(str, sweep.missing))} of {sweep.expected}"
+        )
     return lines
 
 
@@ -384,15 +459,23 @@ def write_markdown(sweep: Sweep, rows: list[Row], path: Path, figure: Optional[P
 
     header, cells = table_text(sweep, rows)
     done = sum(r.status == "completed" for r in sweep.runs)
-    lines = [f"# Sweep report: {sweep.path}", "",
-             f"{done} of {len(sweep.runs) + len(sweep.missing)} runs completed; "
-             f"rows sorted by {sweep.metric} ({'higher' if sweep.maximize else 'lower'} is better, marked *); "
-             "mean ± std over seeds (sample std, shown with 2+ seeds).", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        f"# Sweep report: {sweep.path}",
+        "",
+        f"{done} of {len(sweep.runs) + len(sweep.missing)} runs completed; "
+        f"rows sorted by {sweep.metric} ({'higher' if sweep.maximize else 'lower'} is better, marked *); "
+        "mean ± std over seeds (sample std, shown with 2+ seeds).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     if sweep.optuna:
-        lines += ["", f"Optuna best value: {sweep.optuna.get('best_value')} with "
-                  f"{', '.join(f'{k}={v}' for k, v in (sweep.optuna.get('best_params') or {}).items())}"]
+        lines += [
+            "",
+            f"Optuna best value: {sweep.optuna.get('best_value')} with "
+            f"{', '.join(f'{k}={v}' for k, v in (sweep.optuna.get('best_params') or {}).items())}",
+        ]
     problems = problems_text(sweep)
     if problems:
         lines += ["", "## Not completed", ""] + [f"- {p}" for p in problems]
@@ -427,8 +510,12 @@ def _band(runs: list[Run], key: str) -> Optional[tuple[list[int], list[float], l
     if not by_step:
         return None
     steps = sorted(by_step)
-    return (steps, [statistics.fmean(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
-            [max(by_step[s]) for s in steps])
+    return (
+        steps,
+        [statistics.fmean(by_step[s]) for s in steps],
+        [min(by_step[s]) for s in steps],
+        [max(by_step[s]) for s in steps],
+    )
 
 
 def write_figure(sweep: Sweep, rows: list[Row], path: Path) -> bool:
@@ -496,11 +583,15 @@ def report(sweep_dir: str | Path, metric: Optional[str] = None, plot: bool = Tru
 
 
 def main_(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="composer-report", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="composer-report",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("sweep_dir", help="a multirun folder (hydra.sweep.dir), e.g. multirun/<date>/<time>")
-    parser.add_argument("--metric", default=None, help="sort by this metrics.json value (default: the runs' "
-                        "optimized_metric)")
+    parser.add_argument(
+        "--metric", default=None, help="sort by this metrics.json value (default: the runs' optimized_metric)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip report.png")
     args = parser.parse_args(argv)
     report(args.sweep_dir, metric=args.metric, plot=not args.no_plot)

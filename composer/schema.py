@@ -119,8 +119,13 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapp
             if out is not None:  # the right type with a bad value (range, choices): say that
                 problems.extend(trial)
                 return out
-        problems.append(Problem(path, f"expected {_type_name(tp)}, got {value!r}",
-                                f"set {path.rsplit('.', 1)[-1]} to a {_type_name(tp)}"))
+        problems.append(
+            Problem(
+                path,
+                f"expected {_type_name(tp)}, got {value!r}",
+                f"set {path.rsplit('.', 1)[-1]} to a {_type_name(tp)}",
+            )
+        )
         return None
     if value is None:
         problems.append(Problem(path, "must not be null", f"set it to a {_type_name(tp)}"))
@@ -151,15 +156,25 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapp
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
-        problems.append(Problem(path, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
-                                f"set it to a {_type_name(tp)}"))
+        problems.append(
+            Problem(
+                path,
+                f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
+                f"set it to a {_type_name(tp)}",
+            )
+        )
         return None
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        problems.append(Problem(path, f"{value!r} is not one of {', '.join(map(str, choices))}",
-                                f"{hint}use one of {', '.join(map(str, choices))}"))
+        problems.append(
+            Problem(
+                path,
+                f"{value!r} is not one of {', '.join(map(str, choices))}",
+                f"{hint}use one of {', '.join(map(str, choices))}",
+            )
+        )
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and value < lo:
         problems.append(Problem(path, f"{value!r} is below the minimum {lo}", f"use a value >= {lo}"))
@@ -172,8 +187,9 @@ def _unknown_key(path: str, key: str, known: Iterable[str], what: str) -> Proble
     known = sorted(known)
     close = difflib.get_close_matches(str(key), known, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return Problem(f"{path}.{key}" if path else str(key), f"unknown option of {what}",
-                   f"{hint}valid options: {', '.join(known)}")
+    return Problem(
+        f"{path}.{key}" if path else str(key), f"unknown option of {what}", f"{hint}valid options: {', '.join(known)}"
+    )
 
 
 def build_dataclass(cls: type, data: Any, path: str, problems: list[Problem]) -> Any:
@@ -196,8 +212,9 @@ def build_dataclass(cls: type, data: Any, path: str, problems: list[Problem]) ->
                 values[name] = build_component(family, default, sub, problems)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 what = f.metadata.get("help", "")
-                problems.append(Problem(sub, "is required", f"set {sub}" + (f" ({what})" if what else ""),
-                                        missing=True))
+                problems.append(
+                    Problem(sub, "is required", f"set {sub}" + (f" ({what})" if what else ""), missing=True)
+                )
             continue
         before = len(problems)
         if family:
@@ -216,8 +233,11 @@ def build_dataclass(cls: type, data: Any, path: str, problems: list[Problem]) ->
     except TypeError:  # a required field missing: already reported; build a placeholder
         obj = object.__new__(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            )
             object.__setattr__(obj, f.name, values.get(f.name, default))
         return obj
 
@@ -240,14 +260,18 @@ def build_component(family: str, value: Any, path: str, problems: list[Problem])
     """The typed config of the ``family`` component named by ``value['type']``."""
     data = normalize_component(value)
     if not isinstance(data, Mapping):
-        problems.append(Problem(path, f"expected a {family} type name or a mapping with 'type', got {value!r}",
-                                f"write {path}: {{type: <name>, ...}}"))
+        problems.append(
+            Problem(
+                path,
+                f"expected a {family} type name or a mapping with 'type', got {value!r}",
+                f"write {path}: {{type: <name>, ...}}",
+            )
+        )
         return None
     kind = data.get("type")
     if not kind or kind == MISSING_MARK:
         names = ", ".join(FAMILIES[family].names())
-        problems.append(Problem(f"{path}.type", f"no {family} type given", f"set it to one of: {names}",
-                                missing=True))
+        problems.append(Problem(f"{path}.type", f"no {family} type given", f"set it to one of: {names}", missing=True))
         return None
     try:
         entry = FAMILIES[family].get(kind, f"{path}.type")
@@ -320,10 +344,12 @@ class ModelConfig:
     layers: list = option([], help="per-layer overrides: [{select: '1::2', attention: {...}}, ...]")
     init_std: float = option(0.02, help="std of the normal initialization", min=0.0)
     gradient_checkpointing: str = option(
-        "none", help="none | every_layer | every_<k> | attention | ffn (recompute to save memory)")
+        "none", help="none | every_layer | every_<k> | attention | ffn (recompute to save memory)"
+    )
     pad_vocab_to_multiple_of: int = option(1, help="pad embedding rows to a multiple (padding logits masked)", min=1)
     check_inputs_on_accelerator: bool = option(
-        False, help="check token ids are in range on GPUs too (costs a host sync per forward)")
+        False, help="check token ids are in range on GPUs too (costs a host sync per forward)"
+    )
     name: str = option("", help="preset name, for display")
 
     def __post_init__(self) -> None:
@@ -370,8 +396,10 @@ class ModelConfig:
 def config_to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         inherited = obj.__dict__.get("_inherited", set())
-        return {f.name: (None if f.name in inherited else config_to_dict(getattr(obj, f.name)))
-                for f in dataclasses.fields(obj)}
+        return {
+            f.name: (None if f.name in inherited else config_to_dict(getattr(obj, f.name)))
+            for f in dataclasses.fields(obj)
+        }
     if isinstance(obj, (list, tuple)):
         return [config_to_dict(v) for v in obj]
     if isinstance(obj, Mapping):
@@ -412,8 +440,9 @@ def parse_select(select: Any, num_layers: int, path: str, problems: list[Problem
         if isinstance(idx, bool) or not isinstance(idx, int):
             problems.append(Problem(f"{path}[{i}]", f"layer index must be an integer, got {idx!r}", fix))
         elif not -num_layers <= idx < num_layers:
-            problems.append(Problem(f"{path}[{i}]", f"layer {idx} does not exist (the model has "
-                                    f"{num_layers} layers)", fix))
+            problems.append(
+                Problem(f"{path}[{i}]", f"layer {idx} does not exist (the model has {num_layers} layers)", fix)
+            )
         else:
             out.append(idx % num_layers)
     return sorted(set(out))
@@ -445,15 +474,23 @@ def resolve_model_config(raw: Any, path: str = "model") -> ModelConfig:
     raw = _plain(raw)
     problems: list[Problem] = []
     if not isinstance(raw, Mapping):
-        raise ConfigError([Problem(path, f"expected a mapping of model options, got {type(raw).__name__}",
-                                   "pass a model config (e.g. cfg.model from load_config)")])
+        raise ConfigError(
+            [
+                Problem(
+                    path,
+                    f"expected a mapping of model options, got {type(raw).__name__}",
+                    "pass a model config (e.g. cfg.model from load_config)",
+                )
+            ]
+        )
     cfg = build_dataclass(ModelConfig, raw, path, problems)
     if not isinstance(cfg, ModelConfig) or "_layer_specs" not in cfg.__dict__:
         cfg.__dict__["_layer_specs"] = []
     check = Checker(path, problems)
-    sizes_ok = not any(p.path.split(".")[-1] in ("hidden_size", "num_heads", "num_layers",
-                                                   "max_position_embeddings", "vocab_size")
-                       for p in problems)
+    sizes_ok = not any(
+        p.path.split(".")[-1] in ("hidden_size", "num_heads", "num_layers", "max_position_embeddings", "vocab_size")
+        for p in problems
+    )
     _check_model(cfg, check, sizes_ok)
     if sizes_ok:
         for slot in COMPONENT_SLOTS:
@@ -484,21 +521,33 @@ def _plain(raw: Any) -> Any:
         try:
             return OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)
         except OmegaConfBaseException as exc:
-            raise ConfigError([Problem(str(getattr(exc, "full_key", "") or "model"),
-                                       f"cannot resolve interpolation ({exc.msg if hasattr(exc, 'msg') else exc})",
-                                       "fix the ${...} reference")]) from None
+            raise ConfigError(
+                [
+                    Problem(
+                        str(getattr(exc, "full_key", "") or "model"),
+                        f"cannot resolve interpolation ({exc.msg if hasattr(exc, 'msg') else exc})",
+                        "fix the ${...} reference",
+                    )
+                ]
+            ) from None
     return raw
 
 
 def _check_model(cfg: ModelConfig, check: Checker, sizes_ok: bool = True) -> None:
     if sizes_ok and cfg.hidden_size % cfg.num_heads:
-        check.fail("hidden_size", f"{cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}",
-                   "make hidden_size a multiple of num_heads")
+        check.fail(
+            "hidden_size",
+            f"{cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}",
+            "make hidden_size a multiple of num_heads",
+        )
     if not 0.0 <= cfg.dropout < 1.0:
         check.fail("dropout", f"{cfg.dropout} is outside [0, 1)", "use a probability like 0.1")
     if not _CHECKPOINT_RE.match(str(cfg.gradient_checkpointing)):
-        check.fail("gradient_checkpointing", f"{cfg.gradient_checkpointing!r} is not a checkpointing mode",
-                   "use none, every_layer, every_<k> (e.g. every_2), attention or ffn")
+        check.fail(
+            "gradient_checkpointing",
+            f"{cfg.gradient_checkpointing!r} is not a checkpointing mode",
+            "use none, every_layer, every_<k> (e.g. every_2), attention or ffn",
+        )
     elif re.fullmatch(r"every_0+", cfg.gradient_checkpointing):
         check.fail("gradient_checkpointing", "every_<k> needs k >= 1", "use every_1, every_2, ...")
 
@@ -524,14 +573,18 @@ def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
         ov = build_dataclass(LayerOverride, item, path, problems)
         if getattr(ov, "select", None) is None:
             if isinstance(item, Mapping) and "select" in item:  # null (a missing one is reported)
-                problems.append(Problem(f"{path}.select", "must not be null",
-                                        "use a slice like '1::2', an index, or a list of indices"))
+                problems.append(
+                    Problem(
+                        f"{path}.select", "must not be null", "use a slice like '1::2', an index, or a list of indices"
+                    )
+                )
             continue
         idx = parse_select(ov.select, cfg.num_layers, f"{path}.select", problems)
         given = {s: getattr(ov, s) for s in LAYER_SLOTS if getattr(ov, s) is not None}
         if not given and isinstance(item, Mapping):
-            problems.append(Problem(path, "overrides no component",
-                                    f"add one of {', '.join(LAYER_SLOTS)} next to select"))
+            problems.append(
+                Problem(path, "overrides no component", f"add one of {', '.join(LAYER_SLOTS)} next to select")
+            )
         entries.append((idx, given, path))
     specs = []
     resolved: dict[str, Any] = {}
@@ -552,8 +605,13 @@ def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
                 sub_problems: list[Problem] = []
                 comp = build_component(slot, merged, source[slot], sub_problems)
                 if getattr(comp, "model_wide_only", False):
-                    sub_problems.append(Problem(f"{source[slot]}.type", f"'{comp.type}' cannot differ per layer",
-                                                f"set model.{slot}: {comp.type} for the whole model instead"))
+                    sub_problems.append(
+                        Problem(
+                            f"{source[slot]}.type",
+                            f"'{comp.type}' cannot differ per layer",
+                            f"set model.{slot}: {comp.type} for the whole model instead",
+                        )
+                    )
                 if comp is not None and not sub_problems:
                     _resolve_component(comp, cfg, Checker(source[slot], sub_problems))
                 problems.extend(p for p in sub_problems if p not in problems)

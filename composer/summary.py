@@ -54,8 +54,9 @@ def _token(tokenizer: Any, i: int) -> str:
 
 
 @torch.no_grad()
-def answer_sample(model: Any, batch: Mapping[str, torch.Tensor], tokenizer: Any = None, row: int = 0,
-                  limit: int = 12) -> str:
+def answer_sample(
+    model: Any, batch: Mapping[str, torch.Tensor], tokenizer: Any = None, row: int = 0, limit: int = 12
+) -> str:
     """One validation example's predicted vs true answers (positions that carry a label).
 
     lm task: ``input_ids`` / ``labels`` [B, T]; classification: ``labels`` [B] (``row`` only).
@@ -82,8 +83,11 @@ def answer_sample(model: Any, batch: Mapping[str, torch.Tensor], tokenizer: Any 
     for i in where[:limit]:
         p, t = int(pred[i]), int(target[i])
         after = _token(tokenizer, int(ids[0, i]))
-        parts.append(f"{after}: {_token(tokenizer, p)} ok" if p == t else
-                     f"{after}: {_token(tokenizer, p)} (true {_token(tokenizer, t)})")
+        parts.append(
+            f"{after}: {_token(tokenizer, p)} ok"
+            if p == t
+            else f"{after}: {_token(tokenizer, p)} (true {_token(tokenizer, t)})"
+        )
     more = f", ... ({len(where) - limit} more)" if len(where) > limit else ""
     return f"{right}/{len(where)} answers right (token before the answer: predicted answer): " + ", ".join(parts) + more
 
@@ -100,19 +104,25 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def summary_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of the closing summary."""
-    rows = [("model", f"{record.get('model', '')} ({_fmt(record.get('params'))} parameters)"),
-            ("steps", _fmt(record.get("steps"))),
-            ("final val loss", _fmt(record.get("val_loss"))),
-            ("best val loss", _fmt(record.get("best_val_loss")))]
+    rows = [
+        ("model", f"{record.get('model', '')} ({_fmt(record.get('params'))} parameters)"),
+        ("steps", _fmt(record.get("steps"))),
+        ("final val loss", _fmt(record.get("val_loss"))),
+        ("best val loss", _fmt(record.get("best_val_loss"))),
+    ]
     if record.get("val_accuracy") is not None:
         kind = record.get("metric") or "accuracy"
-        rows += [(f"final val {kind}", _fmt(record.get("val_accuracy"))),
-                 (f"best val {kind}", _fmt(record.get("best_val_accuracy")))]
+        rows += [
+            (f"final val {kind}", _fmt(record.get("val_accuracy"))),
+            (f"best val {kind}", _fmt(record.get("best_val_accuracy"))),
+        ]
     if record.get("val_ppl") is not None:
         rows.append(("val perplexity", _fmt(record.get("val_ppl"), 2)))
     tps = record.get("tokens_per_s")
-    rows += [("tokens/s", f"{tps:,.0f}" if isinstance(tps, (int, float)) else "-"),
-             ("wall time", f"{record.get('wall_s', 0.0):.1f} s")]
+    rows += [
+        ("tokens/s", f"{tps:,.0f}" if isinstance(tps, (int, float)) else "-"),
+        ("wall time", f"{record.get('wall_s', 0.0):.1f} s"),
+    ]
     if record.get("sample"):
         rows.append(("sample", str(record["sample"])))
     return rows
@@ -121,9 +131,11 @@ def summary_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
 def path_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(label, path) of the files the run wrote: printed below the table, one per line, never wrapped
     (so they can be copied)."""
-    return [("last checkpoint", _fmt(record.get("checkpoint_last"))),
-            ("best checkpoint", _fmt(record.get("checkpoint_best"))),
-            ("exported model", _fmt(record.get("model_dir")))]
+    return [
+        ("last checkpoint", _fmt(record.get("checkpoint_last"))),
+        ("best checkpoint", _fmt(record.get("checkpoint_best"))),
+        ("exported model", _fmt(record.get("model_dir"))),
+    ]
 
 
 def print_summary(record: Mapping[str, Any], console: Optional[Any] = None) -> None:

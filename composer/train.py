@@ -36,8 +36,7 @@ MAX_PRECHECKED_JOBS = 64  # sweeps larger than this compose only their first job
 # what Lightning's DDP launcher sets in the launching process's environment
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
 # metrics.json values a sweeper can optimise (optimized_metric=...)
-SWEEP_METRICS = ("best_val_loss", "val_loss", "val_ppl", "best_val_accuracy", "val_accuracy", "tokens_per_s",
-                 "wall_s")
+SWEEP_METRICS = ("best_val_loss", "val_loss", "val_ppl", "best_val_accuracy", "val_accuracy", "tokens_per_s", "wall_s")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -47,7 +46,7 @@ def _overridden_model_keys(overrides: Sequence[str]) -> set[str]:
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if key.startswith("model."):
-            keys.add(key[len("model."):])
+            keys.add(key[len("model.") :])
     return keys
 
 
@@ -61,8 +60,9 @@ def plain_config(cfg: Any) -> dict:
         return to_container(cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
-        raise ConfigError([Problem(str(key), str(exc).splitlines()[0], "fix the value or the ${...} reference")]) \
-            from None
+        raise ConfigError(
+            [Problem(str(key), str(exc).splitlines()[0], "fix the value or the ${...} reference")]
+        ) from None
 
 
 def check_config(cfg: Any) -> None:
@@ -79,25 +79,55 @@ def check_config(cfg: Any) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         problems.append(Problem("seed", f"{seed!r} must be an integer", "e.g. seed=0"))
     if not isinstance(cfg.get("compile", False), (bool, dict)):
-        problems.append(Problem("compile", f"{cfg['compile']!r} must be true, false or a mapping of torch.compile "
-                                "arguments", "compile=true or compile='{mode: max-autotune}'"))
+        problems.append(
+            Problem(
+                "compile",
+                f"{cfg['compile']!r} must be true, false or a mapping of torch.compile arguments",
+                "compile=true or compile='{mode: max-autotune}'",
+            )
+        )
     if cfg.get("ckpt_path") is not None:
         path = Path(str(cfg["ckpt_path"]))
         if not path.is_file():
-            problems.append(Problem("ckpt_path", f"{path} is not a file",
-                                    "pass a Lightning checkpoint, e.g. outputs/<date>/<time>/checkpoints/last.ckpt"))
+            problems.append(
+                Problem(
+                    "ckpt_path",
+                    f"{path} is not a file",
+                    "pass a Lightning checkpoint, e.g. outputs/<date>/<time>/checkpoints/last.ckpt",
+                )
+            )
         elif not zipfile.is_zipfile(path):
-            problems.append(Problem("ckpt_path", f"{path} is not a PyTorch checkpoint (truncated or corrupt?)",
-                                    "use another checkpoint, e.g. checkpoints/last.ckpt or a best-*.ckpt"))
+            problems.append(
+                Problem(
+                    "ckpt_path",
+                    f"{path} is not a PyTorch checkpoint (truncated or corrupt?)",
+                    "use another checkpoint, e.g. checkpoints/last.ckpt or a best-*.ckpt",
+                )
+            )
     if cfg.get("init_from") is not None and not Path(str(cfg["init_from"])).exists():
-        problems.append(Problem("init_from", f"{cfg['init_from']} does not exist",
-                                "pass a folder written by save_pretrained (e.g. outputs/<date>/<time>/model)"))
+        problems.append(
+            Problem(
+                "init_from",
+                f"{cfg['init_from']} does not exist",
+                "pass a folder written by save_pretrained (e.g. outputs/<date>/<time>/model)",
+            )
+        )
     if cfg.get("optimized_metric", "best_val_loss") not in SWEEP_METRICS:
-        problems.append(Problem("optimized_metric", f"{cfg['optimized_metric']!r} is not a metrics.json value a "
-                                "sweeper can optimise", f"use one of {', '.join(SWEEP_METRICS)}"))
+        problems.append(
+            Problem(
+                "optimized_metric",
+                f"{cfg['optimized_metric']!r} is not a metrics.json value a sweeper can optimise",
+                f"use one of {', '.join(SWEEP_METRICS)}",
+            )
+        )
     if cfg.get("init_from") is not None and cfg.get("ckpt_path") is not None:
-        problems.append(Problem("init_from", "is given together with ckpt_path",
-                                "use ckpt_path to resume a run, or init_from to start a new run from saved weights"))
+        problems.append(
+            Problem(
+                "init_from",
+                "is given together with ckpt_path",
+                "use ckpt_path to resume a run, or init_from to start a new run from saved weights",
+            )
+        )
     if problems:
         raise ConfigError.of(problems)
 
@@ -117,30 +147,50 @@ def fit_model_to_data(raw: dict, data: Any, data_cfg: Any, user_keys: set[str], 
     if "vocab_size" in user_keys or source:
         if raw["vocab_size"] < data.vocab_size:
             where = "model.vocab_size" if "vocab_size" in user_keys else f"model.vocab_size (of init_from={source})"
-            problems.append(Problem(where, f"{raw['vocab_size']} is smaller than the data's vocabulary of "
-                                    f"{data.vocab_size} tokens ({vocab_src})",
-                                    f"drop the model.vocab_size override (it follows the data) or use at least "
-                                    f"{data.vocab_size}" if not source else
-                                    "train on data with the tokenizer saved in init_from, or start without init_from"))
+            problems.append(
+                Problem(
+                    where,
+                    f"{raw['vocab_size']} is smaller than the data's vocabulary of "
+                    f"{data.vocab_size} tokens ({vocab_src})",
+                    f"drop the model.vocab_size override (it follows the data) or use at least {data.vocab_size}"
+                    if not source
+                    else "train on data with the tokenizer saved in init_from, or start without init_from",
+                )
+            )
     else:
         raw["vocab_size"] = data.vocab_size
     head = raw.get("head", "lm")
     kind = _head_type(head)
     if data.task == "classification":
         if kind != "classification":
-            problems.append(Problem("model.head", f"is {kind!r} but data={data.name} is a classification task",
-                                    "add model/head=classification (or use model=bert_tiny)"))
+            problems.append(
+                Problem(
+                    "model.head",
+                    f"is {kind!r} but data={data.name} is a classification task",
+                    "add model/head=classification (or use model=bert_tiny)",
+                )
+            )
         else:
             head = {"type": "classification"} if isinstance(head, str) else dict(head)
             given = head.get("num_classes")
             if ("head.num_classes" in user_keys or source) and given != data.num_classes:
-                problems.append(Problem("model.head.num_classes", f"{given} but the data has {data.num_classes} "
-                                        "classes", "drop the override (it follows the data)"))
+                problems.append(
+                    Problem(
+                        "model.head.num_classes",
+                        f"{given} but the data has {data.num_classes} classes",
+                        "drop the override (it follows the data)",
+                    )
+                )
             head["num_classes"] = data.num_classes
             raw["head"] = head
     elif kind == "classification":
-        problems.append(Problem("model.head", f"is 'classification' but data={data.name} is language modelling",
-                                "use model/head=lm, or classification data (a JSONL file of text and label)"))
+        problems.append(
+            Problem(
+                "model.head",
+                f"is 'classification' but data={data.name} is language modelling",
+                "use model/head=lm, or classification data (a JSONL file of text and label)",
+            )
+        )
     if problems:
         raise ConfigError.of(problems)
     return raw
@@ -183,10 +233,15 @@ def init_from_config(saved: Any, cfg_model: Any, user_keys: set[str], source: st
             continue
         changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         if changed:
-            problems.append(Problem(f"model.{key}", f"changes the shape of {', '.join(changed[:4])}"
-                                    f"{' ...' if len(changed) > 4 else ''} of the model in init_from={source}",
-                                    "drop this override (init_from keeps the saved architecture) or train "
-                                    "from scratch without init_from"))
+            problems.append(
+                Problem(
+                    f"model.{key}",
+                    f"changes the shape of {', '.join(changed[:4])}"
+                    f"{' ...' if len(changed) > 4 else ''} of the model in init_from={source}",
+                    "drop this override (init_from keeps the saved architecture) or train "
+                    "from scratch without init_from",
+                )
+            )
     if problems:
         raise ConfigError.of(problems)
     return merged
@@ -235,17 +290,29 @@ def prepare(cfg: Any, overrides: Sequence[str] = ()) -> Prepared:
     data.setup("fit")
     tokenizer = data.tokenizer
     if saved_tokenizer is not None and tokenizer is not None and saved_tokenizer.to_str() != tokenizer.to_str():
-        raise ConfigError([Problem("init_from", f"the tokenizer saved in {init_from} differs from the data's "
-                                   "(data.tokenizer)", "train on the same data / tokenizer settings as the saved "
-                                   "model, or start without init_from")])
+        raise ConfigError(
+            [
+                Problem(
+                    "init_from",
+                    f"the tokenizer saved in {init_from} differs from the data's (data.tokenizer)",
+                    "train on the same data / tokenizer settings as the saved model, or start without init_from",
+                )
+            ]
+        )
     raw = fit_model_to_data(model_cfg.to_dict(), data, data_cfg, user_keys, source=str(init_from or ""))
     compose(raw, device="meta")  # the final config, checked again without allocating anything
     seed_everything(cfg.seed, workers=True, verbose=False)
     model = compose(raw, seed=cfg.seed)
     if saved is not None:
         model.load_state_dict(saved.state_dict())
-    lit = LitComposer(model, optim=to_container(cfg.optim), scheduler=to_container(cfg.scheduler), task=data.task,
-                      metric=data.metric, compile=to_container(cfg.get("compile", False)))
+    lit = LitComposer(
+        model,
+        optim=to_container(cfg.optim),
+        scheduler=to_container(cfg.scheduler),
+        task=data.task,
+        metric=data.metric,
+        compile=to_container(cfg.get("compile", False)),
+    )
     flops = None
     try:
         from .plan import training_flops_per_token
@@ -306,14 +373,23 @@ def train(cfg: Any, run_dir: str | os.PathLike, overrides: Sequence[str] = (), c
     start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"status": "running", "error": None, "overrides": list(overrides),
-                              "seed": cfg.get("seed"), "run_dir": str(run_dir)}
+    record: dict[str, Any] = {
+        "status": "running",
+        "error": None,
+        "overrides": list(overrides),
+        "seed": cfg.get("seed"),
+        "run_dir": str(run_dir),
+    }
     try:
         return _train(cfg, run_dir, overrides, record, start, console)
     except BaseException as exc:
         if _is_rank_zero():
-            record.update(status="failed", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__,
-                          wall_s=time.perf_counter() - start)
+            record.update(
+                status="failed",
+                error=str(exc) or type(exc).__name__,
+                error_type=type(exc).__name__,
+                wall_s=time.perf_counter() - start,
+            )
             write_metrics(run_dir, record)
             if cfg.get("callbacks", {}).get("summary", True) and record.get("steps"):
                 print_summary(record, console)
@@ -387,8 +463,9 @@ def _peak_memory() -> dict[str, Optional[float]]:
     if rss is None:
         scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() \
-        else None
+    gpu = (
+        torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     return {"peak_rss_mb": rss, "peak_gpu_mb": gpu}
 
 
@@ -399,8 +476,14 @@ def _run(cfg: Any, run_dir: Path, overrides: Sequence[str], record: dict, start:
     record["start_rss_mb"] = _reset_peak_memory()
     prepared = prepare(cfg, overrides)
     model, data, lit = prepared.model, prepared.data, prepared.lit
-    record.update(model=model.config.name or "custom", params=model.num_parameters(), task=data.task,
-                  metric=data.metric, seq_len=data.seq_len, batch_size=data.batch_size)
+    record.update(
+        model=model.config.name or "custom",
+        params=model.num_parameters(),
+        task=data.task,
+        metric=data.metric,
+        seq_len=data.seq_len,
+        batch_size=data.batch_size,
+    )
     trainer, parts = build_trainer(cfg, run_dir, model, data, prepared.flops_per_token)
     record.update(precision=str(trainer.precision), world_size=trainer.world_size)
     try:
@@ -426,14 +509,22 @@ def _collect(record: dict, trainer: Any, lit: Any, parts: Any) -> None:
     """Final and best validation metrics, throughput and checkpoint paths into ``record``."""
     history = list(lit.val_history)
     last = history[-1] if history else {}
-    record.update(steps=trainer.global_step, history=history, val_loss=last.get("val_loss"),
-                  val_ppl=last.get("val_ppl"), val_accuracy=last.get("val_accuracy"),
-                  best_val_loss=lit.best_val_loss if history else None,
-                  best_val_accuracy=max((h["val_accuracy"] for h in history if "val_accuracy" in h), default=None),
-                  tokens=parts.throughput.tokens, tokens_per_s=parts.throughput.tokens_per_s)
+    record.update(
+        steps=trainer.global_step,
+        history=history,
+        val_loss=last.get("val_loss"),
+        val_ppl=last.get("val_ppl"),
+        val_accuracy=last.get("val_accuracy"),
+        best_val_loss=lit.best_val_loss if history else None,
+        best_val_accuracy=max((h["val_accuracy"] for h in history if "val_accuracy" in h), default=None),
+        tokens=parts.throughput.tokens,
+        tokens_per_s=parts.throughput.tokens_per_s,
+    )
     if parts.checkpoint is not None:
-        record.update(checkpoint_last=parts.checkpoint.last_model_path or None,
-                      checkpoint_best=parts.checkpoint.best_model_path or None)
+        record.update(
+            checkpoint_last=parts.checkpoint.last_model_path or None,
+            checkpoint_best=parts.checkpoint.best_model_path or None,
+        )
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -487,8 +578,15 @@ def experiments_dir() -> Optional[Path]:
     if env:
         path = Path(env).expanduser().resolve()
         if not path.is_dir():
-            raise ConfigError([Problem(EXPERIMENTS_ENV, f"{path} is not a directory",
-                                       "point it at a folder holding experiment/<name>.yaml, or unset it")])
+            raise ConfigError(
+                [
+                    Problem(
+                        EXPERIMENTS_ENV,
+                        f"{path} is not a directory",
+                        "point it at a folder holding experiment/<name>.yaml, or unset it",
+                    )
+                ]
+            )
         return path
     path = conf_dir().parent / "experiments"
     return path if (path / "experiment").is_dir() else None
@@ -561,10 +659,18 @@ def check_launcher(trainer: Any, launcher: Any) -> None:
     one = devices in (1, "1") or (isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) == 1)
     target = str((launcher or {}).get("_target_", ""))
     if strategy.startswith("ddp") and not one and any(k in target for k in ("joblib", "LocalLauncher")):
-        raise ConfigError([Problem("hydra.launcher", f"{target.rsplit('.', 1)[-1]} runs each job in a worker process, "
-                                   f"which Lightning cannot re-run for trainer.strategy={strategy} on "
-                                   f"trainer.devices={devices}", "drop hydra/launcher (the default launcher runs "
-                                   "DDP jobs one after another), use hydra/launcher=slurm, or trainer.devices=1")])
+        raise ConfigError(
+            [
+                Problem(
+                    "hydra.launcher",
+                    f"{target.rsplit('.', 1)[-1]} runs each job in a worker process, "
+                    f"which Lightning cannot re-run for trainer.strategy={strategy} on "
+                    f"trainer.devices={devices}",
+                    "drop hydra/launcher (the default launcher runs "
+                    "DDP jobs one after another), use hydra/launcher=slurm, or trainer.devices=1",
+                )
+            ]
+        )
 
 
 def _task(cfg: Any) -> Optional[float]:
@@ -590,9 +696,16 @@ def _task(cfg: Any) -> Optional[float]:
 
             print(f"error in job {hc.job.num} ({' '.join(overrides)}): {exc}", file=sys.stderr)
             if not (Path(hc.runtime.output_dir) / "metrics.json").exists():  # failed before train() began
-                write_metrics(Path(hc.runtime.output_dir), {"status": "failed", "error": str(exc),
-                                                            "error_type": type(exc).__name__,
-                                                            "overrides": overrides, "seed": cfg.get("seed")})
+                write_metrics(
+                    Path(hc.runtime.output_dir),
+                    {
+                        "status": "failed",
+                        "error": str(exc),
+                        "error_type": type(exc).__name__,
+                        "overrides": overrides,
+                        "seed": cfg.get("seed"),
+                    },
+                )
             return None  # recorded in its metrics.json; the sweep goes on (Optuna: a failed trial)
         if isinstance(exc, ComposerError):
             _fail(exc)
@@ -628,8 +741,11 @@ def _quiet_lightning() -> None:
     # the run dir already holds .hydra/ when the CSV logger starts; metrics.csv is new either way
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -43,10 +43,16 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # keys of conf/trainer/*.yaml that are not Trainer arguments
 OWN_KEYS = {"strategy_options", "cpu_threads"}
 # Trainer arguments composer sets itself (from other config groups)
-RESERVED = {"callbacks": "callbacks.*", "logger": "logger.*", "plugins": "(set by composer)",
-            "default_root_dir": "the Hydra run dir (hydra.run.dir)", "enable_checkpointing": "callbacks.checkpoint",
-            "check_val_every_n_epoch": "trainer.val_check_interval", "max_epochs": "trainer.max_steps",
-            "enable_progress_bar": "callbacks.progress_bar"}
+RESERVED = {
+    "callbacks": "callbacks.*",
+    "logger": "logger.*",
+    "plugins": "(set by composer)",
+    "default_root_dir": "the Hydra run dir (hydra.run.dir)",
+    "enable_checkpointing": "callbacks.checkpoint",
+    "check_val_every_n_epoch": "trainer.val_check_interval",
+    "max_epochs": "trainer.max_steps",
+    "enable_progress_bar": "callbacks.progress_bar",
+}
 PROGRESS_BARS = ("rich", "tqdm", "none")
 
 
@@ -70,49 +76,94 @@ def check_trainer(t: Mapping[str, Any]) -> list[Problem]:
         elif key not in allowed and key not in OWN_KEYS:
             close = difflib.get_close_matches(str(key), sorted(allowed | OWN_KEYS), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(Problem(f"trainer.{key}", "is not a Lightning Trainer argument",
-                                    f"{hint}see https://lightning.ai/docs/pytorch/stable/common/trainer.html"))
+            problems.append(
+                Problem(
+                    f"trainer.{key}",
+                    "is not a Lightning Trainer argument",
+                    f"{hint}see https://lightning.ai/docs/pytorch/stable/common/trainer.html",
+                )
+            )
     if t.get("precision") not in PRECISIONS:
-        problems.append(Problem("trainer.precision", f"{t.get('precision')!r} is not a precision",
-                                f"use one of {', '.join(PRECISIONS)}"))
+        problems.append(
+            Problem(
+                "trainer.precision", f"{t.get('precision')!r} is not a precision", f"use one of {', '.join(PRECISIONS)}"
+            )
+        )
     if t.get("accelerator", "auto") not in ACCELERATORS:
-        problems.append(Problem("trainer.accelerator", f"{t.get('accelerator')!r} is not an accelerator",
-                                f"use one of {', '.join(ACCELERATORS)}"))
+        problems.append(
+            Problem(
+                "trainer.accelerator",
+                f"{t.get('accelerator')!r} is not an accelerator",
+                f"use one of {', '.join(ACCELERATORS)}",
+            )
+        )
     strategy = t.get("strategy", "auto")
     strategies = ["auto", *StrategyRegistry.available_strategies()]
     if strategy not in strategies:
         close = difflib.get_close_matches(str(strategy), strategies, n=1)
-        problems.append(Problem("trainer.strategy", f"{strategy!r} is not a Lightning strategy",
-                                (f"did you mean '{close[0]}'? " if close else "") + "use trainer=ddp, trainer=fsdp "
-                                "or one of: auto, ddp, ddp_spawn, fsdp, deepspeed"))
+        problems.append(
+            Problem(
+                "trainer.strategy",
+                f"{strategy!r} is not a Lightning strategy",
+                (f"did you mean '{close[0]}'? " if close else "") + "use trainer=ddp, trainer=fsdp "
+                "or one of: auto, ddp, ddp_spawn, fsdp, deepspeed",
+            )
+        )
     devices = t.get("devices", 1)
     count_ok = _int(devices) and (devices >= 1 or devices == -1)
     if not (count_ok or isinstance(devices, (list, str))):
-        problems.append(Problem("trainer.devices", f"{devices!r} is not a device count",
-                                "use a number >= 1, -1 (all), 'auto' or a list of GPU ids"))
+        problems.append(
+            Problem(
+                "trainer.devices",
+                f"{devices!r} is not a device count",
+                "use a number >= 1, -1 (all), 'auto' or a list of GPU ids",
+            )
+        )
     for key in ("max_steps", "val_check_interval", "accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
         value = t.get(key, 1)
         if not _int(value) or value < 1:
-            fix = {"val_check_interval": "validate every N optimizer steps, e.g. trainer.val_check_interval=100",
-                   "max_steps": "train for N optimizer steps, e.g. trainer.max_steps=1000"}
+            fix = {
+                "val_check_interval": "validate every N optimizer steps, e.g. trainer.val_check_interval=100",
+                "max_steps": "train for N optimizer steps, e.g. trainer.max_steps=1000",
+            }
             fix = fix.get(key, "use an integer >= 1")
             problems.append(Problem(f"trainer.{key}", f"{value!r} must be an integer >= 1", fix))
     clip = t.get("gradient_clip_val")
     if clip is not None and (not _num(clip) or clip < 0):
-        problems.append(Problem("trainer.gradient_clip_val", f"{clip!r} must be a number >= 0 or null",
-                                "e.g. trainer.gradient_clip_val=1.0 (null: no clipping)"))
+        problems.append(
+            Problem(
+                "trainer.gradient_clip_val",
+                f"{clip!r} must be a number >= 0 or null",
+                "e.g. trainer.gradient_clip_val=1.0 (null: no clipping)",
+            )
+        )
     limit = t.get("limit_val_batches")
     if limit is not None and (not _num(limit) or limit < 0):
-        problems.append(Problem("trainer.limit_val_batches", f"{limit!r} must be a number >= 0 or null",
-                                "an integer: that many batches; a float <= 1: that fraction; null: all"))
+        problems.append(
+            Problem(
+                "trainer.limit_val_batches",
+                f"{limit!r} must be a number >= 0 or null",
+                "an integer: that many batches; a float <= 1: that fraction; null: all",
+            )
+        )
     threads = t.get("cpu_threads", "auto")
     if threads not in ("auto", None) and (not _int(threads) or threads < 1):
-        problems.append(Problem("trainer.cpu_threads", f"{threads!r} must be auto, null or an integer >= 1",
-                                "auto: one thread per idle core; null: torch's default"))
+        problems.append(
+            Problem(
+                "trainer.cpu_threads",
+                f"{threads!r} must be auto, null or an integer >= 1",
+                "auto: one thread per idle core; null: torch's default",
+            )
+        )
     opts = t.get("strategy_options") or {}
     if not isinstance(opts, Mapping):
-        problems.append(Problem("trainer.strategy_options", f"{opts!r} must be a mapping",
-                                "e.g. trainer.strategy_options={find_unused_parameters: false}"))
+        problems.append(
+            Problem(
+                "trainer.strategy_options",
+                f"{opts!r} must be a mapping",
+                "e.g. trainer.strategy_options={find_unused_parameters: false}",
+            )
+        )
     return problems
 
 
@@ -120,25 +171,48 @@ def check_callbacks(c: Mapping[str, Any]) -> list[Problem]:
     problems: list[Problem] = []
     bar = c.get("progress_bar", "rich")
     if bar not in PROGRESS_BARS:
-        problems.append(Problem("callbacks.progress_bar", f"{bar!r} is not a progress bar",
-                                f"use one of {', '.join(PROGRESS_BARS)}"))
+        problems.append(
+            Problem(
+                "callbacks.progress_bar", f"{bar!r} is not a progress bar", f"use one of {', '.join(PROGRESS_BARS)}"
+            )
+        )
     ckpt = c.get("checkpoint") or {}
     every = ckpt.get("every_n_train_steps")
     if every is not None and (not _int(every) or every < 1):
-        problems.append(Problem("callbacks.checkpoint.every_n_train_steps", f"{every!r} must be an integer >= 1 "
-                                "or null", "null saves after each validation only"))
+        problems.append(
+            Problem(
+                "callbacks.checkpoint.every_n_train_steps",
+                f"{every!r} must be an integer >= 1 or null",
+                "null saves after each validation only",
+            )
+        )
     top_k = ckpt.get("save_top_k", 1)
     if not _int(top_k) or top_k < -1:
-        problems.append(Problem("callbacks.checkpoint.save_top_k", f"{top_k!r} must be an integer >= -1",
-                                "1 keeps the best checkpoint, -1 keeps all, 0 none"))
+        problems.append(
+            Problem(
+                "callbacks.checkpoint.save_top_k",
+                f"{top_k!r} must be an integer >= -1",
+                "1 keeps the best checkpoint, -1 keeps all, 0 none",
+            )
+        )
     early = c.get("early_stopping")
     if early is not None:
         if not isinstance(early, Mapping):
-            problems.append(Problem("callbacks.early_stopping", f"{early!r} must be a mapping or null",
-                                    "e.g. callbacks.early_stopping={patience: 3}"))
+            problems.append(
+                Problem(
+                    "callbacks.early_stopping",
+                    f"{early!r} must be a mapping or null",
+                    "e.g. callbacks.early_stopping={patience: 3}",
+                )
+            )
         elif not _int(early.get("patience", 3)) or early.get("patience", 3) < 1:
-            problems.append(Problem("callbacks.early_stopping.patience", f"{early.get('patience')!r} must be an "
-                                    "integer >= 1", "validations without improvement before stopping, e.g. 3"))
+            problems.append(
+                Problem(
+                    "callbacks.early_stopping.patience",
+                    f"{early.get('patience')!r} must be an integer >= 1",
+                    "validations without improvement before stopping, e.g. 3",
+                )
+            )
     return problems
 
 
@@ -146,14 +220,24 @@ def check_logger(lg: Mapping[str, Any]) -> list[Problem]:
     problems = []
     for key in lg:
         if key != "tensorboard":
-            problems.append(Problem(f"logger.{key}", "is not a logger option (CSV is always written)",
-                                    "use logger=csv or logger=tensorboard"))
+            problems.append(
+                Problem(
+                    f"logger.{key}",
+                    "is not a logger option (CSV is always written)",
+                    "use logger=csv or logger=tensorboard",
+                )
+            )
     if lg.get("tensorboard"):
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            problems.append(Problem("logger.tensorboard", "needs the tensorboard package",
-                                    "pip install 'transformer-composer[tensorboard]' or use logger=csv"))
+            problems.append(
+                Problem(
+                    "logger.tensorboard",
+                    "needs the tensorboard package",
+                    "pip install 'transformer-composer[tensorboard]' or use logger=csv",
+                )
+            )
     return problems
 
 
@@ -165,11 +249,21 @@ def check_precision_for_device(t: Mapping[str, Any]) -> list[Problem]:
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     problems = []
     if on_cpu and t.get("precision") == "16-mixed":
-        problems.append(Problem("trainer.precision", "16-mixed (float16 autocast with a gradient scaler) needs a "
-                                "CUDA GPU", "use trainer.precision=bf16-mixed (or bf16-true) on CPUs"))
+        problems.append(
+            Problem(
+                "trainer.precision",
+                "16-mixed (float16 autocast with a gradient scaler) needs a CUDA GPU",
+                "use trainer.precision=bf16-mixed (or bf16-true) on CPUs",
+            )
+        )
     if on_cpu and str(t.get("strategy", "")).startswith("fsdp"):
-        problems.append(Problem("trainer.strategy", "fsdp (Lightning's FSDPStrategy) needs CUDA GPUs",
-                                "use trainer=ddp (gloo) on CPUs, or run on GPUs"))
+        problems.append(
+            Problem(
+                "trainer.strategy",
+                "fsdp (Lightning's FSDPStrategy) needs CUDA GPUs",
+                "use trainer=ddp (gloo) on CPUs, or run on GPUs",
+            )
+        )
     return problems
 
 
@@ -235,13 +329,15 @@ def build_loggers(lg: Mapping[str, Any], run_dir: Path) -> list[Logger]:
     """CSV (``run_dir/metrics.csv``, always) and TensorBoard (``run_dir/tensorboard``)."""
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     if lg.get("tensorboard"):
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
-                                         default_hp_metric=False))
+        loggers.append(
+            TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+        )
     return loggers
 
 
-def build_callbacks(c: Mapping[str, Any], run_dir: Path, data: Any, flops_per_token: Optional[float],
-                    precision: str) -> tuple[list[Callback], TrainerParts]:
+def build_callbacks(
+    c: Mapping[str, Any], run_dir: Path, data: Any, flops_per_token: Optional[float], precision: str
+) -> tuple[list[Callback], TrainerParts]:
     parts = TrainerParts(throughput=Throughput(flops_per_token, precision))
     callbacks: list[Callback] = [ValidateAtEnd(), parts.throughput]
     if c.get("nan_guard", True):
@@ -255,29 +351,47 @@ def build_callbacks(c: Mapping[str, Any], run_dir: Path, data: Any, flops_per_to
         callbacks.append(ComposerTQDMProgressBar())
     early = c.get("early_stopping")
     if early:
-        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=int(early.get("patience", 3)),
-                                       min_delta=float(early.get("min_delta", 0.0)), check_on_train_epoch_end=False,
-                                       check_finite=True))
+        callbacks.append(
+            EarlyStopping(
+                monitor="val_loss",
+                mode="min",
+                patience=int(early.get("patience", 3)),
+                min_delta=float(early.get("min_delta", 0.0)),
+                check_on_train_epoch_end=False,
+                check_finite=True,
+            )
+        )
     sample = c.get("sample_text") or {}
     if sample.get("enabled", True) and data.tokenizer is not None and data.task == "lm" and data.metric is None:
-        parts.sample = SampleText(data.tokenizer, prompt=sample.get("prompt") or "",
-                                  max_new_tokens=int(sample.get("max_new_tokens", 64)),
-                                  every_n_validations=int(sample.get("every_n_validations", 1)),
-                                  temperature=float(sample.get("temperature", 0.8)), top_k=sample.get("top_k", 40))
+        parts.sample = SampleText(
+            data.tokenizer,
+            prompt=sample.get("prompt") or "",
+            max_new_tokens=int(sample.get("max_new_tokens", 64)),
+            every_n_validations=int(sample.get("every_n_validations", 1)),
+            temperature=float(sample.get("temperature", 0.8)),
+            top_k=sample.get("top_k", 40),
+        )
         callbacks.append(parts.sample)
     ckpt = c.get("checkpoint") or {}
     if ckpt.get("enabled", True):
         parts.checkpoint = ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), filename="best-step{step}-val_loss{val_loss:.4f}",
-            auto_insert_metric_name=False, monitor="val_loss", mode="min", save_top_k=int(ckpt.get("save_top_k", 1)),
-            save_last=bool(ckpt.get("save_last", True)), every_n_train_steps=ckpt.get("every_n_train_steps"),
-            save_on_train_epoch_end=False)
+            dirpath=str(run_dir / "checkpoints"),
+            filename="best-step{step}-val_loss{val_loss:.4f}",
+            auto_insert_metric_name=False,
+            monitor="val_loss",
+            mode="min",
+            save_top_k=int(ckpt.get("save_top_k", 1)),
+            save_last=bool(ckpt.get("save_last", True)),
+            every_n_train_steps=ckpt.get("every_n_train_steps"),
+            save_on_train_epoch_end=False,
+        )
         callbacks.append(parts.checkpoint)
     return callbacks, parts
 
 
-def build_trainer(cfg: Any, run_dir: Path, model: ComposedModel, data: Any,
-                  flops_per_token: Optional[float] = None) -> tuple[L.Trainer, TrainerParts]:
+def build_trainer(
+    cfg: Any, run_dir: Path, model: ComposedModel, data: Any, flops_per_token: Optional[float] = None
+) -> tuple[L.Trainer, TrainerParts]:
     """The Trainer for ``cfg`` (already validated) writing into ``run_dir``."""
     from .config import to_container
 
@@ -306,5 +420,16 @@ def build_trainer(cfg: Any, run_dir: Path, model: ComposedModel, data: Any,
     return trainer, parts
 
 
-__all__ = ["TrainerParts", "block_classes", "build_callbacks", "build_loggers", "build_strategy", "build_trainer",
-           "check_callbacks", "check_logger", "check_precision_for_device", "check_trainer", "cpu_threads"]
+__all__ = [
+    "TrainerParts",
+    "block_classes",
+    "build_callbacks",
+    "build_loggers",
+    "build_strategy",
+    "build_trainer",
+    "check_callbacks",
+    "check_logger",
+    "check_precision_for_device",
+    "check_trainer",
+    "cpu_threads",
+]

@@ -37,9 +37,16 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1), "I16": (torch.int16, 2),
-    "I32": (torch.int32, 4), "I64": (torch.int64, 8), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "F32": (torch.float32, 4), "F64": (torch.float64, 8),
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "I32": (torch.int32, 4),
+    "I64": (torch.int64, 8),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
 }
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
@@ -51,13 +58,15 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
 
 def pickle_hint(path: Union[str, Path]) -> str:
     """Why a pickle file is refused and how to convert it."""
-    return (f"{path} is a pickle-based PyTorch file; composer loads only safetensors, because unpickling can run "
-            "arbitrary code. If you trust the file, convert it once:\n"
-            "    import torch; from safetensors.torch import save_file\n"
-            f"    state = torch.load({str(path)!r}, map_location='cpu', weights_only=True)\n"
-            "    save_file({k: v.contiguous() for k, v in state.items()}, 'model.safetensors')\n"
-            "For a Hugging Face model folder, convert its weights that way (or with transformers' "
-            "save_pretrained(safe_serialization=True)) and run `composer-import <hf dir> <out dir>`.")
+    return (
+        f"{path} is a pickle-based PyTorch file; composer loads only safetensors, because unpickling can run "
+        "arbitrary code. If you trust the file, convert it once:\n"
+        "    import torch; from safetensors.torch import save_file\n"
+        f"    state = torch.load({str(path)!r}, map_location='cpu', weights_only=True)\n"
+        "    save_file({k: v.contiguous() for k, v in state.items()}, 'model.safetensors')\n"
+        "For a Hugging Face model folder, convert its weights that way (or with transformers' "
+        "save_pretrained(safe_serialization=True)) and run `composer-import <hf dir> <out dir>`."
+    )
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -134,8 +143,9 @@ def read_header(path: Union[str, Path]) -> Header:
         with open(path, "rb") as f:
             prefix = f.read(9)
             if size == 0:
-                raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely; "
-                                      "save the model again")
+                raise CheckpointError(
+                    f"{path} is empty (0 bytes): the file was not written completely; save the model again"
+                )
             if len(prefix) < 8:
                 raise CheckpointError(f"{path} is truncated ({size} bytes): too short for a safetensors header")
             zipped = prefix.startswith(b"PK\x03\x04")  # torch.save's zip archive
@@ -145,19 +155,24 @@ def read_header(path: Union[str, Path]) -> Header:
             (n,) = struct.unpack("<Q", prefix[:8])
             f.seek(8)
             if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: header length {n:,} bytes exceeds the limit of "
-                                      f"{MAX_HEADER_BYTES:,}; the file is corrupt or not a safetensors file")
+                raise CheckpointError(
+                    f"{path}: header length {n:,} bytes exceeds the limit of "
+                    f"{MAX_HEADER_BYTES:,}; the file is corrupt or not a safetensors file"
+                )
             if n > size - 8:
-                raise CheckpointError(f"{path} is truncated or corrupt: its header claims {n:,} bytes but the file "
-                                      f"has only {size - 8:,} after the length field")
+                raise CheckpointError(
+                    f"{path} is truncated or corrupt: its header claims {n:,} bytes but the file "
+                    f"has only {size - 8:,} after the length field"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc}); the file is corrupt "
-                              "or not a safetensors file") from None
+        raise CheckpointError(
+            f"{path}: the safetensors header is not valid JSON ({exc}); the file is corrupt or not a safetensors file"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
@@ -174,8 +189,10 @@ def read_header(path: Union[str, Path]) -> Header:
         cursor = 0
         for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
             if info.start != cursor:
-                problems.append(f"{name}: data starts at byte {info.start}, expected {cursor} "
-                                f"({'overlapping' if info.start < cursor else 'a gap before it'})")
+                problems.append(
+                    f"{name}: data starts at byte {info.start}, expected {cursor} "
+                    f"({'overlapping' if info.start < cursor else 'a gap before it'})"
+                )
                 break
             cursor = info.end
         if not problems and cursor != data_size:
@@ -193,8 +210,7 @@ def _tensor_info(name: str, entry: Any, data_size: int, problems: list[str]) -> 
     if dtype not in DTYPES:
         problems.append(f"{name}: unknown dtype {dtype!r}")
         return None
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         problems.append(f"{name}: invalid shape {shape!r}")
         return None
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
@@ -232,7 +248,7 @@ def parse_size(value: Union[int, str], name: str = "max_shard_size") -> int:
     unit = m.group(2).rstrip("B")
     base = 1024 if unit.endswith("I") else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-    return int(float(m.group(1)) * base ** power)
+    return int(float(m.group(1)) * base**power)
 
 
 def unique_state(model: nn.Module) -> dict[str, Tensor]:
@@ -247,8 +263,13 @@ def unique_state(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def write_safetensors(tensors: Mapping[str, Tensor], directory: Path, max_shard_size: Union[int, str],
-                      metadata: Mapping[str, str], index_metadata: Optional[Mapping[str, Any]] = None) -> list[Path]:
+def write_safetensors(
+    tensors: Mapping[str, Tensor],
+    directory: Path,
+    max_shard_size: Union[int, str],
+    metadata: Mapping[str, str],
+    index_metadata: Optional[Mapping[str, Any]] = None,
+) -> list[Path]:
     """Write ``tensors`` as ``model.safetensors`` or, past ``max_shard_size``, as shards plus an
     index (the Hugging Face layout). Stale weight files of the other layout are removed after the
     new ones are in place. Returns the written files."""
@@ -272,13 +293,20 @@ def write_safetensors(tensors: Mapping[str, Tensor], directory: Path, max_shard_
             save_file(shard, str(tmp), metadata=dict(metadata))
         written.append(directory / fname)
     if n > 1:
-        index = {"metadata": {**(index_metadata or {}),
-                              "total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: fname for shard, fname in zip(shards, names, strict=True) for k in shard}}
+        index = {
+            "metadata": {
+                **(index_metadata or {}),
+                "total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
+            },
+            "weight_map": {k: fname for shard, fname in zip(shards, names, strict=True) for k in shard},
+        }
         atomic_write(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
         written.append(directory / INDEX_NAME)
-    stale = [p for p in directory.iterdir()
-             if (p.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(p.name)) and p not in written]
+    stale = [
+        p
+        for p in directory.iterdir()
+        if (p.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(p.name)) and p not in written
+    ]
     for p in sorted(stale, key=lambda p: p.name != INDEX_NAME):  # the index first: it points at shards
         p.unlink()
     return written
@@ -293,8 +321,9 @@ def index_files(index: Path) -> list[Path]:
         data = None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index} is not a valid shard index (a JSON object with a 'weight_map' of "
-                              "tensor name -> file)")
+        raise CheckpointError(
+            f"{index} is not a valid shard index (a JSON object with a 'weight_map' of tensor name -> file)"
+        )
     files = []
     for name in dict.fromkeys(weight_map.values()):
         f = index.parent / name
@@ -309,8 +338,13 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch
     return {k: (tuple(v.shape), v.dtype) for k, v in unique_state(model).items()}
 
 
-def check_tensors(found: Mapping[str, TensorInfo], expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-                  dtype: Optional[torch.dtype], where: str, hint: str = "") -> None:
+def check_tensors(
+    found: Mapping[str, TensorInfo],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    dtype: Optional[torch.dtype],
+    where: str,
+    hint: str = "",
+) -> None:
     """Compare header entries with the model's tensors; one CheckpointError listing every problem.
     ``dtype``: the dtype every floating tensor must have (None: any floating dtype)."""
     missing = [k for k in expected if k not in found]
@@ -336,8 +370,9 @@ def check_tensors(found: Mapping[str, TensorInfo], expected: Mapping[str, tuple[
             lines.append(f"{name}: dtype {info.dtype}, expected {safetensors_name(want_dtype)}")
     if lines:
         body = "\n".join(f"  - {line}" for line in lines)
-        raise CheckpointError(f"{where} does not match its model config ({len(lines)} problems):\n{body}"
-                              + (f"\n{hint}" if hint else ""))
+        raise CheckpointError(
+            f"{where} does not match its model config ({len(lines)} problems):\n{body}" + (f"\n{hint}" if hint else "")
+        )
 
 
 def open_safetensors(path: Path, device: str) -> Any:

@@ -45,8 +45,11 @@ def registered() -> list[tuple[str, str]]:
 
 def required_fields(family: str, name: str) -> list[str]:
     entry = FAMILIES[family].get(name)
-    return [f.name for f in dataclasses.fields(entry.config)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return [
+        f.name
+        for f in dataclasses.fields(entry.config)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
 
 
 def component(name: str, **options: Any) -> dict:
@@ -96,7 +99,8 @@ def rope_reference(x: Tensor, positions: Tensor, theta: float, rotary_dim: int) 
     freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / rotary_dim)  # [R/2]
     angle = positions.double()[:, None, :, None] * freq  # [B, 1, T, R/2]
     z = torch.complex(x[..., :half].double(), x[..., half:rotary_dim].double()) * torch.polar(
-        torch.ones_like(angle), angle)
+        torch.ones_like(angle), angle
+    )
     return torch.cat([z.real, z.imag, x[..., rotary_dim:].double()], dim=-1).to(x.dtype)
 
 

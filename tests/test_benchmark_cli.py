@@ -15,18 +15,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--no-record", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--no-record", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("module, args, message", [
-    ("bench_train_step", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
-    ("bench_checkpointing", ["--rounds", "two"], "argument --rounds: 'two' is not a whole number >= 1"),
-    ("bench_flex", ["--shape", "cpu"], "--shape cpu does not apply"),
-    ("bench_gqa", ["--batch-size", "4"], "--shape / --batch-size do not apply"),
-    ("bench_train_step", ["--contenders", "composed,fast"], "argument --contenders: unknown contender(s) fast"),
-    ("bench_decode", ["--device", "tpu:x"], "--device: 'tpu:x' is not a device"),
-])
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("bench_train_step", ["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
+        ("bench_checkpointing", ["--rounds", "two"], "argument --rounds: 'two' is not a whole number >= 1"),
+        ("bench_flex", ["--shape", "cpu"], "--shape cpu does not apply"),
+        ("bench_gqa", ["--batch-size", "4"], "--shape / --batch-size do not apply"),
+        ("bench_train_step", ["--contenders", "composed,fast"], "argument --contenders: unknown contender(s) fast"),
+        ("bench_decode", ["--device", "tpu:x"], "--device: 'tpu:x' is not a device"),
+    ],
+)
 def test_a_bad_option_is_named_without_a_traceback(module, args, message):
     done = bench(module, *args)
     assert done.returncode != 0

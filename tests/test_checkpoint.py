@@ -19,21 +19,32 @@ from composer import checkpoint as ckpt
 from composer.model import ModelBuilder
 from tests.conftest import small_model_dict
 
-LLAMA_LIKE = dict(attention={"type": "gqa", "num_kv_heads": 2}, ffn={"type": "swiglu", "intermediate_size": 48},
-                  norm={"type": "rmsnorm"}, position={"type": "rope"}, tie_embeddings=False)
+LLAMA_LIKE = dict(
+    attention={"type": "gqa", "num_kv_heads": 2},
+    ffn={"type": "swiglu", "intermediate_size": 48},
+    norm={"type": "rmsnorm"},
+    position={"type": "rope"},
+    tie_embeddings=False,
+)
 MODELS = {
     "tied": small_model_dict(),
     "untied": small_model_dict(tie_embeddings=False),
     "llama_like": small_model_dict(**LLAMA_LIKE),
-    "moe": small_model_dict(ffn={"type": "moe", "num_experts": 4, "top_k": 2,
-                                 "expert": {"type": "swiglu", "intermediate_size": 16}}),
-    "per_layer": small_model_dict(position={"type": "rope"}, layers=[
-        {"select": "1::2", "attention": {"type": "sliding_window", "window": 4}, "ffn": {"type": "swiglu"}},
-        {"select": [0], "position": {"type": "alibi"}}]),
+    "moe": small_model_dict(
+        ffn={"type": "moe", "num_experts": 4, "top_k": 2, "expert": {"type": "swiglu", "intermediate_size": 16}}
+    ),
+    "per_layer": small_model_dict(
+        position={"type": "rope"},
+        layers=[
+            {"select": "1::2", "attention": {"type": "sliding_window", "window": 4}, "ffn": {"type": "swiglu"}},
+            {"select": [0], "position": {"type": "alibi"}},
+        ],
+    ),
     "qk_norm": small_model_dict(attention={"type": "mha", "qk_norm": True}, position={"type": "rope"}),
     "classification": small_model_dict(head={"type": "classification", "num_classes": 3}),
-    "parallel_partial_rope": small_model_dict(block={"type": "parallel"},
-                                              position={"type": "rope", "rotary_fraction": 0.5}),
+    "parallel_partial_rope": small_model_dict(
+        block={"type": "parallel"}, position={"type": "rope", "rotary_fraction": 0.5}
+    ),
     "padded_vocab": small_model_dict(vocab_size=50, pad_vocab_to_multiple_of=16),
 }
 
@@ -172,8 +183,9 @@ def test_sharded_save_and_load(tmp_path):
     _same_state(model, ComposedModel.from_pretrained(tmp_path))
 
 
-@pytest.mark.parametrize("size, expected", [(1000, 1000), ("5GB", 5 * 10**9), ("2GiB", 2 * 2**30),
-                                            ("500 mb", 500 * 10**6)])
+@pytest.mark.parametrize(
+    "size, expected", [(1000, 1000), ("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500 mb", 500 * 10**6)]
+)
 def test_parse_size(size, expected):
     assert weights.parse_size(size) == expected
 
@@ -234,8 +246,12 @@ def test_old_format_is_migrated_with_a_note(saved, tmp_path, caplog):
     out = _copy(directory, tmp_path)
     doc = json.loads((out / "config.json").read_text())
     old = {"format_version": "0.3", **doc["model"]}
-    for new, legacy in (("num_layers", "n_layer"), ("num_heads", "n_head"), ("hidden_size", "n_embd"),
-                        ("max_position_embeddings", "block_size")):
+    for new, legacy in (
+        ("num_layers", "n_layer"),
+        ("num_heads", "n_head"),
+        ("hidden_size", "n_embd"),
+        ("max_position_embeddings", "block_size"),
+    ):
         old[legacy] = old.pop(new)
     (out / "config.json").write_text(json.dumps(old))
     with caplog.at_level(logging.WARNING, logger="composer"):
@@ -300,15 +316,24 @@ def test_garbage_header(saved, tmp_path):
 
 def test_header_offsets_out_of_range(saved, tmp_path):
     out = _copy(saved[1], tmp_path)
-    _write_raw(out / "model.safetensors", {"embed.weight": {"dtype": "F32", "shape": [64, 32],
-                                                            "data_offsets": [0, 8192]}}, b"\0" * 64)
+    _write_raw(
+        out / "model.safetensors",
+        {"embed.weight": {"dtype": "F32", "shape": [64, 32], "data_offsets": [0, 8192]}},
+        b"\0" * 64,
+    )
     _expect(out, "embed.weight", "past the end")
 
 
 def test_header_offsets_inconsistent_with_shape(saved, tmp_path):
     out = _copy(saved[1], tmp_path)
-    _write_raw(out / "model.safetensors", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]},
-                                           "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
+    _write_raw(
+        out / "model.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        b"\0" * 12,
+    )
     _expect(out, "a: data_offsets [0, 8] span 8 bytes")
 
 
@@ -338,10 +363,17 @@ def test_wrong_shape(saved, tmp_path):
 
 def test_wrong_dtype(saved, tmp_path):
     out = _copy(saved[1], tmp_path)
-    _resave(out, lambda t: t.update({"final_norm.weight": t["final_norm.weight"].half(),
-                                     "embed.weight": t["embed.weight"].long()}))
-    _expect(out, "final_norm.weight: dtype F16, the checkpoint says float32",
-            "embed.weight: dtype I64, expected a floating-point dtype")
+    _resave(
+        out,
+        lambda t: t.update(
+            {"final_norm.weight": t["final_norm.weight"].half(), "embed.weight": t["embed.weight"].long()}
+        ),
+    )
+    _expect(
+        out,
+        "final_norm.weight: dtype F16, the checkpoint says float32",
+        "embed.weight: dtype I64, expected a floating-point dtype",
+    )
 
 
 def test_all_mismatches_in_one_message_before_any_data_is_read(saved, tmp_path, monkeypatch):
@@ -358,8 +390,13 @@ def test_all_mismatches_in_one_message_before_any_data_is_read(saved, tmp_path, 
         raise AssertionError("tensor data was opened before the header was checked")
 
     monkeypatch.setattr("composer.checkpoint.open_safetensors", no_read)
-    err = _expect(out, "3 problems", "missing tensors: embed.weight", "unexpected tensors: bogus",
-                  "layers.0.ffn.down.weight: shape [2, 2]")
+    err = _expect(
+        out,
+        "3 problems",
+        "missing tensors: embed.weight",
+        "unexpected tensors: bogus",
+        "layers.0.ffn.down.weight: shape [2, 2]",
+    )
     assert "Traceback" not in str(err)
 
 

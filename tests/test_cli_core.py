@@ -14,8 +14,13 @@ ROOT = Path(__file__).parent.parent
 
 
 def run(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def test_plan_prints_exact_counts_and_memory():
@@ -27,8 +32,7 @@ def test_plan_prints_exact_counts_and_memory():
 
 def test_plan_takes_model_overrides_and_user_config_dirs(tmp_path):
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "mine.yaml").write_text(
-        "defaults:\n  - gpt2\n  - _self_\nname: mine\nnum_layers: 2\n")
+    (tmp_path / "model" / "mine.yaml").write_text("defaults:\n  - gpt2\n  - _self_\nname: mine\nnum_layers: 2\n")
     out = run("composer.cli.plan", "model=mine", "--config-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "mine: layers" in out.stdout

@@ -25,8 +25,9 @@ B, T = 2, 24
 def shrunk(preset: str) -> dict:
     """The preset's config with small sizes and the same component types."""
     raw = resolve_model_config(load_config([f"model={preset}"]).model).to_dict()
-    raw.update(num_layers=min(2, raw["num_layers"]), hidden_size=64, num_heads=4, vocab_size=128,
-               max_position_embeddings=64)
+    raw.update(
+        num_layers=min(2, raw["num_layers"]), hidden_size=64, num_heads=4, vocab_size=128, max_position_embeddings=64
+    )
     att = raw["attention"]
     att.update(num_heads=None, head_dim=None)
     if att.get("num_kv_heads") is not None:

@@ -98,21 +98,19 @@ def test_component_keeps_bf16(pair):
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_causal_attention_ignores_future_tokens(attention, position):
-    model = compose(small_model_dict(attention=attention_cfg(attention),
-                                     position=component(position)), seed=0)
+    model = compose(small_model_dict(attention=attention_cfg(attention), position=component(position)), seed=0)
     x = ids(B, 12)
     t = 5
     changed = x.clone()
-    changed[:, t + 1:] = (x[:, t + 1:] + 1) % V
+    changed[:, t + 1 :] = (x[:, t + 1 :] + 1) % V
     a, b = model(x).logits, model(changed).logits
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
-    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:]), "changing tokens changed nothing: test is vacuous"
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :]), "changing tokens changed nothing: test is vacuous"
 
 
 @pytest.mark.parametrize("position", ["learned", "rope", "alibi", "none"])
 def test_non_causal_attention_sees_future_tokens(position):
-    model = compose(small_model_dict(attention={"type": "mha", "causal": False},
-                                     position=component(position)), seed=0)
+    model = compose(small_model_dict(attention={"type": "mha", "causal": False}, position=component(position)), seed=0)
     x = ids(B, T)
     changed = x.clone()
     changed[:, -1] = (x[:, -1] + 1) % V
@@ -125,13 +123,18 @@ def _attention(attention: dict, position: str = "none", **model) -> tuple:
     return m.layers[0].attn, m.config.layer(0).position
 
 
-ATTENTION_OPTIONS = [{}, {"bias": True, "qk_norm": True}, {"softmax_scale": 0.5, "logit_softcap": 3.0},
-                     {"causal": False, "num_heads": 2}]
+ATTENTION_OPTIONS = [
+    {},
+    {"bias": True, "qk_norm": True},
+    {"softmax_scale": 0.5, "logit_softcap": 3.0},
+    {"causal": False, "num_heads": 2},
+]
 
 
 @pytest.mark.parametrize("position", ["none", "rope", "alibi"])
-@pytest.mark.parametrize("options", ATTENTION_OPTIONS, ids=["default", "bias-qknorm", "scale-softcap",
-                                                            "bidirectional-2heads"])
+@pytest.mark.parametrize(
+    "options", ATTENTION_OPTIONS, ids=["default", "bias-qknorm", "scale-softcap", "bidirectional-2heads"]
+)
 @pytest.mark.parametrize("attention", BUILTIN_ATTENTIONS)
 def test_attention_matches_explicit_reference(attention, options, position):
     """Every attention type x option x position equals an explicit-mask softmax reference."""
@@ -205,8 +208,9 @@ def test_mqa_equals_gqa_with_one_kv_head():
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 def test_sliding_window_at_least_length_equals_full_causal(window, position):
     full = compose(small_model_dict(attention={"type": "mha"}, position={"type": position}), seed=0)
-    local = compose(small_model_dict(attention={"type": "sliding_window", "window": window},
-                                     position={"type": position}), seed=1)
+    local = compose(
+        small_model_dict(attention={"type": "sliding_window", "window": window}, position={"type": position}), seed=1
+    )
     _same_weights(full, local)
     x = ids(B, T)
     torch.testing.assert_close(local(x).logits, full(x).logits, rtol=1e-5, atol=1e-5)
@@ -242,14 +246,23 @@ def _rotate(rope, x: torch.Tensor, position: int) -> torch.Tensor:
     return rope.rotate(x, x, inputs)[0]
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"theta": 500.0}, {"rotary_fraction": 0.5}, {"scaling": "linear", "scaling_factor": 4.0},
-    {"scaling": "llama3", "scaling_factor": 8.0, "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"theta": 500.0},
+        {"rotary_fraction": 0.5},
+        {"scaling": "linear", "scaling_factor": 4.0},
+        {"scaling": "llama3", "scaling_factor": 8.0, "original_max_position_embeddings": 64},
+    ],
+)
 def test_rope_scores_depend_only_on_relative_position(options):
     rope = _rope(**options)
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 8, generator=g,
-                                                                                  dtype=torch.float64)
+    q, k = (
+        torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64),
+    )
     q, k = q.float(), k.float()
     dot = lambda m, n: (_rotate(rope, q, m) * _rotate(rope, k, n)).sum().item()
     for m, n in [(5, 2), (9, 0), (3, 7)]:
@@ -288,8 +301,13 @@ def test_rope_scaling_frequencies():
         else:
             smooth = (old / wavelen - low) / (high - low)
             want.append((1 - smooth) * freq / factor + smooth * freq)
-    got = _rope(scaling="llama3", scaling_factor=factor, low_freq_factor=low, high_freq_factor=high,
-                original_max_position_embeddings=old).inv_freq
+    got = _rope(
+        scaling="llama3",
+        scaling_factor=factor,
+        low_freq_factor=low,
+        high_freq_factor=high,
+        original_max_position_embeddings=old,
+    ).inv_freq
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=0)
     assert len(set(torch.tensor(want).div(base).round(decimals=4).tolist())) == 3, "all three bands exercised"
 
@@ -309,15 +327,17 @@ def test_rope_in_bf16_keeps_float32_angles():
         torch.testing.assert_close(cos16, cos32, rtol=0, atol=1e-6)
         torch.testing.assert_close(sin16, sin32, rtol=0, atol=1e-6)
     x = torch.randn(1, 1, 1, 8)
-    torch.testing.assert_close(_rotate(model16.position, x.bfloat16(), 4000).float(), _rotate(rope32, x, 4000),
-                               rtol=0, atol=0.03)
+    torch.testing.assert_close(
+        _rotate(model16.position, x.bfloat16(), 4000).float(), _rotate(rope32, x, 4000), rtol=0, atol=0.03
+    )
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4, 6, 8, 12])
 def test_alibi_slopes_and_bias_formula(heads):
     torch.testing.assert_close(alibi_slopes(heads), torch.tensor(paper_slopes(heads)), rtol=1e-6, atol=0)
-    model = compose(small_model_dict(position={"type": "alibi"}, num_heads=heads, hidden_size=8 * heads,
-                                     num_layers=1), seed=0)
+    model = compose(
+        small_model_dict(position={"type": "alibi"}, num_heads=heads, hidden_size=8 * heads, num_layers=1), seed=0
+    )
     q_pos, k_pos = torch.arange(3, 7), torch.arange(0, 7)
     bias = model.position.bias(q_pos, k_pos)  # [H, Tq, Tk]
     assert bias.shape == (heads, 4, 7)
@@ -502,8 +522,9 @@ def test_lm_head_tied_and_untied():
 
 
 def test_lm_head_bias_and_padded_vocabulary():
-    model = compose(small_model_dict(head={"type": "lm", "bias": True}, vocab_size=60, pad_vocab_to_multiple_of=16),
-                    seed=0)
+    model = compose(
+        small_model_dict(head={"type": "lm", "bias": True}, vocab_size=60, pad_vocab_to_multiple_of=16), seed=0
+    )
     assert model.embed.weight.shape[0] == 64 and model.head.proj.bias.shape == (64,)
     logits = model(ids(B, T, vocab=60)).logits
     assert logits.shape == (B, T, 64)
@@ -511,9 +532,15 @@ def test_lm_head_bias_and_padded_vocabulary():
 
 
 def _classifier(pooling: str):
-    model = compose(small_model_dict(head={"type": "classification", "num_classes": 3, "pooling": pooling},
-                                     attention={"type": "mha", "causal": False}, block="post_norm",
-                                     tie_embeddings=False), seed=0)
+    model = compose(
+        small_model_dict(
+            head={"type": "classification", "num_classes": 3, "pooling": pooling},
+            attention={"type": "mha", "causal": False},
+            block="post_norm",
+            tie_embeddings=False,
+        ),
+        seed=0,
+    )
     return model.eval()
 
 
@@ -537,22 +564,22 @@ def test_classification_is_independent_of_padding_side(pooling):
     a, b = ids(1, 5, seed=1), ids(1, 3, seed=2)
     alone = torch.cat([model(a).logits, model(b).logits])
     pad = torch.zeros(1, 2, dtype=torch.long)
-    right = model(torch.cat([a, torch.cat([b, pad], 1)]),
-                  attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])).logits
-    left = model(torch.cat([a, torch.cat([pad, b], 1)]),
-                 attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])).logits
+    right = model(
+        torch.cat([a, torch.cat([b, pad], 1)]), attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    ).logits
+    left = model(torch.cat([a, torch.cat([pad, b], 1)]), attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])).logits
     torch.testing.assert_close(right, alone, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-5)
     labels = torch.tensor([1, 2])
-    out = model(torch.cat([a, torch.cat([b, pad], 1)]), attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]),
-                labels=labels)
+    out = model(
+        torch.cat([a, torch.cat([b, pad], 1)]), attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]), labels=labels
+    )
     torch.testing.assert_close(out.loss, F.cross_entropy(right, labels))
 
 
 # ============================================================================ blocks
 def _block(name: str, **options):
-    model = compose(small_model_dict(block={"type": name, **options}, num_layers=1, norm={"type": "layernorm"}),
-                    seed=0)
+    model = compose(small_model_dict(block={"type": name, **options}, num_layers=1, norm={"type": "layernorm"}), seed=0)
     layer = model.layers[0]
     with torch.no_grad():
         for n, p in layer.named_parameters():
@@ -599,6 +626,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(mode, calls, monke
         def wrapped(*args, **kwargs):
             count["n"] += 1
             return checkpoint(*args, **kwargs)
+
         return wrapped
 
     monkeypatch.setattr(model_module, "checkpoint", counting(model_module.checkpoint))
@@ -626,10 +654,13 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(mode, calls, monke
 # code generation, which alone takes ~40 s per model on this 2-core CPU; graph capture, the
 # property under test, is identical.
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,overrides", [
-    ("tiny", []),
-    ("gpt2", ["model.num_layers=2"]),  # 2 of GPT-2's 12 identical layers, to keep the compile short
-])
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("tiny", []),
+        ("gpt2", ["model.num_layers=2"]),  # 2 of GPT-2's 12 identical layers, to keep the compile short
+    ],
+)
 def test_presets_compile_without_graph_breaks(preset, overrides):
     from composer import load_config
 

@@ -39,10 +39,12 @@ def test_load_config_from_another_cwd(tmp_path, monkeypatch):
 def test_user_preset_in_config_dir(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "my_model.yaml").write_text(
-        "defaults: [tiny, _self_]\nname: mine\nhidden_size: 64\nattention: {type: gqa, num_kv_heads: 2}\n")
+        "defaults: [tiny, _self_]\nname: mine\nhidden_size: 64\nattention: {type: gqa, num_kv_heads: 2}\n"
+    )
     (tmp_path / "model" / "scratch.yaml").write_text(
         "defaults: [_base, {attention: mqa}, {ffn: mlp}, {norm: layernorm}, {position: alibi}, {head: lm}, _self_]\n"
-        "vocab_size: 100\nhidden_size: 32\nnum_layers: 2\nnum_heads: 4\nmax_position_embeddings: 16\n")
+        "vocab_size: 100\nhidden_size: 32\nnum_layers: 2\nnum_heads: 4\nmax_position_embeddings: 16\n"
+    )
     cfg = load_config(["model=my_model"], config_dirs=[tmp_path])
     assert cfg.model.name == "mine" and cfg.model.hidden_size == 64 and cfg.model.num_layers == 4
     model = compose(cfg.model, device="meta")
@@ -90,14 +92,17 @@ def test_wrong_type_value_is_a_config_error_naming_the_key():
     assert info.value.problems[0].path == "model.layers[0]" and "model.layers.0=1" in str(info.value)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["model.num_layers"], "model.num_layers"),
-    (["seed=1", "model.num_layers=[1"], "model.num_layers"),
-    (["seed=1", "model..x=1"], "model..x"),
-    (["model.num_layers='abc"], "model.num_layers"),
-    (["seed=1", "model=[1,2]"], "model"),
-    (["=3"], ""),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model.num_layers"], "model.num_layers"),
+        (["seed=1", "model.num_layers=[1"], "model.num_layers"),
+        (["seed=1", "model..x=1"], "model..x"),
+        (["model.num_layers='abc"], "model.num_layers"),
+        (["seed=1", "model=[1,2]"], "model"),
+        (["=3"], ""),
+    ],
+)
 def test_malformed_override(overrides, key):
     with pytest.raises(ConfigError) as info:
         load_config(overrides)
@@ -136,7 +141,8 @@ def test_component_yaml_files_match_the_schema(family):
         text = (folder / f"{name}.yaml").read_text()
         assert text == component_yaml(family, name), (
             f"conf/model/{family}/{name}.yaml is out of date: regenerate it with "
-            f"composer.catalogue.component_yaml({family!r}, {name!r})")
+            f"composer.catalogue.component_yaml({family!r}, {name!r})"
+        )
 
 
 def test_component_groups_are_exactly_the_component_families():
@@ -147,8 +153,7 @@ def test_component_groups_are_exactly_the_component_families():
 
 def test_base_yaml_has_exactly_the_model_fields_with_their_defaults():
     base = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / "_base.yaml"))
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)
-              if f.name not in COMPONENT_SLOTS or f.name == "block"}
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name not in COMPONENT_SLOTS or f.name == "block"}
     assert set(base) == set(fields)
     for name, f in fields.items():
         if f.default is not dataclasses.MISSING:

@@ -25,8 +25,9 @@ def dm_for(path, **kw) -> ClassificationDataModule:
     return dm
 
 
-REVIEWS = [{"text": f"{'good' if i % 2 else 'bad'} movie number {i}" + "!" * (i % 5), "label": i % 2}
-           for i in range(40)]
+REVIEWS = [
+    {"text": f"{'good' if i % 2 else 'bad'} movie number {i}" + "!" * (i % 5), "label": i % 2} for i in range(40)
+]
 
 
 def test_integer_labels_padding_mask_and_truncation(tmp_path):
@@ -72,8 +73,11 @@ def test_each_epoch_visits_every_example_once_and_seeds_differ(tmp_path):
     dm = dm_for(path, seq_len=64)
 
     def epoch(dm):
-        return [tuple(r[m == 1].tolist()) for b in itertools.islice(iter(dm.train_dataloader()), 8)
-                for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)]  # without padding
+        return [
+            tuple(r[m == 1].tolist())
+            for b in itertools.islice(iter(dm.train_dataloader()), 8)
+            for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+        ]  # without padding
 
     first = epoch(dm)
     assert len(first) == 32 and len(set(first)) == 32  # 32 training examples, all distinct, once each
@@ -85,22 +89,27 @@ def test_each_epoch_visits_every_example_once_and_seeds_differ(tmp_path):
 
 def test_batches_fit_a_classification_model(tmp_path):
     dm = dm_for(write(tmp_path / "r.jsonl", REVIEWS))
-    model = compose(small_model_dict(vocab_size=dm.vocab_size, head={"type": "classification",
-                                                                     "num_classes": dm.num_classes}), seed=0)
+    model = compose(
+        small_model_dict(vocab_size=dm.vocab_size, head={"type": "classification", "num_classes": dm.num_classes}),
+        seed=0,
+    )
     batch = next(iter(dm.train_dataloader()))
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     assert out.logits.shape == (4, 2) and torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("line, problem", [
-    ('{"text": "a", "label": 1', "not valid JSON"),
-    ('{"text": "a"}', '"label"'),
-    ('["a", 1]', '"label"'),
-    ('{"text": "", "label": 1}', '"text" must be'),
-    ('{"text": "a", "label": true}', '"label" must be'),
-    ('{"text": "a", "label": "one"}', "integer ids or string names"),
-    ('{"text": "a", "label": -1}', "outside"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"text": "a", "label": 1', "not valid JSON"),
+        ('{"text": "a"}', '"label"'),
+        ('["a", 1]', '"label"'),
+        ('{"text": "", "label": 1}', '"text" must be'),
+        ('{"text": "a", "label": true}', '"label" must be'),
+        ('{"text": "a", "label": "one"}', "integer ids or string names"),
+        ('{"text": "a", "label": -1}', "outside"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, problem):
     path = write(tmp_path / "bad.jsonl", REVIEWS[:3] + [line] + REVIEWS[3:10])
     with pytest.raises(DataError) as err:
@@ -138,5 +147,8 @@ def test_options_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="data.val_fraction"):
         ClassificationDataModule(path=write(tmp_path / "r.jsonl", REVIEWS), val_fraction=0)
     with pytest.raises(DataError, match="data.seq_len=300"):
-        build_datamodule({"name": "classification", "path": str(tmp_path / "r.jsonl"), "seq_len": 300}, seed=0,
-                         model_max_positions=256)
+        build_datamodule(
+            {"name": "classification", "path": str(tmp_path / "r.jsonl"), "seq_len": 300},
+            seed=0,
+            model_max_positions=256,
+        )

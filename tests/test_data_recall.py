@@ -92,12 +92,15 @@ def test_batches_fit_the_lm_model_and_the_loss_counts_answers_only():
     assert torch.allclose(out.loss, manual, atol=1e-5)
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"num_pairs": 20}, "data.vocab_size"),
-    ({"num_queries": 5}, "data.num_queries"),
-    ({"seq_len": 12}, "data.seq_len"),
-    ({"batch_size": 0}, "data.batch_size"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"num_pairs": 20}, "data.vocab_size"),
+        ({"num_queries": 5}, "data.num_queries"),
+        ({"seq_len": 12}, "data.seq_len"),
+        ({"batch_size": 0}, "data.batch_size"),
+    ],
+)
 def test_bad_options_name_the_key(changes, key):
     with pytest.raises(ConfigError) as err:
         make(**changes)

@@ -90,9 +90,17 @@ class Recorder(L.LightningModule):
 
 def fit(max_steps: int, ckpt_path=None, save=None) -> list[torch.Tensor]:
     model = Recorder()
-    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(model, datamodule=recall(), ckpt_path=ckpt_path)
     if save:
         trainer.save_checkpoint(save)
@@ -124,8 +132,9 @@ def test_each_yaml_lists_every_option_with_the_code_default(name):
     yaml = {k: (None if v == "???" else v) for k, v in cfg.items()}
     assert yaml == defaults
     text = path.read_text()
-    assert all(f"{key}:" in line and "#" in line for key in cfg for line in text.splitlines()
-               if line.startswith(f"{key}:"))
+    assert all(
+        f"{key}:" in line and "#" in line for key in cfg for line in text.splitlines() if line.startswith(f"{key}:")
+    )
 
 
 def test_hydra_composed_config_builds_each_module(tmp_path):

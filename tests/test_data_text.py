@@ -64,8 +64,9 @@ def test_byte_tokenizer_round_trips_any_text(s):
     assert tok.decode(tok.encode(s).ids) == s
 
 
-BPE = build_tokenizer("bpe", [SAMPLE * 10, "the quick brown fox\n  jumps   over\n\nthe lazy dog's tail 12345"],
-                      bpe_vocab_size=320)
+BPE = build_tokenizer(
+    "bpe", [SAMPLE * 10, "the quick brown fox\n  jumps   over\n\nthe lazy dog's tail 12345"], bpe_vocab_size=320
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -218,8 +219,9 @@ def test_non_utf8_names_the_file_and_byte_offset(tmp_path):
 def test_sequence_longer_than_the_model(tmp_path):
     (tmp_path / "t.txt").write_text("x" * 1000)
     with pytest.raises(DataError) as err:
-        build_datamodule({"name": "text", "path": str(tmp_path / "t.txt"), "seq_len": 512}, seed=0,
-                         model_max_positions=256)
+        build_datamodule(
+            {"name": "text", "path": str(tmp_path / "t.txt"), "seq_len": 512}, seed=0, model_max_positions=256
+        )
     one_line(err, tmp_path / "t.txt", "data.seq_len=512", "256")
 
 
@@ -233,12 +235,15 @@ def test_fewer_tokens_than_one_batch_says_how_many_are_needed(tmp_path):
     assert "validation split has 10 tokens" in one_line(err, tmp_path / "t.txt")
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"tokenizer": "word"}, "data.tokenizer"),
-    ({"tokenizer": "bpe", "bpe_vocab_size": 100}, "data.bpe_vocab_size"),
-    ({"val_fraction": 1.0}, "data.val_fraction"),
-    ({"seq_len": 0}, "data.seq_len"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"tokenizer": "word"}, "data.tokenizer"),
+        ({"tokenizer": "bpe", "bpe_vocab_size": 100}, "data.bpe_vocab_size"),
+        ({"val_fraction": 1.0}, "data.val_fraction"),
+        ({"seq_len": 0}, "data.seq_len"),
+    ],
+)
 def test_bad_options_are_config_errors(tmp_path, changes, key):
     (tmp_path / "t.txt").write_text("z" * 100)
     with pytest.raises(ConfigError, match=key):

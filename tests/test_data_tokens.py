@@ -46,8 +46,7 @@ def test_memmap_tokens_equal_tokenizing_directly(corpus, tmp_path, kind):
     assert np.array_equal(tokens.val_tokens.array(), text.val_tokens)
     assert tokens.vocab_size == text.vocab_size == meta["vocab_size"]
     assert tokens.tokenizer.to_str() == text.tokenizer.to_str()
-    both = [list(itertools.islice(iter(dm.train_dataloader()), 3)) + list(dm.val_dataloader())
-            for dm in (tokens, text)]
+    both = [list(itertools.islice(iter(dm.train_dataloader()), 3)) + list(dm.val_dataloader()) for dm in (tokens, text)]
     for x, y in zip(*both, strict=True):
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
     # and tokenizing the same bytes by hand

@@ -22,8 +22,9 @@ TEXT = "data.path=any.txt"  # text experiments need a file only when they run
 
 def compose_experiment(name: str, *overrides: str):
     needs_text = "override /data: text" in (REPO / "experiments" / "experiment" / f"{name}.yaml").read_text()
-    return load_config([f"experiment={name}", *([TEXT] if needs_text else []), *overrides],
-                       config_dirs=[experiments_dir()])
+    return load_config(
+        [f"experiment={name}", *([TEXT] if needs_text else []), *overrides], config_dirs=[experiments_dir()]
+    )
 
 
 def test_the_experiments_folder_is_the_checkouts():
@@ -50,8 +51,13 @@ def test_every_mixer_of_the_recall_ablation_composes(mixer):
     check_config(cfg)
     model = compose({**to_container(cfg.model), "vocab_size": cfg.data.vocab_size}, device="meta")
     spec = model.config.layer(0)
-    expected = {"mha": ("mha", "rope"), "gqa": ("gqa", "rope"), "mqa": ("mqa", "rope"),
-                "swa": ("sliding_window", "rope"), "nope": ("mha", "none")}[mixer]
+    expected = {
+        "mha": ("mha", "rope"),
+        "gqa": ("gqa", "rope"),
+        "mqa": ("mqa", "rope"),
+        "swa": ("sliding_window", "rope"),
+        "nope": ("mha", "none"),
+    }[mixer]
     assert (spec.attention.type, spec.position.type) == expected
     assert model.config.hidden_size == 128 and model.config.num_layers == 2
 
@@ -72,20 +78,31 @@ def test_shakespeare_architectures_have_equal_parameters_and_budget():
     assert abs(counts[0] - counts[1]) / counts[0] < 0.01
     for key in ("trainer", "optim", "scheduler", "data"):
         assert to_container(gpt2[key]) == to_container(llama[key]), key
-    assert (gpt2.model.num_layers, gpt2.model.hidden_size, gpt2.model.num_heads, gpt2.data.seq_len,
-            gpt2.data.batch_size, gpt2.trainer.max_steps, gpt2.optim.lr, gpt2.model.dropout, gpt2.data.val_fraction) \
-        == (4, 128, 4, 64, 12, 2000, 1e-3, 0.0, 0.1)
+    assert (
+        gpt2.model.num_layers,
+        gpt2.model.hidden_size,
+        gpt2.model.num_heads,
+        gpt2.data.seq_len,
+        gpt2.data.batch_size,
+        gpt2.trainer.max_steps,
+        gpt2.optim.lr,
+        gpt2.model.dropout,
+        gpt2.data.val_fraction,
+    ) == (4, 128, 4, 64, 12, 2000, 1e-3, 0.0, 0.1)
     layers = [m.config.layer(0) for m in models]
     assert [(x.norm.type, x.ffn.type, x.position.type) for x in layers] == [
-        ("layernorm", "mlp", "learned"), ("rmsnorm", "swiglu", "rope")]
+        ("layernorm", "mlp", "learned"),
+        ("rmsnorm", "swiglu", "rope"),
+    ]
     assert models[0].config.name == "gpt2" and compose_experiment("shakespeare").model.name == "gpt2"  # default
 
 
 def test_memory_speed_grid_composes():
     for precision in ("32-true", "bf16-mixed"):
         for mode in ("none", "every_layer", "every_2"):
-            cfg = compose_experiment("memory_speed", f"trainer.precision={precision}",
-                                     f"model.gradient_checkpointing={mode}")
+            cfg = compose_experiment(
+                "memory_speed", f"trainer.precision={precision}", f"model.gradient_checkpointing={mode}"
+            )
             check_config(cfg)
             compose({**to_container(cfg.model), "vocab_size": cfg.data.vocab_size}, device="meta")
 

@@ -40,8 +40,13 @@ def byte_tokenizer() -> Tokenizer:
 
 
 def small_lm() -> ComposedModel:
-    cfg = small_model_dict(vocab_size=256, init_std=0.35, tie_embeddings=False, position={"type": "rope"},
-                           attention={"type": "gqa", "num_kv_heads": 2})
+    cfg = small_model_dict(
+        vocab_size=256,
+        init_std=0.35,
+        tie_embeddings=False,
+        position={"type": "rope"},
+        attention={"type": "gqa", "num_kv_heads": 2},
+    )
     return compose(cfg, seed=5)
 
 
@@ -100,25 +105,36 @@ def test_subprocess_errors_exit_2_without_traceback(ckpt, tmp_path):
 
 def test_sampling_options(ckpt):
     # temperature / top_k / top_p switch sampling on unless do_sample is given
-    sampled = run_main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=10", "temperature=0.8", "top_k=20",
-                        "seed=3"])
+    sampled = run_main(
+        [f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=10", "temperature=0.8", "top_k=20", "seed=3"]
+    )
     assert sampled == expected_text(ckpt, 10, do_sample=True, temperature=0.8, top_k=20, seed=3) + "\n"
     assert sampled != expected_text(ckpt, 10) + "\n"
-    nucleus = run_main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=10", "do_sample=true", "top_p=0.9",
-                        "repetition_penalty=1.3", "seed=4"])
+    nucleus = run_main(
+        [
+            f"ckpt={ckpt}",
+            f"prompt={PROMPT}",
+            "max_new_tokens=10",
+            "do_sample=true",
+            "top_p=0.9",
+            "repetition_penalty=1.3",
+            "seed=4",
+        ]
+    )
     assert nucleus == expected_text(ckpt, 10, do_sample=True, top_p=0.9, repetition_penalty=1.3, seed=4) + "\n"
     with pytest.warns(UserWarning, match="only apply when sampling"):
-        greedy = run_main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=10", "do_sample=false",
-                           "temperature=0.5"])
+        greedy = run_main(
+            [f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=10", "do_sample=false", "temperature=0.5"]
+        )
     assert greedy == expected_text(ckpt, 10) + "\n"
     quiet = run_main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=10", "echo=false"])
-    assert quiet == expected_text(ckpt, 10)[len(PROMPT):] + "\n"
+    assert quiet == expected_text(ckpt, 10)[len(PROMPT) :] + "\n"
 
 
 def test_eos_token_by_text_or_id_stops_generation(ckpt):
     tok = byte_tokenizer()
     prompt = tok.encode(PROMPT).ids
-    ids = generate(ComposedModel.from_pretrained(ckpt), torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
+    ids = generate(ComposedModel.from_pretrained(ckpt), torch.tensor([prompt]), 12)[0, len(prompt) :].tolist()
     # a generated token that is a printable character but not a digit (digits are read as ids)
     stop = next(i for i in ids[1:] if tok.id_to_token(i).isprintable() and not tok.id_to_token(i).isdigit())
     cut = tok.decode(prompt + ids[: ids.index(stop) + 1])
@@ -133,8 +149,10 @@ def test_prompt_ids_without_a_tokenizer(ckpt_no_tokenizer):
     out = run_main([f"ckpt={ckpt_no_tokenizer}", "prompt_ids=5,6,7", "max_new_tokens=4"])
     ids = generate(ComposedModel.from_pretrained(ckpt_no_tokenizer), torch.tensor([[5, 6, 7]]), 4)
     assert out == " ".join(map(str, ids[0].tolist())) + "\n"
-    assert run_main([f"ckpt={ckpt_no_tokenizer}", "prompt_ids=5,6,7", "max_new_tokens=4", "echo=false"]) == \
-        " ".join(map(str, ids[0, 3:].tolist())) + "\n"
+    assert (
+        run_main([f"ckpt={ckpt_no_tokenizer}", "prompt_ids=5,6,7", "max_new_tokens=4", "echo=false"])
+        == " ".join(map(str, ids[0, 3:].tolist())) + "\n"
+    )
 
 
 def test_text_streams_as_tokens_come_and_holds_back_partial_characters():
@@ -156,23 +174,26 @@ def test_text_streams_as_tokens_come_and_holds_back_partial_characters():
 
 
 # ----------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("argv, message", [
-    (["prompt=hi"], "ckpt: is required"),
-    (["ckpt={ckpt}"], "prompt: is required"),
-    (["ckpt={ckpt}", "prompt=hi", "prompt_ids=1"], "either prompt or prompt_ids"),
-    (["ckpt={ckpt}", "prompt=hi", "max_new_tokns=3"], "did you mean 'max_new_tokens'"),
-    (["ckpt={ckpt}", "hello"], "hello: expected key=value"),
-    (["ckpt={ckpt}", "prompt=hi", "max_new_tokens=many"], "max_new_tokens: 'many' is not an integer"),
-    (["ckpt={ckpt}", "prompt=hi", "do_sample=maybe"], "do_sample: 'maybe' is not true or false"),
-    (["ckpt={ckpt}", "prompt=hi", "dtype=int8"], "dtype: 'int8' is not supported"),
-    (["ckpt={ckpt}", "prompt=hi", "device=gpu0"], "device: 'gpu0' is not a device"),
-    (["ckpt={ckpt}", "prompt=hi", "device=cuda:99"], "invalid composer-generate arguments: device: 'cuda:99'"),
-    (["ckpt={ckpt}", "prompt=hi", "eos_token_id=<nope>"], "not a token of the tokenizer's vocabulary"),
-    (["ckpt={ckpt}", "prompt=hi", "top_k=0", "max_new_tokens=3"], "top_k must be an integer >= 1"),
-    (["ckpt={ckpt}", "prompt_ids=1,999"], "token id 999 is outside the vocabulary"),
-    (["ckpt={ckpt}", "prompt=hi", "max_new_tokens=63"], "exceeds max_position_embeddings=64"),
-    (["ckpt={bare}", "prompt=hi"], "has no tokenizer.json"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prompt=hi"], "ckpt: is required"),
+        (["ckpt={ckpt}"], "prompt: is required"),
+        (["ckpt={ckpt}", "prompt=hi", "prompt_ids=1"], "either prompt or prompt_ids"),
+        (["ckpt={ckpt}", "prompt=hi", "max_new_tokns=3"], "did you mean 'max_new_tokens'"),
+        (["ckpt={ckpt}", "hello"], "hello: expected key=value"),
+        (["ckpt={ckpt}", "prompt=hi", "max_new_tokens=many"], "max_new_tokens: 'many' is not an integer"),
+        (["ckpt={ckpt}", "prompt=hi", "do_sample=maybe"], "do_sample: 'maybe' is not true or false"),
+        (["ckpt={ckpt}", "prompt=hi", "dtype=int8"], "dtype: 'int8' is not supported"),
+        (["ckpt={ckpt}", "prompt=hi", "device=gpu0"], "device: 'gpu0' is not a device"),
+        (["ckpt={ckpt}", "prompt=hi", "device=cuda:99"], "invalid composer-generate arguments: device: 'cuda:99'"),
+        (["ckpt={ckpt}", "prompt=hi", "eos_token_id=<nope>"], "not a token of the tokenizer's vocabulary"),
+        (["ckpt={ckpt}", "prompt=hi", "top_k=0", "max_new_tokens=3"], "top_k must be an integer >= 1"),
+        (["ckpt={ckpt}", "prompt_ids=1,999"], "token id 999 is outside the vocabulary"),
+        (["ckpt={ckpt}", "prompt=hi", "max_new_tokens=63"], "exceeds max_position_embeddings=64"),
+        (["ckpt={bare}", "prompt=hi"], "has no tokenizer.json"),
+    ],
+)
 def test_errors_are_messages_with_exit_2(argv, message, ckpt, ckpt_no_tokenizer, capsys):
     argv = [a.format(ckpt=ckpt, bare=ckpt_no_tokenizer) for a in argv]
     assert run(main_, argv) == 2

@@ -45,8 +45,9 @@ def one_thread():
 def lm(attention: str = "mha", position: str = "rope", **changes):
     """A small model whose greedy continuations vary (init_std 0.35, untied head), so a wrong cache,
     mask or position shows up as different tokens."""
-    cfg = small_model_dict(attention=ATTENTION[attention], position={"type": position}, init_std=0.35,
-                           tie_embeddings=False, **changes)
+    cfg = small_model_dict(
+        attention=ATTENTION[attention], position={"type": position}, init_std=0.35, tie_embeddings=False, **changes
+    )
     return compose(cfg, seed=3)
 
 
@@ -117,13 +118,13 @@ def test_left_padded_batch_equals_each_prompt_alone(attention, position):
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, n in enumerate(lengths):
-        ids[i, width - n:] = prompts(1, n, seed=n)[0]
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = prompts(1, n, seed=n)[0]
+        mask[i, width - n :] = 1
     for use_cache in (True, False):
         batched = generate(model, ids, 12, attention_mask=mask, use_cache=use_cache)
         assert batched.shape == (3, width + 12)
         for i, n in enumerate(lengths):
-            assert torch.equal(batched[i, width - n:], alone[i]), (i, use_cache)
+            assert torch.equal(batched[i, width - n :], alone[i]), (i, use_cache)
 
 
 def test_right_padding_is_converted_to_left_padding():
@@ -140,12 +141,15 @@ def test_right_padding_is_converted_to_left_padding():
     assert torch.equal(expected[1, 3:], generate(model, b[None], 10)[0])
 
 
-@pytest.mark.parametrize("mask, message", [
-    ([[1, 1, 1, 1], [1, 0, 1, 1]], "padding between tokens"),
-    ([[1, 1, 1, 1], [0, 0, 0, 0]], "row 1 has no tokens"),
-    ([[1, 1, 1, 1], [0, 2, 1, 1]], "only 0"),
-    ([[1, 1, 1]], "shape"),
-])
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        ([[1, 1, 1, 1], [1, 0, 1, 1]], "padding between tokens"),
+        ([[1, 1, 1, 1], [0, 0, 0, 0]], "row 1 has no tokens"),
+        ([[1, 1, 1, 1], [0, 2, 1, 1]], "only 0"),
+        ([[1, 1, 1]], "shape"),
+    ],
+)
 def test_bad_attention_masks_are_refused(mask, message):
     with pytest.raises(ModelError, match=message):
         generate(lm(), prompts(2, 4), 3, attention_mask=torch.tensor(mask))
@@ -190,8 +194,11 @@ def test_top_k_and_top_p_never_sample_excluded_tokens():
     base = torch.randn(8, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
     logits = base.repeat(n // 8, 1)  # every row 500 times
     gen = torch.Generator().manual_seed(1)
-    for settings in (SamplingSettings(True, 1.0, top_k=5), SamplingSettings(True, 0.7, top_p=0.6),
-                     SamplingSettings(True, 1.3, top_k=10, top_p=0.5)):
+    for settings in (
+        SamplingSettings(True, 1.0, top_k=5),
+        SamplingSettings(True, 0.7, top_p=0.6),
+        SamplingSettings(True, 1.3, top_k=10, top_p=0.5),
+    ):
         tokens = choose_tokens(logits.float(), settings, generator=gen)
         for row in range(8):
             scaled = base[row].numpy() / settings.temperature
@@ -201,8 +208,7 @@ def test_top_k_and_top_p_never_sample_excluded_tokens():
             if settings.top_p:
                 top = torch.from_numpy(scaled)
                 if settings.top_k:
-                    top = top.masked_fill(~torch.isin(torch.arange(vocab), torch.tensor(sorted(allowed))),
-                                          -math.inf)
+                    top = top.masked_fill(~torch.isin(torch.arange(vocab), torch.tensor(sorted(allowed))), -math.inf)
                 allowed &= _allowed_top_p(top.numpy(), settings.top_p)
             drawn = set(tokens[row::8].tolist())
             assert drawn <= allowed, (settings, row, drawn - allowed)
@@ -267,7 +273,7 @@ def test_eos_stops_a_row_and_pads_after_it():
     out = generate(model, ids, 12, eos_token_id=[eos, V - 1], pad_token_id=0)
     stop0 = 5 + plain[0, 5:].tolist().index(eos)
     assert torch.equal(out[0, : stop0 + 1], plain[0, : stop0 + 1])
-    assert (out[0, stop0 + 1:] == 0).all()
+    assert (out[0, stop0 + 1 :] == 0).all()
     stop1 = first[0] if first else out.shape[1]
     assert torch.equal(out[1, :stop1], plain[1, :stop1])
     # one prompt: the call ends at eos, which is kept
@@ -337,8 +343,10 @@ def test_runs_in_inference_mode_and_restores_the_training_mode():
     model.train()
     modes = []
     forward = model.forward
-    model.forward = lambda *a, **k: (modes.append((model.training, torch.is_inference_mode_enabled())),
-                                     forward(*a, **k))[1]
+    model.forward = lambda *a, **k: (
+        modes.append((model.training, torch.is_inference_mode_enabled())),
+        forward(*a, **k),
+    )[1]
     out = generate(model, ids, 5)
     assert model.training and set(modes) == {(False, True)}  # eval + inference mode inside, dropout off
     del model.forward
@@ -361,8 +369,11 @@ def test_zero_new_tokens_returns_the_prompt():
 def test_prompt_longer_than_the_context_is_refused_or_truncated(caplog):
     model = lm("mha", "learned", max_position_embeddings=16)
     ids = prompts(2, 12, seed=9)
-    with pytest.raises(ModelError, match=r"prompt length 12 \+ max_new_tokens 8 = 20 exceeds "
-                                         r"max_position_embeddings=16.*at most 8 tokens.*truncate_left"):
+    with pytest.raises(
+        ModelError,
+        match=r"prompt length 12 \+ max_new_tokens 8 = 20 exceeds "
+        r"max_position_embeddings=16.*at most 8 tokens.*truncate_left",
+    ):
         generate(model, ids, 8)
     with caplog.at_level(logging.WARNING, logger="composer"):
         out = generate(model, ids, 8, prompt_overflow="truncate_left")
@@ -374,20 +385,23 @@ def test_prompt_longer_than_the_context_is_refused_or_truncated(caplog):
         generate(model, ids, 2, prompt_overflow="truncate")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=-1), "max_new_tokens=-1"),
-    (dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
-    (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
-    (dict(do_sample=True, temperature=-1), "temperature must be > 0"),
-    (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(do_sample=True, top_k=0), "top_k must be an integer >= 1"),
-    (dict(repetition_penalty=0.0), "penalty must be > 0"),
-    (dict(eos_token_id=V), "outside the vocabulary"),
-    (dict(eos_token_id="</s>"), "expected a token id"),
-    (dict(seed="abc"), "seed must be an integer"),
-    (dict(streamer=5), "expected a callable"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens=-1"),
+        (dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
+        (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(do_sample=True, temperature=-1), "temperature must be > 0"),
+        (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(do_sample=True, top_k=0), "top_k must be an integer >= 1"),
+        (dict(repetition_penalty=0.0), "penalty must be > 0"),
+        (dict(eos_token_id=V), "outside the vocabulary"),
+        (dict(eos_token_id="</s>"), "expected a token id"),
+        (dict(seed="abc"), "seed must be an integer"),
+        (dict(streamer=5), "expected a callable"),
+    ],
+)
 def test_bad_arguments_are_model_errors(kwargs, message):
     kwargs = {"max_new_tokens": 3, **kwargs}
     with pytest.raises(ModelError, match=message):

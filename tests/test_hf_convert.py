@@ -24,8 +24,17 @@ T = pytest.importorskip("transformers")
 T.logging.set_verbosity_error()
 
 V = 96
-LLAMA = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
+LLAMA = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +96,13 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
 def test_console_scripts_are_installed(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     bin_dir = Path(sys.executable).parent
-    result = subprocess.run([str(bin_dir / "composer-import"), str(tmp_path / "nope"), str(tmp_path / "out")],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [str(bin_dir / "composer-import"), str(tmp_path / "nope"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "error:" in result.stderr and "Traceback" not in result.stderr
 
@@ -110,8 +124,9 @@ def test_sharded_hf_folder(tmp_path):
 def test_gpt2_base_model_names_and_old_buffers(tmp_path):
     """The original GPT-2 checkpoints name tensors without 'transformer.' and carry attn.bias buffers."""
     torch.manual_seed(2)
-    cfg = T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=None,
-                       eos_token_id=None)
+    cfg = T.GPT2Config(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=None, eos_token_id=None
+    )
     hf = T.AutoModelForCausalLM.from_config(cfg).eval()
     hf.save_pretrained(tmp_path)
     tensors = {k.removeprefix("transformer."): v for k, v in _read(tmp_path / "model.safetensors").items()}
@@ -187,16 +202,26 @@ REFUSED = {
     "qk_norm": (dict(attention={"type": "mha", "qk_norm": True}, position="rope"), "model.attention.qk_norm"),
     "geglu": (dict(LLAMA_LIKE, ffn="geglu"), "model.ffn.type: 'geglu'"),
     "classification": (dict(head={"type": "classification", "num_classes": 2}), "model.head.type: 'classification'"),
-    "per_layer": (dict(LLAMA_LIKE, layers=[{"select": [1], "ffn": {"intermediate_size": 64}}]),
-                  "layer 1 has a different ffn"),
-    "mixed_families": (dict(norm="rmsnorm"), "model.norm.type: 'rmsnorm' does not fit the nearest Hugging Face "
-                                             "family, gpt2"),
-    "gpt2_gqa": (dict(attention={"type": "gqa", "num_kv_heads": 2, "bias": True}),
-                 "model.attention.type: 'gqa' does not fit the nearest Hugging Face family, gpt2"),
-    "partial_rope_llama": (dict(LLAMA_LIKE, position={"type": "rope", "rotary_fraction": 0.5}),
-                           "model.position.rotary_fraction"),
-    "window_with_biases": (dict(LLAMA_LIKE, attention={"type": "sliding_window", "window": 4, "bias": True}),
-                           "model.attention.type: sliding_window with qkv and output biases"),
+    "per_layer": (
+        dict(LLAMA_LIKE, layers=[{"select": [1], "ffn": {"intermediate_size": 64}}]),
+        "layer 1 has a different ffn",
+    ),
+    "mixed_families": (
+        dict(norm="rmsnorm"),
+        "model.norm.type: 'rmsnorm' does not fit the nearest Hugging Face family, gpt2",
+    ),
+    "gpt2_gqa": (
+        dict(attention={"type": "gqa", "num_kv_heads": 2, "bias": True}),
+        "model.attention.type: 'gqa' does not fit the nearest Hugging Face family, gpt2",
+    ),
+    "partial_rope_llama": (
+        dict(LLAMA_LIKE, position={"type": "rope", "rotary_fraction": 0.5}),
+        "model.position.rotary_fraction",
+    ),
+    "window_with_biases": (
+        dict(LLAMA_LIKE, attention={"type": "sliding_window", "window": 4, "bias": True}),
+        "model.attention.type: sliding_window with qkv and output biases",
+    ),
 }
 
 
@@ -210,14 +235,17 @@ def test_compositions_without_an_equivalent_are_refused(name, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("changes, family, model_type", [
-    (dict(attention={"type": "mha", "bias": True}), "gpt2", "gpt2"),
-    (LLAMA_LIKE, "llama", "llama"),
-    (dict(LLAMA_LIKE, attention={"type": "sliding_window", "window": 8}), "llama", "mistral"),
-    (dict(LLAMA_LIKE, attention={"type": "mqa", "bias": True, "out_bias": False}), "llama", "qwen2"),
-    (dict(block="parallel", position="rope"), "gpt_neox", "gpt_neox"),
-    (dict(position="rope"), "gpt_neox", "gpt_neox"),
-])
+@pytest.mark.parametrize(
+    "changes, family, model_type",
+    [
+        (dict(attention={"type": "mha", "bias": True}), "gpt2", "gpt2"),
+        (LLAMA_LIKE, "llama", "llama"),
+        (dict(LLAMA_LIKE, attention={"type": "sliding_window", "window": 8}), "llama", "mistral"),
+        (dict(LLAMA_LIKE, attention={"type": "mqa", "bias": True, "out_bias": False}), "llama", "qwen2"),
+        (dict(block="parallel", position="rope"), "gpt_neox", "gpt_neox"),
+        (dict(position="rope"), "gpt_neox", "gpt_neox"),
+    ],
+)
 def test_family_is_chosen_from_the_composition(changes, family, model_type):
     chosen, kind = choose_family(compose(small_model_dict(**changes), device="meta").config)
     assert (chosen.name, kind) == (family, model_type)
@@ -233,19 +261,33 @@ def _translate(config: dict) -> dict:
     return out
 
 
-MISTRAL = dict(model_type="mistral", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+MISTRAL = dict(
+    model_type="mistral",
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
-@pytest.mark.parametrize("changes, attention_type, overridden", [
-    (dict(sliding_window=None), "gqa", None),  # Mistral without a window is plain GQA
-    (dict(sliding_window=64), "gqa", None),  # a window as long as the context is no window
-    (dict(sliding_window=8), "sliding_window", None),
-    (dict(model_type="qwen2", sliding_window=8, use_sliding_window=False), "gqa", None),
-    (dict(model_type="qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=3), "gqa", [3]),  # 4.x
-    (dict(model_type="qwen2", sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2), "gqa",
-     [0, 2]),  # 5.x
-])
+@pytest.mark.parametrize(
+    "changes, attention_type, overridden",
+    [
+        (dict(sliding_window=None), "gqa", None),  # Mistral without a window is plain GQA
+        (dict(sliding_window=64), "gqa", None),  # a window as long as the context is no window
+        (dict(sliding_window=8), "sliding_window", None),
+        (dict(model_type="qwen2", sliding_window=8, use_sliding_window=False), "gqa", None),
+        (dict(model_type="qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=3), "gqa", [3]),  # 4.x
+        (
+            dict(model_type="qwen2", sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2),
+            "gqa",
+            [0, 2],
+        ),  # 5.x
+    ],
+)
 def test_sliding_window_translation(changes, attention_type, overridden):
     model = _translate({**MISTRAL, **changes})
     assert model["attention"]["type"] == attention_type
@@ -260,7 +302,16 @@ def test_sliding_window_translation(changes, attention_type, overridden):
 
 def test_gpt2_options_without_an_equivalent_are_named():
     with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx"):
-        _translate(dict(model_type="gpt2", vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                        scale_attn_by_inverse_layer_idx=True))
+        _translate(
+            dict(
+                model_type="gpt2",
+                vocab_size=V,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=32,
+                scale_attn_by_inverse_layer_idx=True,
+            )
+        )
     with pytest.raises(ConfigError, match="n_layer: is required"):
         _translate(dict(model_type="gpt2", vocab_size=V, n_embd=32, n_head=4, n_positions=32))

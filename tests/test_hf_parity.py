@@ -23,27 +23,43 @@ T.logging.set_verbosity_error()
 
 V, SEQ, ATOL = 96, 20, 1e-4
 NO_SPECIAL = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64, **NO_SPECIAL)
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 16}
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    **NO_SPECIAL,
+)
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def hf_configs() -> dict:
     return {
         "gpt2": T.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, **NO_SPECIAL),
         "llama": T.LlamaConfig(**SMALL, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
-        "llama3_scaling": T.LlamaConfig(**SMALL, num_key_value_heads=1, rope_theta=500000.0,
-                                        rope_scaling=LLAMA3_SCALING, tie_word_embeddings=True),
-        "llama_linear_head_dim": T.LlamaConfig(**SMALL, num_key_value_heads=4, head_dim=8,
-                                               rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "llama3_scaling": T.LlamaConfig(
+            **SMALL, num_key_value_heads=1, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, tie_word_embeddings=True
+        ),
+        "llama_linear_head_dim": T.LlamaConfig(
+            **SMALL, num_key_value_heads=4, head_dim=8, rope_scaling={"rope_type": "linear", "factor": 2.0}
+        ),
         "mistral": T.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=5),
         "qwen2": T.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True),
-        "qwen2_window_on_layer_1": T.Qwen2Config(**SMALL, num_key_value_heads=2, use_sliding_window=True,
-                                                 sliding_window=6, max_window_layers=1),
+        "qwen2_window_on_layer_1": T.Qwen2Config(
+            **SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=1
+        ),
         "gpt_neox": T.GPTNeoXConfig(**SMALL, rotary_pct=0.5, use_parallel_residual=True),
-        "gpt_neox_sequential": T.GPTNeoXConfig(**SMALL, rotary_pct=0.25, use_parallel_residual=False,
-                                               attention_bias=False, rotary_emb_base=500.0),
+        "gpt_neox_sequential": T.GPTNeoXConfig(
+            **SMALL, rotary_pct=0.25, use_parallel_residual=False, attention_bias=False, rotary_emb_base=500.0
+        ),
     }
 
 
@@ -124,20 +140,41 @@ def test_export_round_trip_reloads_in_transformers(family, tmp_path):
 
 
 NATIVE = {
-    "gpt2": small_model_dict(vocab_size=V, attention={"type": "mha", "bias": True},
-                             ffn={"type": "mlp", "activation": "gelu_tanh"}),
-    "llama_padded_vocab": small_model_dict(vocab_size=V - 6, pad_vocab_to_multiple_of=16, tie_embeddings=False,
-                                           attention={"type": "gqa", "num_kv_heads": 2},
-                                           ffn={"type": "swiglu", "intermediate_size": 48}, norm="rmsnorm",
-                                           position={"type": "rope", "theta": 1000.0}),
-    "mistral": small_model_dict(vocab_size=V, attention={"type": "sliding_window", "window": 4, "num_kv_heads": 1},
-                                ffn="swiglu", norm={"type": "rmsnorm", "eps": 1e-6}, position="rope"),
+    "gpt2": small_model_dict(
+        vocab_size=V, attention={"type": "mha", "bias": True}, ffn={"type": "mlp", "activation": "gelu_tanh"}
+    ),
+    "llama_padded_vocab": small_model_dict(
+        vocab_size=V - 6,
+        pad_vocab_to_multiple_of=16,
+        tie_embeddings=False,
+        attention={"type": "gqa", "num_kv_heads": 2},
+        ffn={"type": "swiglu", "intermediate_size": 48},
+        norm="rmsnorm",
+        position={"type": "rope", "theta": 1000.0},
+    ),
+    "mistral": small_model_dict(
+        vocab_size=V,
+        attention={"type": "sliding_window", "window": 4, "num_kv_heads": 1},
+        ffn="swiglu",
+        norm={"type": "rmsnorm", "eps": 1e-6},
+        position="rope",
+    ),
     "qwen2_mixed_window": small_model_dict(
-        vocab_size=V, num_layers=3, attention={"type": "gqa", "num_kv_heads": 2, "bias": True, "out_bias": False},
-        ffn="swiglu", norm="rmsnorm", position="rope",
-        layers=[{"select": "1:", "attention": {"type": "sliding_window", "window": 5}}]),
-    "gpt_neox": small_model_dict(vocab_size=V, block="parallel", attention={"type": "mha", "bias": True},
-                                 position={"type": "rope", "rotary_fraction": 0.25}, tie_embeddings=False),
+        vocab_size=V,
+        num_layers=3,
+        attention={"type": "gqa", "num_kv_heads": 2, "bias": True, "out_bias": False},
+        ffn="swiglu",
+        norm="rmsnorm",
+        position="rope",
+        layers=[{"select": "1:", "attention": {"type": "sliding_window", "window": 5}}],
+    ),
+    "gpt_neox": small_model_dict(
+        vocab_size=V,
+        block="parallel",
+        attention={"type": "mha", "bias": True},
+        position={"type": "rope", "rotary_fraction": 0.25},
+        tie_embeddings=False,
+    ),
 }
 
 
@@ -149,7 +186,7 @@ def test_native_model_exports_to_transformers(name, tmp_path):
     back = hf_load(tmp_path / "hf")
     x = _ids(seed=4, length=16) % model.config.vocab_size
     with torch.no_grad():
-        want = model(x).logits[..., :model.config.vocab_size]
+        want = model(x).logits[..., : model.config.vocab_size]
         torch.testing.assert_close(back(x).logits, want, atol=ATOL, rtol=0)
     # and back again: HF -> composer reproduces the model
     again = import_hf(tmp_path / "hf")
@@ -161,14 +198,21 @@ def test_transformers_4x_and_5x_config_spellings_agree(tmp_path):
     """5.x writes rope_parameters; 4.x wrote rope_theta / rope_scaling (and NeoX rotary_pct /
     rotary_emb_base). Both import to the same composed config."""
     cases = {
-        "llama3": (T.LlamaConfig(**SMALL, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
-                   lambda c, p: c.update(rope_theta=p["rope_theta"],
-                                         rope_scaling={"type": "llama3", **{k: v for k, v in p.items()
-                                                                            if k not in ("rope_theta", "rope_type")}})),
-        "linear": (T.LlamaConfig(**SMALL, rope_theta=20000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
-                   lambda c, p: c.update(rope_theta=p["rope_theta"], rope_scaling={"type": "linear", "factor": 4.0})),
-        "neox": (T.GPTNeoXConfig(**SMALL, rotary_pct=0.5, rotary_emb_base=700.0),
-                 lambda c, p: c.update(rotary_pct=p["partial_rotary_factor"], rotary_emb_base=p["rope_theta"])),
+        "llama3": (
+            T.LlamaConfig(**SMALL, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
+            lambda c, p: c.update(
+                rope_theta=p["rope_theta"],
+                rope_scaling={"type": "llama3", **{k: v for k, v in p.items() if k not in ("rope_theta", "rope_type")}},
+            ),
+        ),
+        "linear": (
+            T.LlamaConfig(**SMALL, rope_theta=20000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+            lambda c, p: c.update(rope_theta=p["rope_theta"], rope_scaling={"type": "linear", "factor": 4.0}),
+        ),
+        "neox": (
+            T.GPTNeoXConfig(**SMALL, rotary_pct=0.5, rotary_emb_base=700.0),
+            lambda c, p: c.update(rotary_pct=p["partial_rotary_factor"], rotary_emb_base=p["rope_theta"]),
+        ),
     }
     for name, (cfg, legacy) in cases.items():
         folder = tmp_path / name

@@ -25,8 +25,17 @@ def _batch(vocab: int = 32, b: int = 4, t: int = 16, seed: int = 0) -> dict:
 
 
 def _trainer(steps: int, **kw) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
 
 
 def test_overfits_one_batch_to_near_zero_loss():
@@ -104,8 +113,14 @@ def test_throughput_counts_tokens_and_leaves_out_validation_time(monkeypatch):
     meter = Throughput()
     batches = DataLoader(Repeat(_batch(), 1000), batch_size=None)
     start = time.perf_counter()
-    _trainer(6, callbacks=[meter], val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
-             log_every_n_steps=2).fit(lit, batches, DataLoader(Repeat(_batch(), 1), batch_size=None))
+    _trainer(
+        6,
+        callbacks=[meter],
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        log_every_n_steps=2,
+    ).fit(lit, batches, DataLoader(Repeat(_batch(), 1), batch_size=None))
     wall = time.perf_counter() - start
     assert meter.tokens == 6 * 4 * 16
     assert 0 < meter.train_seconds < wall - 3 * 0.3  # three validations, none of them counted

@@ -33,26 +33,32 @@ def model() -> ComposedModel:
 
 
 # ============================================================================ input checks
-@pytest.mark.parametrize("bad,match", [
-    (torch.zeros(5, dtype=torch.long), r"2-D \[batch, seq_len\].*unsqueeze\(0\)"),
-    (torch.zeros(1, 2, 3, dtype=torch.long), r"2-D"),
-    (torch.zeros(1, 4), r"integer tensor, got torch.float32.*\.long\(\)"),
-    (torch.zeros(1, 4, dtype=torch.bool), r"integer tensor"),
-    (torch.tensor([[1, -1, 2]]), r"token id -1 is outside the vocabulary \[0, 64\)"),
-    (torch.tensor([[1, 64, 2]]), r"token id 64 is outside the vocabulary \[0, 64\).*vocab_size"),
-    (torch.zeros(1, 65, dtype=torch.long), r"sequence length 65 .*exceeds max_position_embeddings=64"),
-    (torch.zeros(1, 0, dtype=torch.long), r"empty"),
-    ([[1, 2, 3]], r"torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.zeros(5, dtype=torch.long), r"2-D \[batch, seq_len\].*unsqueeze\(0\)"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), r"2-D"),
+        (torch.zeros(1, 4), r"integer tensor, got torch.float32.*\.long\(\)"),
+        (torch.zeros(1, 4, dtype=torch.bool), r"integer tensor"),
+        (torch.tensor([[1, -1, 2]]), r"token id -1 is outside the vocabulary \[0, 64\)"),
+        (torch.tensor([[1, 64, 2]]), r"token id 64 is outside the vocabulary \[0, 64\).*vocab_size"),
+        (torch.zeros(1, 65, dtype=torch.long), r"sequence length 65 .*exceeds max_position_embeddings=64"),
+        (torch.zeros(1, 0, dtype=torch.long), r"empty"),
+        ([[1, 2, 3]], r"torch.Tensor"),
+    ],
+)
 def test_bad_input_ids_raise_model_error(model, bad, match):
     with pytest.raises(ModelError, match=match):
         model(bad)
 
 
-@pytest.mark.parametrize("device, match", [
-    ("gpu0", r"device: 'gpu0' is not a device\. Fix: use cpu, cuda or cuda:<index>"),
-    ("cuda:99", r"device: 'cuda:99': this (torch .* sees no CUDA device|machine has \d+ CUDA device)"),
-])
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("gpu0", r"device: 'gpu0' is not a device\. Fix: use cpu, cuda or cuda:<index>"),
+        ("cuda:99", r"device: 'cuda:99': this (torch .* sees no CUDA device|machine has \d+ CUDA device)"),
+    ],
+)
 def test_a_device_this_process_cannot_use_is_named_before_anything_is_built(device, match):
     with pytest.raises(ConfigError, match=match):
         compose(small_model_dict(), device=device)
@@ -133,8 +139,9 @@ def test_incremental_decoding_matches_full_forward(attention_type, position):
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
         # chunks of uneven length into a pre-allocated cache
         cache = model.allocate_cache(B, T)
-        chunks = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits
-                  for a, b in [(0, 3), (3, 4), (4, 9), (9, 12)]]
+        chunks = [
+            model(x[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in [(0, 3), (3, 4), (4, 9), (9, 12)]
+        ]
         torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
 
 
@@ -142,8 +149,9 @@ def test_incremental_decoding_matches_full_forward(attention_type, position):
 def test_incremental_decoding_with_attention_options(attention_type):
     """The explicit-softmax path (logit soft-cap), qk-norm and biases decode like a full forward."""
     options = {"logit_softcap": 5.0, "qk_norm": True, "bias": True}
-    model = compose(small_model_dict(attention=attention(attention_type, window=3, **options),
-                                     position={"type": "rope"}), seed=0).eval()
+    model = compose(
+        small_model_dict(attention=attention(attention_type, window=3, **options), position={"type": "rope"}), seed=0
+    ).eval()
     x = ids(B, T)
     with torch.no_grad():
         full = model(x).logits
@@ -177,8 +185,11 @@ def test_sliding_window_cache_rolls_with_w_slots(prefill):
 
 
 def test_mixed_window_layers_decode():
-    cfg = small_model_dict(num_layers=3, position={"type": "rope"},
-                           layers=[{"select": "1::2", "attention": {"type": "sliding_window", "window": 3}}])
+    cfg = small_model_dict(
+        num_layers=3,
+        position={"type": "rope"},
+        layers=[{"select": "1::2", "attention": {"type": "sliding_window", "window": 3}}],
+    )
     model = compose(cfg, seed=0).eval()
     x = ids(B, T)
     with torch.no_grad():
@@ -227,14 +238,25 @@ def test_init_is_deterministic_per_seed():
 
 def test_init_statistics():
     layers, width, std = 8, 256, 0.02
-    cfg = small_model_dict(hidden_size=width, num_layers=layers, num_heads=4, init_std=std, vocab_size=512,
-                           attention={"type": "mha", "bias": True}, ffn={"type": "mlp", "intermediate_size": 256})
+    cfg = small_model_dict(
+        hidden_size=width,
+        num_layers=layers,
+        num_heads=4,
+        init_std=std,
+        vocab_size=512,
+        attention={"type": "mha", "bias": True},
+        ffn={"type": "mlp", "intermediate_size": 256},
+    )
     model = compose(cfg, seed=0)
     resid = std / math.sqrt(2 * layers)
     state = model.state_dict()
     for i in (0, layers - 1):
-        for name, want in [(f"layers.{i}.attn.out.weight", resid), (f"layers.{i}.ffn.down.weight", resid),
-                           (f"layers.{i}.attn.qkv.weight", std), (f"layers.{i}.ffn.up.weight", std)]:
+        for name, want in [
+            (f"layers.{i}.attn.out.weight", resid),
+            (f"layers.{i}.ffn.down.weight", resid),
+            (f"layers.{i}.attn.qkv.weight", std),
+            (f"layers.{i}.ffn.up.weight", std),
+        ]:
             w = state[name]
             assert w.mean().abs() < 0.05 * want, name
             assert w.std().item() == pytest.approx(want, rel=0.03), name
@@ -256,8 +278,14 @@ def test_init_of_rmsnorm_and_qk_norm_is_one():
 
 # ============================================================================ meta and dtype
 def test_compose_on_meta_allocates_nothing():
-    cfg = small_model_dict(hidden_size=4096, num_heads=32, num_layers=4, vocab_size=32000,
-                           max_position_embeddings=4096, position={"type": "rope"})
+    cfg = small_model_dict(
+        hidden_size=4096,
+        num_heads=32,
+        num_layers=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        position={"type": "rope"},
+    )
     model = compose(cfg, device="meta")
     tensors = list(model.parameters()) + list(model.buffers())
     assert tensors and all(t.is_meta for t in tensors)
@@ -311,8 +339,12 @@ def test_builder_with_layer_module_and_head_module():
 
 def test_builder_with_layer_mapping_and_head_config():
     cfg = small_model_dict(num_layers=3)
-    model = (ModelBuilder(cfg).with_layer(1, {"attention": {"type": "mqa"}, "ffn": {"type": "swiglu"}})
-             .with_head({"type": "classification", "num_classes": 5}).build(seed=0))
+    model = (
+        ModelBuilder(cfg)
+        .with_layer(1, {"attention": {"type": "mqa"}, "ffn": {"type": "swiglu"}})
+        .with_head({"type": "classification", "num_classes": 5})
+        .build(seed=0)
+    )
     assert [layer.attn.num_kv_heads for layer in model.layers] == [4, 1, 4]
     assert model.config.layer(1).ffn.type == "swiglu" and model.config.layer(0).ffn.type == "mlp"
     assert model(ids(B, T)).logits.shape == (B, 5)
@@ -340,8 +372,12 @@ def test_set_gradient_checkpointing():
     x = ids(B, T)
     model(x, labels=x).loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for mode, layer_modes in [("attention", ["attention"] * 4), ("ffn", ["ffn"] * 4),
-                              ("every_2", ["none"] * 4), ("none", ["none"] * 4)]:
+    for mode, layer_modes in [
+        ("attention", ["attention"] * 4),
+        ("ffn", ["ffn"] * 4),
+        ("every_2", ["none"] * 4),
+        ("none", ["none"] * 4),
+    ]:
         model.set_gradient_checkpointing(mode)
         assert model.config.gradient_checkpointing == mode
         assert [layer.checkpoint for layer in model.layers] == layer_modes
@@ -363,14 +399,19 @@ def test_checkpointed_regions_get_every_input_but_a_fresh_memo():
 
     from components.protocols import AttentionInputs, run_with_own_memo
 
-    values = {"position_ids": torch.arange(3)[None], "key_valid": torch.ones(1, 3, dtype=torch.bool),
-              "past_length": 5, "cache_position": torch.arange(2), "memo": {"mask": 1}}
+    values = {
+        "position_ids": torch.arange(3)[None],
+        "key_valid": torch.ones(1, 3, dtype=torch.bool),
+        "past_length": 5,
+        "cache_position": torch.arange(2),
+        "memo": {"mask": 1},
+    }
     assert {f.name for f in dataclasses.fields(AttentionInputs)} == set(values), "a new field: add it here"
     given = AttentionInputs(**values)
     seen = []
     out = run_with_own_memo(lambda hidden, inputs, extra: seen.append((hidden, inputs, extra)) or "out", "h", given, 7)
     assert out == "out"
-    (hidden, inputs, extra), = seen
+    ((hidden, inputs, extra),) = seen
     assert (hidden, extra) == ("h", 7)
     for name in ("position_ids", "key_valid", "past_length", "cache_position"):
         assert getattr(inputs, name) is getattr(given, name), name

@@ -46,19 +46,36 @@ def test_wheel_ships_the_config_tree(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-                            str(src)], cwd=tmp_path, timeout=300, capture_output=True, text=True)
-    assert built.returncode == 0, f"building the wheel failed (pyproject's build-system.requires installed?):\n" \
-        f"{built.stderr[-3000:]}"
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        cwd=tmp_path,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, (
+        f"building the wheel failed (pyproject's build-system.requires installed?):\n{built.stderr[-3000:]}"
+    )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+        capture_output=True,
+    )
     assert (site / "composer" / "conf" / "model" / "gpt2.yaml").is_file()
     assert (site / "composer" / "conf" / "model" / "attention" / "gqa.yaml").is_file()
 
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", CHECK, str(REPO), str(site)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK, str(REPO), str(site)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "gpt2 124439808" in out.stdout and "llama3 512" in out.stdout, out.stdout

@@ -75,9 +75,12 @@ def unfused(**changes):
 def test_fused_loss_gives_the_same_loss_and_gradients(chunk, variant, in_place, monkeypatch):
     if not in_place:  # the path accelerators take: log-softmax into a fresh tensor
         monkeypatch.setattr(linear_cross_entropy, "IN_PLACE_SOFTMAX", set())
-    changes = {"tied": {}, "untied": {"tie_embeddings": False},
-               "softcap+bias": {"tie_embeddings": False, "head": {"type": "lm", "logit_softcap": 2.0, "bias": True}},
-               "padded": {"pad_vocab_to_multiple_of": 48}}[variant]
+    changes = {
+        "tied": {},
+        "untied": {"tie_embeddings": False},
+        "softcap+bias": {"tie_embeddings": False, "head": {"type": "lm", "logit_softcap": 2.0, "bias": True}},
+        "padded": {"pad_vocab_to_multiple_of": 48},
+    }[variant]
     full = unfused(**changes)
     head = dict(changes.get("head", {"type": "lm"}), loss_chunk_size=chunk)
     chunked = lm(**{**changes, "head": head})
@@ -117,14 +120,15 @@ def test_fused_loss_never_holds_more_than_one_chunk_of_logits():
 
 def test_fused_loss_counts_in_plan_and_bad_chunk_is_refused():
     base = small_model_dict(vocab_size=1000)
-    plain = plan(base | {"head": {"type": "lm", "fused_loss": False}}, batch_size=4, seq_len=32,
-                 precision="bf16-mixed")
-    chunked = plan(base | {"head": {"type": "lm", "loss_chunk_size": 16}}, batch_size=4, seq_len=32,
-                   precision="bf16-mixed")
+    plain = plan(base | {"head": {"type": "lm", "fused_loss": False}}, batch_size=4, seq_len=32, precision="bf16-mixed")
+    chunked = plan(
+        base | {"head": {"type": "lm", "loss_chunk_size": 16}}, batch_size=4, seq_len=32, precision="bf16-mixed"
+    )
     assert chunked.memory.activations < plain.memory.activations
     assert chunked.memory.transient < plain.memory.transient
-    whole = plan(base | {"head": {"type": "lm", "loss_chunk_size": 128}}, batch_size=4, seq_len=32,
-                 precision="bf16-mixed")
+    whole = plan(
+        base | {"head": {"type": "lm", "loss_chunk_size": 128}}, batch_size=4, seq_len=32, precision="bf16-mixed"
+    )
     default = plan(base, batch_size=4, seq_len=32, precision="bf16-mixed")  # fused, automatic chunk: 128 tokens
     assert default.memory.transient == whole.memory.transient > chunked.memory.transient
     big = small_model_dict(vocab_size=50257)  # 1,024 tokens: 2 chunks of 512 on a CPU, 1 of 1,024 on a GPU
@@ -137,9 +141,16 @@ def test_fused_loss_counts_in_plan_and_bad_chunk_is_refused():
         compose(small_model_dict(head={"type": "lm", "loss_chunk_size": 8, "fused_loss": False}), device="meta")
 
 
-@pytest.mark.parametrize("rows, columns, device, want", [
-    (1024, 50257, "cpu", 512), (16 * 1024, 50257, "cpu", 656), (16 * 1024, 50257, "cuda", 4096),
-    (128, 1000, "cpu", 128), (7, 2**40, "cuda", 1)])
+@pytest.mark.parametrize(
+    "rows, columns, device, want",
+    [
+        (1024, 50257, "cpu", 512),
+        (16 * 1024, 50257, "cpu", 656),
+        (16 * 1024, 50257, "cuda", 4096),
+        (128, 1000, "cpu", 128),
+        (7, 2**40, "cuda", 1),
+    ],
+)
 def test_automatic_chunk_size_bounds_the_chunk_and_splits_evenly(rows, columns, device, want):
     from components.linear_cross_entropy import auto_chunk_size, chunk_bytes
 
@@ -206,18 +217,22 @@ def test_fused_loss_under_bf16_autocast_matches_the_unfused_one():
 
 
 # ----------------------------------------------------------------------------- grouped key/value heads
-@pytest.mark.parametrize("device_type, dtype, masked, head_dim, reads", [
-    ("cpu", torch.float32, True, 64, True),  # the CPU flash kernel takes grouped heads, masked or not
-    ("cpu", torch.bfloat16, False, 512, True),
-    ("cuda", torch.bfloat16, False, 128, True),  # CUDA flash: half precision, no mask, head dim <= 256
-    ("cuda", torch.float16, False, 256, True),
-    ("cuda", torch.float32, False, 64, False),  # these would run the math kernel: K/V are repeated
-    ("cuda", torch.bfloat16, True, 64, False),
-    ("cuda", torch.bfloat16, False, 320, False),
-    ("mps", torch.float16, False, 64, False),
-])
-def test_grouped_heads_go_to_sdpa_uncopied_only_where_a_fused_kernel_reads_them(device_type, dtype, masked,
-                                                                                 head_dim, reads):
+@pytest.mark.parametrize(
+    "device_type, dtype, masked, head_dim, reads",
+    [
+        ("cpu", torch.float32, True, 64, True),  # the CPU flash kernel takes grouped heads, masked or not
+        ("cpu", torch.bfloat16, False, 512, True),
+        ("cuda", torch.bfloat16, False, 128, True),  # CUDA flash: half precision, no mask, head dim <= 256
+        ("cuda", torch.float16, False, 256, True),
+        ("cuda", torch.float32, False, 64, False),  # these would run the math kernel: K/V are repeated
+        ("cuda", torch.bfloat16, True, 64, False),
+        ("cuda", torch.bfloat16, False, 320, False),
+        ("mps", torch.float16, False, 64, False),
+    ],
+)
+def test_grouped_heads_go_to_sdpa_uncopied_only_where_a_fused_kernel_reads_them(
+    device_type, dtype, masked, head_dim, reads
+):
     if not attention.SDPA_HAS_GQA:
         reads = False
     assert attention.sdpa_reads_grouped_heads(device_type, dtype, masked, head_dim) is reads
@@ -225,8 +240,9 @@ def test_grouped_heads_go_to_sdpa_uncopied_only_where_a_fused_kernel_reads_them(
 
 @pytest.mark.parametrize("position", ["learned", "alibi"])  # alibi: a per-head float bias for a mask
 def test_gqa_reads_kv_heads_uncopied_folds_queries_or_repeats_kv_with_the_same_result(position, monkeypatch):
-    model = compose(small_model_dict(attention={"type": "gqa", "num_kv_heads": 2}, position={"type": position}),
-                    seed=0).eval()
+    model = compose(
+        small_model_dict(attention={"type": "gqa", "num_kv_heads": 2}, position={"type": position}), seed=0
+    ).eval()
     x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
     padded = torch.ones(B, T)
     padded[0, :3] = 0  # left padding: the attention gets a mask
@@ -310,8 +326,13 @@ def test_static_cache_forward_matches_the_dynamic_cache(case):
         nxt = positions[:, -1:] + 1
         for step in range(4):
             token = want[:, -1].argmax(-1, keepdim=True)
-            want = model(token, attention_mask=full_mask[:, : T + step + 1], position_ids=nxt,
-                         past_key_values=dynamic, use_cache=True).logits
+            want = model(
+                token,
+                attention_mask=full_mask[:, : T + step + 1],
+                position_ids=nxt,
+                past_key_values=dynamic,
+                use_cache=True,
+            ).logits
             got = model(token, position_ids=nxt, past_key_values=static, use_cache=True).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             nxt = nxt + 1
@@ -417,11 +438,14 @@ def test_flex_window_kernel_matches_sdpa_with_a_mask(causal):
 
 
 def test_window_kernel_option_is_checked():
-    assert compose(small_model_dict(attention={"type": "sliding_window", "window": 3}),
-                   device="meta").layers[0].attn.kernel == "auto"
+    assert (
+        compose(small_model_dict(attention={"type": "sliding_window", "window": 3}), device="meta")
+        .layers[0]
+        .attn.kernel
+        == "auto"
+    )
     with pytest.raises(ConfigError, match="kernel"):
-        compose(small_model_dict(attention={"type": "sliding_window", "window": 3, "kernel": "triton"}),
-                device="meta")
+        compose(small_model_dict(attention={"type": "sliding_window", "window": 3, "kernel": "triton"}), device="meta")
 
 
 # ----------------------------------------------------------------------------- padded vocabulary
@@ -498,14 +522,27 @@ def test_training_steps_read_nothing_on_the_host_between_log_intervals(monkeypat
     model = compose(small_model_dict(), seed=0)
     x = ids()
     # fused AdamW, as on CUDA (optim.fused=auto): the foreach kernel reads its CPU step counters with .item()
-    lit = LitComposer(model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "fused": True},
-                      {"name": "cosine", "warmup_steps": 2, "min_lr": 1e-4})
+    lit = LitComposer(
+        model,
+        {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "fused": True},
+        {"name": "cosine", "warmup_steps": 2, "min_lr": 1e-4},
+    )
     counter = CountHostReads(monkeypatch)
-    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, log_every_n_steps=1000, gradient_clip_val=1.0,
-                        limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="", version=""),
-                        callbacks=[ValidateAtEnd(), Throughput(None, "32-true"), NanGuard(), LearningRate(), counter])
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=1000,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="", version=""),
+        callbacks=[ValidateAtEnd(), Throughput(None, "32-true"), NanGuard(), LearningRate(), counter],
+    )
     trainer.fit(lit, DataLoader(Repeat({"input_ids": x, "labels": x.clone()}, 5), batch_size=None))
     assert len(counter.quiet) >= 3
     # the one read per step is the model's token-id range check, done on CPUs only (an accelerator skips

@@ -57,21 +57,28 @@ def test_gqa_shrinks_kv_cache():
 
 def test_moe_counts_only_routed_experts_in_flops():
     dense = plan(small_model_dict(ffn={"type": "swiglu", "intermediate_size": 64}))
-    moe = plan(small_model_dict(ffn={"type": "moe", "num_experts": 4, "top_k": 2,
-                                     "expert": {"type": "swiglu", "intermediate_size": 64}}))
+    moe = plan(
+        small_model_dict(
+            ffn={"type": "moe", "num_experts": 4, "top_k": 2, "expert": {"type": "swiglu", "intermediate_size": 64}}
+        )
+    )
     expert = 2 * (32 * 128 + 64 * 32)  # gate_up + down of one expert
     router = 2 * 32 * 4
     assert moe.flops_forward_per_token - dense.flops_forward_per_token == 2 * (expert + router)
     assert moe.params_total > dense.params_total
 
 
-@pytest.mark.parametrize("precision, weight, grad, state", [
-    ("32-true", 4, 4, 8), ("bf16-mixed", 6, 4, 8), ("bf16-true", 2, 2, 4)])
+@pytest.mark.parametrize(
+    "precision, weight, grad, state", [("32-true", 4, 4, 8), ("bf16-mixed", 6, 4, 8), ("bf16-true", 2, 2, 4)]
+)
 def test_memory_by_precision(precision, weight, grad, state):
     report = plan(small_model_dict(), precision=precision)
     n = report.params_total
-    assert (report.memory.weights, report.memory.gradients, report.memory.optimizer) == (weight * n, grad * n,
-                                                                                        state * n)
+    assert (report.memory.weights, report.memory.gradients, report.memory.optimizer) == (
+        weight * n,
+        grad * n,
+        state * n,
+    )
 
 
 def test_checkpointing_orders_activation_memory():
@@ -113,8 +120,10 @@ def test_a_logit_softcap_stores_what_the_plan_says(attn):
     capped = small_model_dict(attention={**attn, "logit_softcap": 30.0}, num_layers=2, max_position_embeddings=128)
     b, t = 2, 128  # the scores dominate; what the CPU's SDPA copies besides (contiguous q, k, v) is not planned
     measured = saved_activation_bytes(capped, b, t) - saved_activation_bytes(base, b, t)
-    planned = (plan(capped, batch_size=b, seq_len=t, precision="32-true", device="cpu").memory.activations
-               - plan(base, batch_size=b, seq_len=t, precision="32-true", device="cpu").memory.activations)
+    planned = (
+        plan(capped, batch_size=b, seq_len=t, precision="32-true", device="cpu").memory.activations
+        - plan(base, batch_size=b, seq_len=t, precision="32-true", device="cpu").memory.activations
+    )
     assert measured > 0
     assert planned == pytest.approx(measured, rel=0.05)
 
@@ -148,9 +157,15 @@ def test_padded_vocab_reported_separately():
     assert any("padded" in note for note in report.notes)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"precision": "fp8"}, "precision"), ({"seq_len": 10_000}, "seq_len"), ({"batch_size": 0}, "batch_size"),
-    ({"checkpointing": "sometimes"}, "checkpointing")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"precision": "fp8"}, "precision"),
+        ({"seq_len": 10_000}, "seq_len"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"checkpointing": "sometimes"}, "checkpointing"),
+    ],
+)
 def test_bad_plan_arguments_are_config_errors(kwargs, key):
     with pytest.raises(ConfigError) as err:
         plan(small_model_dict(), **kwargs)
@@ -165,6 +180,8 @@ def test_plan_of_an_8b_model_allocates_nothing():
 
 def test_building_on_meta_does_not_import_the_compiler():
     """Random fills on meta tensors import torch._dynamo (seconds); compose must avoid them."""
-    code = ("import sys, torch; from composer import load_config; from composer.plan import plan; "
-            "plan(load_config(['model=llama3_8b']).model); assert 'torch._dynamo' not in sys.modules, 'dynamo'")
+    code = (
+        "import sys, torch; from composer import load_config; from composer.plan import plan; "
+        "plan(load_config(['model=llama3_8b']).model); assert 'torch._dynamo' not in sys.modules, 'dynamo'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

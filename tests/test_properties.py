@@ -28,8 +28,12 @@ INVALID_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_che
 # (test_every_component_has_a_strategy), so a new component joins the property tests.
 def _attention(kind: str):
     def make(draw, s: dict) -> dict:
-        out: dict[str, Any] = {"type": kind, "bias": draw(st.booleans()), "qk_norm": draw(st.booleans()),
-                               "causal": draw(st.booleans()) if kind != "sliding_window" else True}
+        out: dict[str, Any] = {
+            "type": kind,
+            "bias": draw(st.booleans()),
+            "qk_norm": draw(st.booleans()),
+            "causal": draw(st.booleans()) if kind != "sliding_window" else True,
+        }
         if draw(st.booleans()):
             out["logit_softcap"] = draw(st.sampled_from([5.0, 30.0]))
         if kind in ("gqa", "sliding_window"):
@@ -39,20 +43,27 @@ def _attention(kind: str):
         if s.get("layer_heads"):  # a per-layer override may change the number of heads (and head_dim)
             out["num_heads"] = s["heads"]
         return out
+
     return make
 
 
 def _ffn(kind: str):
     def make(draw, s: dict) -> dict:
         if kind == "mlp":
-            return {"type": "mlp", "intermediate_size": draw(st.integers(4, 24)), "bias": draw(st.booleans()),
-                    "activation": draw(st.sampled_from(["gelu", "gelu_tanh", "relu", "silu", "relu2"]))}
+            return {
+                "type": "mlp",
+                "intermediate_size": draw(st.integers(4, 24)),
+                "bias": draw(st.booleans()),
+                "activation": draw(st.sampled_from(["gelu", "gelu_tanh", "relu", "silu", "relu2"])),
+            }
         if kind == "moe":
             experts = draw(st.integers(1, 3))
-            expert = draw(st.sampled_from([{"type": "mlp", "intermediate_size": 8},
-                                           {"type": "swiglu", "intermediate_size": 8}]))
+            expert = draw(
+                st.sampled_from([{"type": "mlp", "intermediate_size": 8}, {"type": "swiglu", "intermediate_size": 8}])
+            )
             return {"type": "moe", "num_experts": experts, "top_k": draw(st.integers(1, experts)), "expert": expert}
         return {"type": kind, "multiple_of": draw(st.sampled_from([4, 8])), "bias": draw(st.booleans())}
+
     return make
 
 
@@ -60,26 +71,43 @@ def _position(kind: str):
     def make(draw, s: dict) -> dict:
         if kind == "rope":
             fractions = [f for f in (1.0, 0.5) if int(s["head_dim"] * f) % 2 == 0]
-            return {"type": "rope", "rotary_fraction": draw(st.sampled_from(fractions)),
-                    "scaling": draw(st.sampled_from(["none", "linear", "llama3"])), "scaling_factor": 2.0,
-                    "original_max_position_embeddings": 16}
+            return {
+                "type": "rope",
+                "rotary_fraction": draw(st.sampled_from(fractions)),
+                "scaling": draw(st.sampled_from(["none", "linear", "llama3"])),
+                "scaling_factor": 2.0,
+                "original_max_position_embeddings": 16,
+            }
         return {"type": kind}
+
     return make
 
 
 COMPONENT_STRATEGIES = {
     "attention": {k: _attention(k) for k in ("mha", "gqa", "mqa", "sliding_window")},
     "ffn": {k: _ffn(k) for k in ("mlp", "swiglu", "geglu", "moe")},
-    "norm": {"layernorm": lambda draw, s: {"type": "layernorm", "bias": draw(st.booleans())},
-             "rmsnorm": lambda draw, s: {"type": "rmsnorm", "eps": 1e-6}},
+    "norm": {
+        "layernorm": lambda draw, s: {"type": "layernorm", "bias": draw(st.booleans())},
+        "rmsnorm": lambda draw, s: {"type": "rmsnorm", "eps": 1e-6},
+    },
     "position": {k: _position(k) for k in ("learned", "rope", "alibi", "none")},
-    "head": {"lm": lambda draw, s: {"type": "lm", "bias": draw(st.booleans()),
-                                    "logit_softcap": draw(st.sampled_from([None, 10.0]))},
-             "classification": lambda draw, s: {"type": "classification", "num_classes": draw(st.integers(2, 4)),
-                                                "pooling": draw(st.sampled_from(["last", "mean", "first"]))}},
-    "block": {"pre_norm": lambda draw, s: {"type": "pre_norm"},
-              "post_norm": lambda draw, s: {"type": "post_norm"},
-              "parallel": lambda draw, s: {"type": "parallel", "shared_norm": draw(st.booleans())}},
+    "head": {
+        "lm": lambda draw, s: {
+            "type": "lm",
+            "bias": draw(st.booleans()),
+            "logit_softcap": draw(st.sampled_from([None, 10.0])),
+        },
+        "classification": lambda draw, s: {
+            "type": "classification",
+            "num_classes": draw(st.integers(2, 4)),
+            "pooling": draw(st.sampled_from(["last", "mean", "first"])),
+        },
+    },
+    "block": {
+        "pre_norm": lambda draw, s: {"type": "pre_norm"},
+        "post_norm": lambda draw, s: {"type": "post_norm"},
+        "parallel": lambda draw, s: {"type": "parallel", "shared_norm": draw(st.booleans())},
+    },
 }
 
 
@@ -97,13 +125,15 @@ def _component(draw, family: str, s: dict, exclude: tuple = ()) -> dict:
 
 def _select(draw, layers: int) -> Any:
     index = st.integers(-layers, layers - 1)
-    return draw(st.one_of(
-        index,
-        index.map(str),
-        st.lists(index, min_size=1, max_size=3),
-        st.tuples(st.integers(0, layers - 1), st.integers(1, 2)).map(lambda a: f"{a[0]}::{a[1]}"),
-        st.integers(1, layers).map(lambda n: f"-{n}:"),
-    ))
+    return draw(
+        st.one_of(
+            index,
+            index.map(str),
+            st.lists(index, min_size=1, max_size=3),
+            st.tuples(st.integers(0, layers - 1), st.integers(1, 2)).map(lambda a: f"{a[0]}::{a[1]}"),
+            st.integers(1, layers).map(lambda n: f"-{n}:"),
+        )
+    )
 
 
 @st.composite
@@ -133,8 +163,11 @@ def valid_configs(draw) -> dict:
             here["layer_heads"] = True
             if draw(st.booleans()):
                 hidden = heads * head_dim  # other head counts whose head_dim rope can rotate at any fraction
-                here["heads"] = draw(st.sampled_from([h for h in range(1, hidden + 1) if hidden % h == 0
-                                                      and (hidden // h) % 4 == 0] or [heads]))
+                here["heads"] = draw(
+                    st.sampled_from(
+                        [h for h in range(1, hidden + 1) if hidden % h == 0 and (hidden // h) % 4 == 0] or [heads]
+                    )
+                )
         override = _component(draw, family, here, exclude=("learned",) if family == "position" else ())
         cfg["layers"].append({"select": _select(draw, s["layers"]), family: override})
     return cfg
@@ -164,8 +197,12 @@ def test_valid_configs_compose_and_keep_shapes(raw, batch, data):
 BASE = {"vocab_size": 16, "hidden_size": 8, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 16}
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
 INT_FIELDS = [n for n, t in FIELD_TYPES.items() if t == "int"]
-JUNK = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=5), st.lists(st.integers(), max_size=2),
-                 st.dictionaries(st.sampled_from("abc"), st.integers(), max_size=1), st.none())
+JUNK = st.one_of(
+    st.text(string.ascii_letters, min_size=1, max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from("abc"), st.integers(), max_size=1),
+    st.none(),
+)
 
 
 def _valid_names() -> set[str]:
@@ -187,13 +224,21 @@ def wrong_types(draw) -> dict:
     elif kind == "list":
         bad = draw(st.one_of(st.text(max_size=3), st.integers(), st.dictionaries(st.text(max_size=2), st.integers())))
     else:  # a component slot
-        bad = draw(st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.lists(st.integers()),
-                             st.none()))
+        bad = draw(
+            st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.lists(st.integers()), st.none())
+        )
     # component options of the wrong type
-    option = draw(st.sampled_from([None, ("attention", {"type": "mha", "bias": "no"}),
-                                   ("ffn", {"type": "mlp", "intermediate_size": "big"}),
-                                   ("norm", {"type": "rmsnorm", "eps": [1e-5]}),
-                                   ("head", {"type": "lm", "logit_softcap": "cap"})]))
+    option = draw(
+        st.sampled_from(
+            [
+                None,
+                ("attention", {"type": "mha", "bias": "no"}),
+                ("ffn", {"type": "mlp", "intermediate_size": "big"}),
+                ("norm", {"type": "rmsnorm", "eps": [1e-5]}),
+                ("head", {"type": "lm", "logit_softcap": "cap"}),
+            ]
+        )
+    )
     if option is not None and draw(st.booleans()):
         return {**BASE, option[0]: option[1]}
     return {**BASE, field: bad}
@@ -201,33 +246,52 @@ def wrong_types(draw) -> dict:
 
 @st.composite
 def bad_values(draw) -> dict:
-    return {**BASE, **draw(st.one_of(
-        st.sampled_from(INT_FIELDS).flatmap(lambda f: st.integers(-5, 0).map(lambda v: {f: v})),
-        st.sampled_from([3, 5, 6, 7]).map(lambda h: {"num_heads": h}),
-        st.one_of(st.floats(1.0, 10.0), st.floats(-10.0, -0.001)).map(lambda p: {"dropout": p}),
-        st.sampled_from(["attention", "ffn", "block"]).flatmap(
-            lambda f: st.floats(1.0, 5.0).map(lambda p: {f: {"type": {"attention": "mha", "ffn": "mlp",
-                                                                       "block": "pre_norm"}[f], "dropout": p}})),
-        st.integers(-3, 0).map(lambda w: {"attention": {"type": "sliding_window", "window": w}}),
-        st.integers(17, 100).map(lambda w: {"attention": {"type": "sliding_window", "window": w}}),
-        st.just({"attention": {"type": "sliding_window"}}),
-        st.just({"attention": {"type": "gqa", "num_kv_heads": 3}}),
-        st.just({"hidden_size": 6, "position": {"type": "rope"}}),
-        st.sampled_from([1, 3, 5, 7]).map(lambda d: {"position": {"type": "rope"}, "layers": [
-            {"select": 0, "attention": {"type": "mha", "head_dim": d}}]}),  # rope vs a layer's own head_dim
-        st.just({"position": {"type": "rope", "rotary_fraction": 0.5}, "layers": [
-            {"select": -1, "attention": {"type": "gqa", "num_heads": 4, "num_kv_heads": 2}}]}),
-        st.floats(1.01, 3.0).map(lambda f: {"position": {"type": "rope", "rotary_fraction": f}}),
-        st.integers(3, 9).map(lambda k: {"ffn": {"type": "moe", "num_experts": 2, "top_k": k}}),
-        st.just({"ffn": {"type": "moe", "expert": {"type": "moe"}}}),
-        st.integers(-2, 1).map(lambda k: {"head": {"type": "classification", "num_classes": k}}),
-        st.just({"head": {"type": "classification"}}),
-        st.text(string.ascii_lowercase, min_size=1, max_size=6).filter(lambda s: s not in ("none", "attention", "ffn"))
-        .map(lambda m: {"gradient_checkpointing": m}),
-        st.text(string.ascii_lowercase, min_size=1, max_size=6).filter(lambda s: s not in ("gelu", "relu", "silu"))
-        .map(lambda a: {"ffn": {"type": "mlp", "activation": a}}),
-        st.floats(-1.0, -0.001).map(lambda s: {"init_std": s}),
-    ))}
+    return {
+        **BASE,
+        **draw(
+            st.one_of(
+                st.sampled_from(INT_FIELDS).flatmap(lambda f: st.integers(-5, 0).map(lambda v: {f: v})),
+                st.sampled_from([3, 5, 6, 7]).map(lambda h: {"num_heads": h}),
+                st.one_of(st.floats(1.0, 10.0), st.floats(-10.0, -0.001)).map(lambda p: {"dropout": p}),
+                st.sampled_from(["attention", "ffn", "block"]).flatmap(
+                    lambda f: st.floats(1.0, 5.0).map(
+                        lambda p: {
+                            f: {"type": {"attention": "mha", "ffn": "mlp", "block": "pre_norm"}[f], "dropout": p}
+                        }
+                    )
+                ),
+                st.integers(-3, 0).map(lambda w: {"attention": {"type": "sliding_window", "window": w}}),
+                st.integers(17, 100).map(lambda w: {"attention": {"type": "sliding_window", "window": w}}),
+                st.just({"attention": {"type": "sliding_window"}}),
+                st.just({"attention": {"type": "gqa", "num_kv_heads": 3}}),
+                st.just({"hidden_size": 6, "position": {"type": "rope"}}),
+                st.sampled_from([1, 3, 5, 7]).map(
+                    lambda d: {
+                        "position": {"type": "rope"},
+                        "layers": [{"select": 0, "attention": {"type": "mha", "head_dim": d}}],
+                    }
+                ),  # rope vs a layer's own head_dim
+                st.just(
+                    {
+                        "position": {"type": "rope", "rotary_fraction": 0.5},
+                        "layers": [{"select": -1, "attention": {"type": "gqa", "num_heads": 4, "num_kv_heads": 2}}],
+                    }
+                ),
+                st.floats(1.01, 3.0).map(lambda f: {"position": {"type": "rope", "rotary_fraction": f}}),
+                st.integers(3, 9).map(lambda k: {"ffn": {"type": "moe", "num_experts": 2, "top_k": k}}),
+                st.just({"ffn": {"type": "moe", "expert": {"type": "moe"}}}),
+                st.integers(-2, 1).map(lambda k: {"head": {"type": "classification", "num_classes": k}}),
+                st.just({"head": {"type": "classification"}}),
+                st.text(string.ascii_lowercase, min_size=1, max_size=6)
+                .filter(lambda s: s not in ("none", "attention", "ffn"))
+                .map(lambda m: {"gradient_checkpointing": m}),
+                st.text(string.ascii_lowercase, min_size=1, max_size=6)
+                .filter(lambda s: s not in ("gelu", "relu", "silu"))
+                .map(lambda a: {"ffn": {"type": "mlp", "activation": a}}),
+                st.floats(-1.0, -0.001).map(lambda s: {"init_std": s}),
+            )
+        ),
+    }
 
 
 @st.composite
@@ -244,8 +308,14 @@ def unknown_keys(draw) -> dict:
             key += "_x"
         raw["layers"] = [{"select": 0, "attention": "mha", key: 1}]
     else:
-        defaults = {"attention": "mha", "ffn": "mlp", "norm": "layernorm", "position": "rope", "head": "lm",
-                    "block": "pre_norm"}
+        defaults = {
+            "attention": "mha",
+            "ffn": "mlp",
+            "norm": "layernorm",
+            "position": "rope",
+            "head": "lm",
+            "block": "pre_norm",
+        }
         fields = {f.name for f in dataclasses.fields(FAMILIES[where].get(defaults[where]).config)}
         if key in fields:
             key += "_x"
@@ -254,12 +324,16 @@ def unknown_keys(draw) -> dict:
 
 
 BAD_SELECTIONS = st.one_of(
-    st.integers(2, 50), st.integers(-50, -3),
-    st.lists(st.integers(2, 9), min_size=1, max_size=3), st.just([]),
+    st.integers(2, 50),
+    st.integers(-50, -3),
+    st.lists(st.integers(2, 9), min_size=1, max_size=3),
+    st.just([]),
     st.lists(st.sampled_from(["x", 1.5, None, True]), min_size=1, max_size=2),
     st.sampled_from(["::0", "5:", "2:9", "a", "1-2", "", "0:1:2:3", "--1"]),
-    st.floats(allow_nan=False), st.booleans(), st.none(), st.dictionaries(st.text(max_size=2), st.integers(),
-                                                                           max_size=1),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
 )
 
 
@@ -271,12 +345,16 @@ def bad_selections(draw) -> dict:
 @st.composite
 def nonsense_types(draw) -> dict:
     family = draw(st.sampled_from(["attention", "ffn", "norm", "position", "head", "block"]))
-    kind = draw(st.one_of(
-        st.text(string.ascii_letters + "_-", min_size=1, max_size=10).filter(lambda s: s not in _valid_names()),
-        st.from_regex(r"nonexistent_pkg_[a-z]{1,5}\.[A-Z][a-z]{1,5}", fullmatch=True),
-        st.integers(), st.lists(st.text(max_size=2), max_size=2),
-        st.dictionaries(st.text(max_size=2), st.integers(), max_size=1), st.booleans(),
-    ))
+    kind = draw(
+        st.one_of(
+            st.text(string.ascii_letters + "_-", min_size=1, max_size=10).filter(lambda s: s not in _valid_names()),
+            st.from_regex(r"nonexistent_pkg_[a-z]{1,5}\.[A-Z][a-z]{1,5}", fullmatch=True),
+            st.integers(),
+            st.lists(st.text(max_size=2), max_size=2),
+            st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+            st.booleans(),
+        )
+    )
     if draw(st.booleans()):
         return {**BASE, family: {"type": kind}}
     layer_family = family if family != "head" else "norm"

@@ -89,8 +89,9 @@ def test_decorator_registration(clean_registry):
 
 # ============================================================================ dotted path
 def test_dotted_path_plugin_builds_and_runs(clean_registry):
-    model = compose(small_model_dict(attention={"type": PLUGIN, "temperature": 2.0}, position={"type": "rope"}),
-                    seed=0).eval()
+    model = compose(
+        small_model_dict(attention={"type": PLUGIN, "temperature": 2.0}, position={"type": "rope"}), seed=0
+    ).eval()
     attn = model.layers[0].attn
     assert type(attn).__module__ == "tests.plugins.my_attention" and attn.head_dim == 8
     torch.testing.assert_close(attn.log_temperature, torch.full((4,), math.log(2.0)))
@@ -111,7 +112,8 @@ def test_dotted_path_plugin_builds_and_runs(clean_registry):
 
 def test_dotted_path_plugin_from_yaml(clean_registry, tmp_path):
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "plugged.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "model" / "plugged.yaml").write_text(
+        textwrap.dedent(f"""\
         defaults: [_base, {{ffn: swiglu}}, {{norm: rmsnorm}}, {{position: rope}}, {{head: lm}}, _self_]
         vocab_size: 64
         hidden_size: 32
@@ -125,19 +127,24 @@ def test_dotted_path_plugin_from_yaml(clean_registry, tmp_path):
         layers:
           - select: 1
             attention: {{type: mha}}
-        """))
+        """)
+    )
     cfg = load_config(["model=plugged"], config_dirs=[tmp_path])
     model = compose(cfg.model, seed=0)
-    assert type(model.layers[0].attn).__name__ == "MyAttention" and type(model.layers[1].attn).__name__ == \
-        "SelfAttention"
+    assert (
+        type(model.layers[0].attn).__name__ == "MyAttention" and type(model.layers[1].attn).__name__ == "SelfAttention"
+    )
     assert model(ids()).logits.shape == (2, 6, 64)
 
 
-@pytest.mark.parametrize("plugin,missing", [
-    ("NoHeadDim", "missing attribute 'head_dim'"),
-    ("NoPastKeyValue", "'forward()' lacks parameter(s) past_key_value"),
-    ("NoCache", "missing method 'make_cache()'"),
-])
+@pytest.mark.parametrize(
+    "plugin,missing",
+    [
+        ("NoHeadDim", "missing attribute 'head_dim'"),
+        ("NoPastKeyValue", "'forward()' lacks parameter(s) past_key_value"),
+        ("NoCache", "missing method 'make_cache()'"),
+    ],
+)
 def test_plugin_not_fitting_the_interface_is_refused(clean_registry, plugin, missing):
     raw = small_model_dict(attention={"type": f"tests.plugins.broken_attention.{plugin}"})
     with pytest.raises(ConfigError) as info:
@@ -158,10 +165,12 @@ def test_plugin_parameters_without_initialisation_are_refused(clean_registry):
 
 
 def test_dotted_path_to_a_non_component_is_refused(clean_registry):
-    for bad, fragment in [("tests.plugins.my_attention.math", "not an nn.Module subclass"),
-                          ("tests.plugins.nowhere.Attention", "cannot import attention plugin"),
-                          ("torch.nn.Linear", "(cfg, ctx) failed"),
-                          (".relative", "cannot import")]:
+    for bad, fragment in [
+        ("tests.plugins.my_attention.math", "not an nn.Module subclass"),
+        ("tests.plugins.nowhere.Attention", "cannot import attention plugin"),
+        ("torch.nn.Linear", "(cfg, ctx) failed"),
+        (".relative", "cannot import"),
+    ]:
         with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             compose(small_model_dict(attention={"type": bad}), device="meta")
 

@@ -22,9 +22,15 @@ from composer.report import parse_overrides, read_curves, read_sweep
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(sweep: Path, num: int, overrides: list[str], metrics: Optional[dict] = None,
-             curve: Optional[list[tuple[int, float, float]]] = None, metric: str = "best_val_loss",
-             sweeper: Optional[dict] = None) -> Path:
+def make_run(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    metrics: Optional[dict] = None,
+    curve: Optional[list[tuple[int, float, float]]] = None,
+    metric: str = "best_val_loss",
+    sweeper: Optional[dict] = None,
+) -> Path:
     """A job folder: .hydra/ (overrides, job number, config), metrics.csv rows (step, val_loss,
     val_accuracy) and metrics.json (None: the run has not finished)."""
     run = sweep / str(num)
@@ -39,8 +45,15 @@ def make_run(sweep: Path, num: int, overrides: list[str], metrics: Optional[dict
             lines += [f"0,0.001,{step - 1},1000.0,{loss + 0.1},,,", f"0,,{step - 1},,,{acc},{loss},2.0"]
         (run / "metrics.csv").write_text("\n".join(lines) + "\n")
     if metrics is not None:
-        record = {"status": "completed", "error": None, "overrides": overrides, "params": 1000,
-                  "tokens_per_s": 500.0, "wall_s": 10.0, **metrics}
+        record = {
+            "status": "completed",
+            "error": None,
+            "overrides": overrides,
+            "params": 1000,
+            "tokens_per_s": 500.0,
+            "wall_s": 10.0,
+            **metrics,
+        }
         (run / "metrics.json").write_text(json.dumps(record))
     return run
 
@@ -62,8 +75,13 @@ def rows(sweep: Path) -> list[dict]:
 
 
 def test_overrides_parse_into_keys():
-    assert parse_overrides(["+model.x=1", "seed=3", "~trainer.y", "model/attention=gqa", "a=b=c"]) == \
-        {"model.x": "1", "seed": "3", "trainer.y": "~", "model/attention": "gqa", "a": "b=c"}
+    assert parse_overrides(["+model.x=1", "seed=3", "~trainer.y", "model/attention=gqa", "a=b=c"]) == {
+        "model.x": "1",
+        "seed": "3",
+        "trainer.y": "~",
+        "model/attention": "gqa",
+        "a": "b=c",
+    }
 
 
 def test_mean_and_std_over_seeds_and_the_sort(tmp_path, capsys):
@@ -72,9 +90,13 @@ def test_mean_and_std_over_seeds_and_the_sort(tmp_path, capsys):
     num = 0
     for name, values in losses.items():
         for seed, loss in enumerate(values, 1):
-            make_run(sweep, num, [f"model/attention={name}", "trainer.max_steps=6", f"seed={seed}"],
-                     {"val_loss": loss + 0.5, "best_val_loss": loss, "best_val_accuracy": loss / 10},
-                     curve=[(3, loss + 1, 0.1), (6, loss, 0.2)])
+            make_run(
+                sweep,
+                num,
+                [f"model/attention={name}", "trainer.max_steps=6", f"seed={seed}"],
+                {"val_loss": loss + 0.5, "best_val_loss": loss, "best_val_accuracy": loss / 10},
+                curve=[(3, loss + 1, 0.1), (6, loss, 0.2)],
+            )
             num += 1
     code, out, _ = report([str(sweep)], capsys)
     assert code == 0
@@ -88,8 +110,9 @@ def test_mean_and_std_over_seeds_and_the_sort(tmp_path, capsys):
     assert "| a | 3/3 | 1,000 | 2.5000 ± 1.0000 | 2.0000 ± 1.0000 |" in md
     assert "![validation curves" in md and (sweep / "report.png").read_bytes()[:8] == PNG
     lines = out.splitlines()
-    assert lines.index(next(x for x in lines if x.startswith("│ b "))) < \
-        lines.index(next(x for x in lines if x.startswith("│ a ")))  # the terminal table, best first
+    assert lines.index(next(x for x in lines if x.startswith("│ b "))) < lines.index(
+        next(x for x in lines if x.startswith("│ a "))
+    )  # the terminal table, best first
 
     code, _, _ = report([str(sweep), "--metric", "best_val_accuracy"], capsys)
     assert code == 0 and [r["model/attention"] for r in rows(sweep)] == ["a", "b"]  # accuracy: higher first
@@ -105,12 +128,20 @@ def test_running_failed_and_missing_jobs_are_named(tmp_path, capsys):
     sweep.mkdir()
     multirun_yaml(sweep, ["model.hidden_size=32,64", "seed=1,2,3"])  # 6 jobs
     for num, seed in enumerate((1, 2, 3)):
-        make_run(sweep, num, ["model.hidden_size=32", f"seed={seed}"], {"val_loss": 1.0 + num, "best_val_loss": 1.0},
-                 curve=[(5, 1.5, 0.3), (10, 1.0 + num, 0.4)])
+        make_run(
+            sweep,
+            num,
+            ["model.hidden_size=32", f"seed={seed}"],
+            {"val_loss": 1.0 + num, "best_val_loss": 1.0},
+            curve=[(5, 1.5, 0.3), (10, 1.0 + num, 0.4)],
+        )
     make_run(sweep, 3, ["model.hidden_size=64", "seed=1"], curve=[(5, 1.2, 0.5)])  # still running
     failed = make_run(sweep, 4, ["model.hidden_size=64", "seed=2"])
-    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "CUDA out of memory\nmore",
-                                                     "overrides": ["model.hidden_size=64", "seed=2"]}))
+    (failed / "metrics.json").write_text(
+        json.dumps(
+            {"status": "failed", "error": "CUDA out of memory\nmore", "overrides": ["model.hidden_size=64", "seed=2"]}
+        )
+    )
     code, out, _ = report([str(sweep)], capsys)
     assert code == 0
     md = (sweep / "report.md").read_text()
@@ -130,8 +161,12 @@ def test_running_failed_and_missing_jobs_are_named(tmp_path, capsys):
 
 def test_peak_memory_columns_appear_when_runs_recorded_them(tmp_path, capsys):
     for num, (seed, peak) in enumerate(((1, 900.0), (2, 1100.0))):
-        make_run(tmp_path, num, ["trainer.precision=bf16-mixed", f"seed={seed}"],
-                 {"best_val_loss": 1.0, "peak_rss_mb": peak, "start_rss_mb": 600.0, "peak_gpu_mb": None})
+        make_run(
+            tmp_path,
+            num,
+            ["trainer.precision=bf16-mixed", f"seed={seed}"],
+            {"best_val_loss": 1.0, "peak_rss_mb": peak, "start_rss_mb": 600.0, "peak_gpu_mb": None},
+        )
     code, out, _ = report([str(tmp_path)], capsys)
     assert code == 0 and "peak RSS MiB" in out and "peak GPU MiB" not in out  # no run used a GPU
     row = rows(tmp_path)[0]
@@ -152,13 +187,24 @@ def test_optuna_results_and_direction(tmp_path, capsys):
     """The Optuna sweeper writes no multirun.yaml: its settings come from the jobs' hydra.yaml."""
     sweep = tmp_path / "optuna"
     sweep.mkdir()
-    sweeper = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
-               "direction": "maximize", "n_trials": 3, "params": {"optim.lr": "tag(log, interval(1e-4, 1e-2))"}}
-    (sweep / "optimization_results.yaml").write_text(yaml.safe_dump(
-        {"name": "optuna", "best_params": {"optim.lr": 0.003}, "best_value": 0.9}))
+    sweeper = {
+        "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+        "direction": "maximize",
+        "n_trials": 3,
+        "params": {"optim.lr": "tag(log, interval(1e-4, 1e-2))"},
+    }
+    (sweep / "optimization_results.yaml").write_text(
+        yaml.safe_dump({"name": "optuna", "best_params": {"optim.lr": 0.003}, "best_value": 0.9})
+    )
     for num, (lr, acc, loss) in enumerate(((0.001, 0.5, 1.0), (0.003, 0.9, 2.0))):
-        make_run(sweep, num, [f"optim.lr={lr}"], {"best_val_accuracy": acc, "best_val_loss": loss},
-                 metric="best_val_accuracy", sweeper=sweeper)
+        make_run(
+            sweep,
+            num,
+            [f"optim.lr={lr}"],
+            {"best_val_accuracy": acc, "best_val_loss": loss},
+            metric="best_val_accuracy",
+            sweeper=sweeper,
+        )
     code, _, _ = report([str(sweep), "--metric", "best_val_loss"], capsys)
     assert code == 0 and [r["optim.lr"] for r in rows(sweep)] == ["0.001", "0.003"]  # a loss: lower first
     code, _, _ = report([str(sweep)], capsys)
@@ -184,6 +230,12 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_console_script_exits_2_without_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "composer.report", str(tmp_path / "missing")], cwd=tmp_path,
-                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "composer.report", str(tmp_path / "missing")],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr

@@ -42,16 +42,19 @@ def test_unknown_key_is_refused_with_did_you_mean():
     assert "model.layers[0].atention" in paths(err) and "did you mean 'attention'?" in str(err)
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("hidden_size", "big", "expected int, got str 'big'"),
-    ("hidden_size", 32.5, "expected int"),
-    ("num_layers", True, "expected int, got bool"),
-    ("tie_embeddings", "yes", "expected bool"),
-    ("dropout", "0.1", "expected float"),
-    ("layers", 5, "expected a list"),
-    ("attention", 5, "expected a attention type name or a mapping"),
-    ("name", 3, "expected str"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("hidden_size", "big", "expected int, got str 'big'"),
+        ("hidden_size", 32.5, "expected int"),
+        ("num_layers", True, "expected int, got bool"),
+        ("tie_embeddings", "yes", "expected bool"),
+        ("dropout", "0.1", "expected float"),
+        ("layers", 5, "expected a list"),
+        ("attention", 5, "expected a attention type name or a mapping"),
+        ("name", 3, "expected str"),
+    ],
+)
 def test_wrong_types_are_refused(key, value, expected):
     err = problems_of(small_model_dict(**{key: value}))
     assert isinstance(err, InvalidParameter)
@@ -59,8 +62,9 @@ def test_wrong_types_are_refused(key, value, expected):
 
 
 def test_whole_numbers_and_ints_are_accepted_where_natural():
-    cfg = resolve_model_config(small_model_dict(hidden_size=32.0, dropout=0, attention={"type": "mha",
-                                                                                         "softmax_scale": 1}))
+    cfg = resolve_model_config(
+        small_model_dict(hidden_size=32.0, dropout=0, attention={"type": "mha", "softmax_scale": 1})
+    )
     assert cfg.hidden_size == 32 and isinstance(cfg.hidden_size, int)
     assert cfg.dropout == 0.0 and isinstance(cfg.dropout, float)
     assert isinstance(cfg.attention.softmax_scale, float)
@@ -81,38 +85,58 @@ def test_dictconfig_and_modelconfig_inputs():
 
 
 # ============================================================================ cross-field rules
-@pytest.mark.parametrize("changes,path,fragment", [
-    ({"hidden_size": 30}, "model.hidden_size", "not divisible by num_heads=4"),
-    ({"attention": {"type": "gqa", "num_kv_heads": 3}}, "model.attention.num_kv_heads", "does not divide num_heads=4"),
-    ({"num_heads": 3, "hidden_size": 33, "attention": {"type": "gqa"}}, "model.attention.num_kv_heads",
-     "no default for an odd num_heads"),
-    ({"hidden_size": 20, "position": {"type": "rope"}}, "model.position.rotary_fraction", "odd"),
-    ({"hidden_size": 24, "position": {"type": "rope", "rotary_fraction": 0.5}}, "model.position.rotary_fraction",
-     "rotates 3 dims"),
-    ({"position": {"type": "rope", "rotary_fraction": 0.0}}, "model.position.rotary_fraction", "outside (0, 1]"),
-    ({"attention": {"type": "sliding_window", "window": 0}}, "model.attention.window", "below the minimum 1"),
-    ({"attention": {"type": "sliding_window", "window": 65}}, "model.attention.window",
-     "exceeds max_position_embeddings=64"),
-    ({"dropout": 1.0}, "model.dropout", "outside [0, 1)"),
-    ({"dropout": -0.1}, "model.dropout", "below the minimum"),
-    ({"attention": {"type": "mha", "dropout": 1.5}}, "model.attention.dropout", "outside [0, 1)"),
-    ({"ffn": {"type": "mlp", "dropout": 1.0}}, "model.ffn.dropout", "outside [0, 1)"),
-    ({"block": {"type": "pre_norm", "dropout": -0.5}}, "model.block.dropout", "outside [0, 1)"),
-    ({"vocab_size": 0}, "model.vocab_size", "below the minimum 1"),
-    ({"hidden_size": 0}, "model.hidden_size", "below the minimum 1"),
-    ({"num_layers": 0}, "model.num_layers", "below the minimum 1"),
-    ({"num_heads": 0}, "model.num_heads", "below the minimum 1"),
-    ({"max_position_embeddings": -1}, "model.max_position_embeddings", "below the minimum 1"),
-    ({"ffn": {"type": "mlp", "intermediate_size": 0}}, "model.ffn.intermediate_size", "below the minimum 1"),
-    ({"ffn": {"type": "moe", "num_experts": 2, "top_k": 3}}, "model.ffn.top_k", "exceeds num_experts=2"),
-    ({"ffn": {"type": "moe", "expert": {"type": "moe"}}}, "model.ffn.expert.type", "cannot itself be a mixture"),
-    ({"ffn": {"type": "mlp", "activation": "gelu2"}}, "model.ffn.activation", "did you mean 'gelu'"),
-    ({"attention": {"type": "mha", "softmax_scale": -1.0}}, "model.attention.softmax_scale", "must be positive"),
-    ({"head": {"type": "lm", "logit_softcap": 0.0}}, "model.head.logit_softcap", "must be positive"),
-    ({"gradient_checkpointing": "every_0"}, "model.gradient_checkpointing", "k >= 1"),
-    ({"gradient_checkpointing": "often"}, "model.gradient_checkpointing", "not a checkpointing mode"),
-    ({"position": {"type": "rope", "scaling": "yarn"}}, "model.position.scaling", "not one of none, linear, llama3"),
-])
+@pytest.mark.parametrize(
+    "changes,path,fragment",
+    [
+        ({"hidden_size": 30}, "model.hidden_size", "not divisible by num_heads=4"),
+        (
+            {"attention": {"type": "gqa", "num_kv_heads": 3}},
+            "model.attention.num_kv_heads",
+            "does not divide num_heads=4",
+        ),
+        (
+            {"num_heads": 3, "hidden_size": 33, "attention": {"type": "gqa"}},
+            "model.attention.num_kv_heads",
+            "no default for an odd num_heads",
+        ),
+        ({"hidden_size": 20, "position": {"type": "rope"}}, "model.position.rotary_fraction", "odd"),
+        (
+            {"hidden_size": 24, "position": {"type": "rope", "rotary_fraction": 0.5}},
+            "model.position.rotary_fraction",
+            "rotates 3 dims",
+        ),
+        ({"position": {"type": "rope", "rotary_fraction": 0.0}}, "model.position.rotary_fraction", "outside (0, 1]"),
+        ({"attention": {"type": "sliding_window", "window": 0}}, "model.attention.window", "below the minimum 1"),
+        (
+            {"attention": {"type": "sliding_window", "window": 65}},
+            "model.attention.window",
+            "exceeds max_position_embeddings=64",
+        ),
+        ({"dropout": 1.0}, "model.dropout", "outside [0, 1)"),
+        ({"dropout": -0.1}, "model.dropout", "below the minimum"),
+        ({"attention": {"type": "mha", "dropout": 1.5}}, "model.attention.dropout", "outside [0, 1)"),
+        ({"ffn": {"type": "mlp", "dropout": 1.0}}, "model.ffn.dropout", "outside [0, 1)"),
+        ({"block": {"type": "pre_norm", "dropout": -0.5}}, "model.block.dropout", "outside [0, 1)"),
+        ({"vocab_size": 0}, "model.vocab_size", "below the minimum 1"),
+        ({"hidden_size": 0}, "model.hidden_size", "below the minimum 1"),
+        ({"num_layers": 0}, "model.num_layers", "below the minimum 1"),
+        ({"num_heads": 0}, "model.num_heads", "below the minimum 1"),
+        ({"max_position_embeddings": -1}, "model.max_position_embeddings", "below the minimum 1"),
+        ({"ffn": {"type": "mlp", "intermediate_size": 0}}, "model.ffn.intermediate_size", "below the minimum 1"),
+        ({"ffn": {"type": "moe", "num_experts": 2, "top_k": 3}}, "model.ffn.top_k", "exceeds num_experts=2"),
+        ({"ffn": {"type": "moe", "expert": {"type": "moe"}}}, "model.ffn.expert.type", "cannot itself be a mixture"),
+        ({"ffn": {"type": "mlp", "activation": "gelu2"}}, "model.ffn.activation", "did you mean 'gelu'"),
+        ({"attention": {"type": "mha", "softmax_scale": -1.0}}, "model.attention.softmax_scale", "must be positive"),
+        ({"head": {"type": "lm", "logit_softcap": 0.0}}, "model.head.logit_softcap", "must be positive"),
+        ({"gradient_checkpointing": "every_0"}, "model.gradient_checkpointing", "k >= 1"),
+        ({"gradient_checkpointing": "often"}, "model.gradient_checkpointing", "not a checkpointing mode"),
+        (
+            {"position": {"type": "rope", "scaling": "yarn"}},
+            "model.position.scaling",
+            "not one of none, linear, llama3",
+        ),
+    ],
+)
 def test_cross_field_rules(changes, path, fragment):
     err = problems_of(small_model_dict(**changes))
     assert path in paths(err), str(err)
@@ -123,41 +147,65 @@ def test_cross_field_rules(changes, path, fragment):
 def test_rules_hold_on_per_layer_overrides():
     err = problems_of(small_model_dict(layers=[{"select": "1", "attention": {"type": "gqa", "num_kv_heads": 3}}]))
     assert paths(err) == ["model.layers[0].attention.num_kv_heads"]
-    err = problems_of(small_model_dict(num_layers=4, layers=[
-        {"select": "0", "attention": {"type": "sliding_window", "window": 100}},
-        {"select": [1, 2], "ffn": {"type": "mlp", "dropout": 2.0}}]))
+    err = problems_of(
+        small_model_dict(
+            num_layers=4,
+            layers=[
+                {"select": "0", "attention": {"type": "sliding_window", "window": 100}},
+                {"select": [1, 2], "ffn": {"type": "mlp", "dropout": 2.0}},
+            ],
+        )
+    )
     assert paths(err) == ["model.layers[0].attention.window", "model.layers[1].ffn.dropout"]
 
 
 def test_rope_is_checked_against_each_layers_own_head_dim():
-    err = problems_of(small_model_dict(position={"type": "rope"},
-                                       layers=[{"select": 1, "attention": {"type": "mha", "head_dim": 5}}]))
+    err = problems_of(
+        small_model_dict(position={"type": "rope"}, layers=[{"select": 1, "attention": {"type": "mha", "head_dim": 5}}])
+    )
     assert paths(err) == ["model.layers[0].attention"] and "rotates 5 dims, which is odd" in str(err)
-    err = problems_of(small_model_dict(position={"type": "rope", "rotary_fraction": 0.5},
-                                       layers=[{"select": "0:", "attention": {"type": "mha", "num_heads": 16}}]))
+    err = problems_of(
+        small_model_dict(
+            position={"type": "rope", "rotary_fraction": 0.5},
+            layers=[{"select": "0:", "attention": {"type": "mha", "num_heads": 16}}],
+        )
+    )
     assert "head_dim 2 with rope rotary_fraction 0.5 rotates 1 dims" in str(err)
-    err = problems_of(small_model_dict(attention={"type": "mha", "head_dim": 6}, position="none", layers=[
-        {"select": 0, "position": {"type": "rope", "rotary_fraction": 0.5}}]))
+    err = problems_of(
+        small_model_dict(
+            attention={"type": "mha", "head_dim": 6},
+            position="none",
+            layers=[{"select": 0, "position": {"type": "rope", "rotary_fraction": 0.5}}],
+        )
+    )
     assert "rotates 3 dims" in str(err)
-    cfg = resolve_model_config(small_model_dict(position={"type": "rope"}, layers=[
-        {"select": 1, "attention": {"type": "mha", "num_heads": 8}}]))
+    cfg = resolve_model_config(
+        small_model_dict(
+            position={"type": "rope"}, layers=[{"select": 1, "attention": {"type": "mha", "num_heads": 8}}]
+        )
+    )
     assert cfg.layer(1).attention.head_dim == 4
 
 
 def test_valid_edges_are_accepted():
-    for changes in ({"attention": {"type": "sliding_window", "window": 1}},
-                    {"attention": {"type": "sliding_window", "window": 64}},
-                    {"dropout": 0.0}, {"dropout": 0.999},
-                    {"attention": {"type": "gqa", "num_kv_heads": 1}},
-                    {"hidden_size": 24, "position": {"type": "rope", "rotary_fraction": 0.5}, "num_heads": 2}):
+    for changes in (
+        {"attention": {"type": "sliding_window", "window": 1}},
+        {"attention": {"type": "sliding_window", "window": 64}},
+        {"dropout": 0.0},
+        {"dropout": 0.999},
+        {"attention": {"type": "gqa", "num_kv_heads": 1}},
+        {"hidden_size": 24, "position": {"type": "rope", "rotary_fraction": 0.5}, "num_heads": 2},
+    ):
         resolve_model_config(small_model_dict(**changes))
 
 
 def test_small_intermediate_size_logs_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="composer"):
         resolve_model_config(small_model_dict(ffn={"type": "mlp", "intermediate_size": 16}))
-    assert any("model.ffn.intermediate_size" in r.getMessage() and "smaller than hidden_size 32" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "model.ffn.intermediate_size" in r.getMessage() and "smaller than hidden_size 32" in r.getMessage()
+        for r in caplog.records
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="composer"):
         resolve_model_config(small_model_dict(ffn={"type": "mlp", "intermediate_size": 64}))
@@ -166,15 +214,20 @@ def test_small_intermediate_size_logs_a_warning(caplog):
 
 def test_all_problems_reported_together_with_full_paths():
     raw = small_model_dict(
-        num_layers=3, dropout=2.0,
+        num_layers=3,
+        dropout=2.0,
         attention={"type": "gqa", "num_kv_head": 2},
         ffn={"type": "swigloo"},
-        layers=[{"select": "0", "attention": {"type": "gqa", "num_kv_heads": 3}},
-                {"select": [7], "norm": "rmsnorm"}],
+        layers=[{"select": "0", "attention": {"type": "gqa", "num_kv_heads": 3}}, {"select": [7], "norm": "rmsnorm"}],
     )
     err = problems_of(raw)
-    assert set(paths(err)) >= {"model.dropout", "model.attention.num_kv_head", "model.ffn.type",
-                               "model.layers[0].attention.num_kv_heads", "model.layers[1].select[0]"}
+    assert set(paths(err)) >= {
+        "model.dropout",
+        "model.attention.num_kv_head",
+        "model.ffn.type",
+        "model.layers[0].attention.num_kv_heads",
+        "model.layers[1].select[0]",
+    }
     text = str(err)
     assert f"({len(err.problems)} problems)" in text
     for p in err.problems:
@@ -201,14 +254,17 @@ def test_missing_and_invalid_parameter_classes():
     assert type(err) is ConfigError and not isinstance(err, (MissingParameter, InvalidParameter))
 
 
-@pytest.mark.parametrize("family,bad,hint", [
-    ("attention", "mqaa", "did you mean 'mqa'?"),
-    ("ffn", "swigl", "did you mean 'swiglu'?"),
-    ("norm", "rms_norm", "did you mean 'rmsnorm'?"),
-    ("position", "rotary", ""),
-    ("head", "classifier", "did you mean 'classification'?"),
-    ("block", "prenorm", "did you mean 'pre_norm'?"),
-])
+@pytest.mark.parametrize(
+    "family,bad,hint",
+    [
+        ("attention", "mqaa", "did you mean 'mqa'?"),
+        ("ffn", "swigl", "did you mean 'swiglu'?"),
+        ("norm", "rms_norm", "did you mean 'rmsnorm'?"),
+        ("position", "rotary", ""),
+        ("head", "classifier", "did you mean 'classification'?"),
+        ("block", "prenorm", "did you mean 'pre_norm'?"),
+    ],
+)
 def test_unknown_component_type_lists_registered_names(family, bad, hint):
     from composer.registry import FAMILIES
 
@@ -226,10 +282,23 @@ def test_bad_dotted_plugin_path_is_a_config_error():
 
 
 # ============================================================================ layer selection
-@pytest.mark.parametrize("select,want", [
-    ("1::2", [1, 3]), ("::2", [0, 2, 4]), ("-2:", [3, 4]), (":2", [0, 1]), ("1:4:2", [1, 3]), ("::-1", [0, 1, 2, 3, 4]),
-    (3, [3]), (-1, [4]), ("-5", [0]), ("2", [2]), ([0, -1], [0, 4]), ([4, 1, 1], [1, 4]),
-])
+@pytest.mark.parametrize(
+    "select,want",
+    [
+        ("1::2", [1, 3]),
+        ("::2", [0, 2, 4]),
+        ("-2:", [3, 4]),
+        (":2", [0, 1]),
+        ("1:4:2", [1, 3]),
+        ("::-1", [0, 1, 2, 3, 4]),
+        (3, [3]),
+        (-1, [4]),
+        ("-5", [0]),
+        ("2", [2]),
+        ([0, -1], [0, 4]),
+        ([4, 1, 1], [1, 4]),
+    ],
+)
 def test_layer_selection_semantics(select, want):
     problems = []
     assert sorted(parse_select(select, 5, "model.layers[0].select", problems)) == want
@@ -238,12 +307,22 @@ def test_layer_selection_semantics(select, want):
     assert [i for i in range(5) if cfg.layer(i).attention.type == "mqa"] == want
 
 
-@pytest.mark.parametrize("select,fragment", [
-    (5, "layer 5 does not exist (the model has 5 layers)"), (-6, "layer -6 does not exist"),
-    ("10:", "selects no layer of 5"), ("::0", "step must not be zero"), ("a:b", "invalid layer selection"),
-    ("1-3", "invalid layer selection"), ([], "invalid layer selection"), ([1, "x"], "must be an integer"),
-    (1.5, "invalid layer selection"), (True, "invalid layer selection"), ({"a": 1}, "invalid layer selection"),
-])
+@pytest.mark.parametrize(
+    "select,fragment",
+    [
+        (5, "layer 5 does not exist (the model has 5 layers)"),
+        (-6, "layer -6 does not exist"),
+        ("10:", "selects no layer of 5"),
+        ("::0", "step must not be zero"),
+        ("a:b", "invalid layer selection"),
+        ("1-3", "invalid layer selection"),
+        ([], "invalid layer selection"),
+        ([1, "x"], "must be an integer"),
+        (1.5, "invalid layer selection"),
+        (True, "invalid layer selection"),
+        ({"a": 1}, "invalid layer selection"),
+    ],
+)
 def test_bad_layer_selection(select, fragment):
     err = problems_of(small_model_dict(num_layers=5, layers=[{"select": select, "attention": "mqa"}]))
     assert any(p.startswith("model.layers[0].select") for p in paths(err)), str(err)
@@ -266,14 +345,20 @@ def test_learned_position_cannot_be_per_layer():
 
 # ============================================================================ overrides build the layer
 def test_per_layer_overrides_change_the_built_layer():
-    raw = small_model_dict(num_layers=3, position={"type": "alibi"}, layers=[{
-        "select": [1],
-        "block": {"type": "parallel"},
-        "attention": {"type": "gqa", "num_kv_heads": 2, "qk_norm": True},
-        "ffn": {"type": "swiglu", "intermediate_size": 48},
-        "norm": {"type": "rmsnorm", "eps": 1e-3},
-        "position": {"type": "rope", "theta": 100.0},
-    }])
+    raw = small_model_dict(
+        num_layers=3,
+        position={"type": "alibi"},
+        layers=[
+            {
+                "select": [1],
+                "block": {"type": "parallel"},
+                "attention": {"type": "gqa", "num_kv_heads": 2, "qk_norm": True},
+                "ffn": {"type": "swiglu", "intermediate_size": 48},
+                "norm": {"type": "rmsnorm", "eps": 1e-3},
+                "position": {"type": "rope", "theta": 100.0},
+            }
+        ],
+    )
     model = compose(raw, seed=0)
     plain, changed = model.layers[0], model.layers[1]
     assert type(plain) is PreNormBlock and type(changed) is ParallelBlock
@@ -288,12 +373,17 @@ def test_per_layer_overrides_change_the_built_layer():
 
 
 def test_type_change_carries_shared_options_and_drops_others():
-    cfg = resolve_model_config(small_model_dict(
-        num_layers=3,
-        attention={"type": "sliding_window", "window": 8, "bias": True, "qk_norm": True, "num_kv_heads": 2},
-        layers=[{"select": 0, "attention": {"type": "mha"}},
+    cfg = resolve_model_config(
+        small_model_dict(
+            num_layers=3,
+            attention={"type": "sliding_window", "window": 8, "bias": True, "qk_norm": True, "num_kv_heads": 2},
+            layers=[
+                {"select": 0, "attention": {"type": "mha"}},
                 {"select": 1, "attention": {"type": "gqa"}},
-                {"select": "1:", "attention": {"bias": False}}]))
+                {"select": "1:", "attention": {"bias": False}},
+            ],
+        )
+    )
     l0, l1, l2 = (cfg.layer(i).attention for i in range(3))
     assert l0.type == "mha" and l0.bias and l0.qk_norm and not hasattr(l0, "window")
     assert l1.type == "gqa" and l1.num_kv_heads == 2 and l1.qk_norm and not l1.bias, "later overrides stack"
@@ -307,12 +397,21 @@ def test_override_isolated_from_other_layers_and_model_config():
 
 
 # ============================================================================ to_dict / replace
-@pytest.mark.parametrize("changes", [
-    {},
-    {"dropout": 0.1, "attention": {"type": "gqa", "num_kv_heads": 2, "dropout": 0.2}, "position": "rope"},
-    {"num_layers": 4, "layers": [{"select": "1::2", "attention": {"type": "sliding_window", "window": 3}},
-                                 {"select": [0], "ffn": component("moe")}], "head": component("classification")},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"dropout": 0.1, "attention": {"type": "gqa", "num_kv_heads": 2, "dropout": 0.2}, "position": "rope"},
+        {
+            "num_layers": 4,
+            "layers": [
+                {"select": "1::2", "attention": {"type": "sliding_window", "window": 3}},
+                {"select": [0], "ffn": component("moe")},
+            ],
+            "head": component("classification"),
+        },
+    ],
+)
 def test_to_dict_round_trips(changes):
     cfg = resolve_model_config(small_model_dict(**changes))
     data = cfg.to_dict()

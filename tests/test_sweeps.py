@@ -15,8 +15,11 @@ from composer.cli import run
 from composer.report import main_ as report_main
 from composer.train import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.filterwarnings("ignore:.*declarative_base:DeprecationWarning")]  # optuna
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:.*declarative_base:DeprecationWarning"),
+]  # optuna
 QUIET = [*TINY, "callbacks.summary=false", "callbacks.checkpoint.enabled=false"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,8 +55,12 @@ def test_multirun_writes_a_record_per_combination(attention_sweep):
     runs = records(attention_sweep)
     assert sorted(runs) == [0, 1, 2, 3]
     combos = {(next(o for o in r["overrides"] if o.startswith("model/attention=")), r["seed"]) for r in runs.values()}
-    assert combos == {("model/attention=mha", 1), ("model/attention=mha", 2),
-                      ("model/attention=mqa", 1), ("model/attention=mqa", 2)}
+    assert combos == {
+        ("model/attention=mha", 1),
+        ("model/attention=mha", 2),
+        ("model/attention=mqa", 1),
+        ("model/attention=mqa", 2),
+    }
     assert all(r["status"] == "completed" and r["steps"] == 6 for r in runs.values())
     assert all(r["peak_rss_mb"] >= r["start_rss_mb"] > 0 for r in runs.values())  # Linux: per-run peak
     assert len({r["params"] for r in runs.values()}) == 2  # mqa has fewer key/value weights than mha
@@ -121,8 +128,16 @@ def test_optuna_example_runs_three_trials_and_survives_a_failed_one(tmp_path, ca
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
     args = [o for o in QUIET if not o.startswith(("model.hidden_size=", "model.num_heads="))]  # the sweeper's
-    code, _, err = train_cli(["hparams_search=recall_lr_width", *args, "model.num_heads=3", "hydra.sweeper.n_trials=3",
-                              f"hydra.sweep.dir={sweep}"], capsys)
+    code, _, err = train_cli(
+        [
+            "hparams_search=recall_lr_width",
+            *args,
+            "model.num_heads=3",
+            "hydra.sweeper.n_trials=3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capsys,
+    )
     assert code == 0, err
     runs = records(sweep)
     assert sorted(runs) == [0, 1, 2]
@@ -155,8 +170,17 @@ def test_optimized_metric_must_be_a_metrics_value(tmp_path, capsys):
 def test_submitit_local_launcher_runs_two_jobs(tmp_path, capsys):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "submitit"
-    code, _, err = train_cli(["-m", *QUIET, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                              "seed=1,2", f"hydra.sweep.dir={sweep}"], capsys)
+    code, _, err = train_cli(
+        [
+            "-m",
+            *QUIET,
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capsys,
+    )
     assert code == 0, err
     runs = records(sweep)
     assert sorted(runs) == [0, 1] and sorted(r["seed"] for r in runs.values()) == [1, 2]
@@ -170,8 +194,10 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path, capsys):
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, capsys):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "joblib"
-    code, _, err = train_cli(["-m", *QUIET, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2",
-                              f"hydra.sweep.dir={sweep}"], capsys)
+    code, _, err = train_cli(
+        ["-m", *QUIET, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2", f"hydra.sweep.dir={sweep}"],
+        capsys,
+    )
     assert code == 0, err
     runs = records(sweep)
     assert sorted(runs) == [0, 1] and all(r["status"] == "completed" for r in runs.values())
@@ -190,8 +216,17 @@ def test_slurm_launcher_config_composes_into_an_sbatch_script(tmp_path, monkeypa
     from composer.config import conf_dir
 
     with initialize_config_dir(str(conf_dir()), version_base=None):
-        cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp",
-                                "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            [
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "trainer=ddp",
+                "trainer.devices=4",
+                "trainer.num_nodes=2",
+            ],
+            return_hydra_config=True,
+        )
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params["_target_"].endswith("SlurmLauncher")
     assert (params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (2, 4, 4)
@@ -201,14 +236,22 @@ def test_slurm_launcher_config_composes_into_an_sbatch_script(tmp_path, monkeypa
     (tmp_path / "bin" / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
     # what the launcher does before submitting (hydra_submitit_launcher.submitit_launcher.launch)
-    executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / "logs"),
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=str(tmp_path / "logs"), slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
-                                  if k not in ("_target_", "submitit_folder")})
+    executor.update_parameters(
+        **{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in ("_target_", "submitit_folder")}
+    )
     script = executor._executor._make_submission_file_text("composer-train", "0")
-    for line in ("--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=240",
-                 "--cpus-per-task=8"):
+    for line in (
+        "--partition=gpu",
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=4",
+        "--time=240",
+        "--cpus-per-task=8",
+    ):
         assert f"#SBATCH {line}\n" in script, line
 
 
@@ -226,7 +269,8 @@ def test_ddp_jobs_need_a_launcher_whose_command_lightning_can_rerun():
             check_launcher(ddp2, OmegaConf.create(launcher))
         assert "trainer.devices=1" in str(info.value)
     check_launcher(ddp2, OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}))
-    check_launcher(ddp2, OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
-                                                         "SlurmLauncher"}))  # SLURM starts every rank itself
+    check_launcher(
+        ddp2, OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"})
+    )  # SLURM starts every rank itself
     check_launcher(OmegaConf.create({"strategy": "ddp", "devices": [3]}), OmegaConf.create(joblib))
     check_launcher(OmegaConf.create({"strategy": "auto", "devices": 2}), OmegaConf.create(local))

@@ -26,8 +26,15 @@ def test_main_job_writes_the_whole_run_folder(tmp_path):
     args = [o for o in TINY if o != "callbacks.progress_bar=none"]  # with the rich progress bar
     res = cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    for text in ("final val loss", "best val loss", "answer_accuracy", "tokens/s", "wall time", "exported model",
-                 "answers right"):
+    for text in (
+        "final val loss",
+        "best val loss",
+        "answer_accuracy",
+        "tokens/s",
+        "wall time",
+        "exported model",
+        "answers right",
+    ):
         assert text in res.stdout, text
     # the paths whole on one line each, however long (a table would wrap them): they can be copied
     assert f"last checkpoint: {run / 'checkpoints' / 'last.ckpt'}\n" in res.stdout
@@ -66,8 +73,10 @@ BAD_DATA = {
     "missing": (["data.path={tmp}/nope.txt"], "nope.txt"),
     "empty": (["data.path={tmp}/empty.txt"], "empty.txt"),
     "not_utf8": (["data.path={tmp}/latin1.txt"], "latin1.txt"),
-    "too_long": (["data.path={tmp}/text.txt", "data.seq_len=64", "model.max_position_embeddings=32"],
-                 "max_position_embeddings"),
+    "too_long": (
+        ["data.path={tmp}/text.txt", "data.seq_len=64", "model.max_position_embeddings=32"],
+        "max_position_embeddings",
+    ),
     "too_short": (["data.path={tmp}/short.txt"], "short.txt"),
 }
 
@@ -85,8 +94,16 @@ def texts(tmp_path) -> Path:
 def test_bad_data_is_one_line_and_exit_2(texts, capsys, case):
     extra, named = BAD_DATA[case]
     small = [o for o in TINY if not o.startswith("data.")]
-    code, out, err = train_cli([*small, "data=text", "data.seq_len=16", *[e.format(tmp=texts) for e in extra],
-                            f"hydra.run.dir={texts / case}"], capsys)
+    code, out, err = train_cli(
+        [
+            *small,
+            "data=text",
+            "data.seq_len=16",
+            *[e.format(tmp=texts) for e in extra],
+            f"hydra.run.dir={texts / case}",
+        ],
+        capsys,
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
@@ -96,8 +113,14 @@ def test_bad_data_is_one_line_and_exit_2(texts, capsys, case):
 
 def test_bad_data_through_the_console_script(texts):
     exe = Path(sys.executable).with_name("composer-train")
-    res = subprocess.run([str(exe), "data=text", f"data.path={texts}/nope.txt", f"hydra.run.dir={texts}/run"],
-                         cwd=texts, env=cli_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [str(exe), "data=text", f"data.path={texts}/nope.txt", f"hydra.run.dir={texts}/run"],
+        cwd=texts,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "nope.txt" in res.stderr
     assert "Traceback" not in res.stderr
@@ -105,8 +128,17 @@ def test_bad_data_through_the_console_script(texts):
 
 def test_forced_small_vocabulary_is_a_config_error(texts, capsys):
     small = [o for o in TINY if not o.startswith("data.")]
-    code, _, err = train_cli([*small, "data=text", f"data.path={texts}/text.txt", "data.seq_len=16",
-                          "model.vocab_size=8", f"hydra.run.dir={texts}/run"], capsys)
+    code, _, err = train_cli(
+        [
+            *small,
+            "data=text",
+            f"data.path={texts}/text.txt",
+            "data.seq_len=16",
+            "model.vocab_size=8",
+            f"hydra.run.dir={texts}/run",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "model.vocab_size" in err and "data.tokenizer=char" in err and "Traceback" not in err
 
@@ -132,10 +164,15 @@ def test_multirun_writes_one_record_per_run_and_survives_a_failing_run(tmp_path,
             assert r["status"] == "completed" and r["steps"] == 6
         else:
             assert r["status"] == "failed" and "num_heads" in r["error"]
-    assert {tuple(sorted(o for o in r["overrides"] if o.startswith(("seed=", "model.num_heads="))))
-            for r in records.values()} == {
-        ("model.num_heads=2", "seed=1"), ("model.num_heads=2", "seed=2"),
-        ("model.num_heads=3", "seed=1"), ("model.num_heads=3", "seed=2")}
+    assert {
+        tuple(sorted(o for o in r["overrides"] if o.startswith(("seed=", "model.num_heads="))))
+        for r in records.values()
+    } == {
+        ("model.num_heads=2", "seed=1"),
+        ("model.num_heads=2", "seed=2"),
+        ("model.num_heads=3", "seed=1"),
+        ("model.num_heads=3", "seed=2"),
+    }
     seeds_done = {r["seed"]: r["val_loss"] for r in records.values() if r["status"] == "completed"}
     assert sorted(seeds_done) == [1, 2] and seeds_done[1] != seeds_done[2]
 
@@ -143,9 +180,18 @@ def test_multirun_writes_one_record_per_run_and_survives_a_failing_run(tmp_path,
 def test_optuna_sweeper_receives_the_optimized_metric(tmp_path, capsys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
-    code, _, err = train_cli(["-m", *TINY, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
-                          "hydra.sweeper.sampler.seed=0", "optim.lr=interval(0.001,0.01)",
-                          f"hydra.sweep.dir={sweep}"], capsys)
+    code, _, err = train_cli(
+        [
+            "-m",
+            *TINY,
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.seed=0",
+            "optim.lr=interval(0.001,0.01)",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capsys,
+    )
     assert code == 0, err
     import yaml
 
@@ -157,8 +203,14 @@ def test_optuna_sweeper_receives_the_optimized_metric(tmp_path, capsys):
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "killed"
     args = [*TINY, "trainer.max_steps=100000", "trainer.val_check_interval=2", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "composer.train", *args], cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "composer.train", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = run / "checkpoints" / "last.ckpt"
     try:
         deadline = time.monotonic() + 240
@@ -177,15 +229,26 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     step = ckpt["global_step"]
     assert step >= 4 and step % 2 == 0
     assert not (run / "metrics.json").exists() or metrics(run)["status"] != "completed"
-    resumed = run_inprocess(tmp_path / "resumed", "trainer.val_check_interval=2", f"trainer.max_steps={step + 4}",
-                            f"ckpt_path={last}")
+    resumed = run_inprocess(
+        tmp_path / "resumed", "trainer.val_check_interval=2", f"trainer.max_steps={step + 4}", f"ckpt_path={last}"
+    )
     assert resumed["status"] == "completed" and resumed["steps"] == step + 4
     assert [h["step"] for h in resumed["history"]] == list(range(2, step + 5, 2))  # old validations kept
 
 
 def test_ddp_with_two_cpu_processes_writes_one_run_folder(tmp_path):
-    res = cli([*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4",
-               "trainer.val_check_interval=2"], cwd=tmp_path, timeout=400)
+    res = cli(
+        [
+            *TINY,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+        ],
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(runs) == 1, runs  # one folder for both processes
@@ -202,9 +265,22 @@ def test_ddp_inside_a_sweep_gives_each_run_its_own_folder(tmp_path):
     """Lightning's launcher re-runs the command in each new process: in a sweep that must be
     the job's own single run (its overrides, its folder), and the next job launches afresh."""
     sweep = tmp_path / "sweep"
-    res = cli(["-m", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2",
-               "trainer.val_check_interval=2", "callbacks.summary=false", "seed=1,2", f"hydra.sweep.dir={sweep}"],
-              cwd=tmp_path, timeout=400)
+    res = cli(
+        [
+            "-m",
+            *TINY,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "callbacks.summary=false",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     assert len(list(tmp_path.rglob("metrics.json"))) == 2 and len(list(tmp_path.rglob(".hydra"))) == 2

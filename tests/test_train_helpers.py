@@ -17,10 +17,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A run that takes seconds: one small layer, short recall sequences, few steps.
 TINY = [
-    "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.max_position_embeddings=32",
-    "data.vocab_size=16", "data.num_pairs=4", "data.seq_len=16", "data.batch_size=8", "data.num_val_examples=32",
-    "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-    "scheduler.warmup_steps=2", "callbacks.progress_bar=none", "trainer.accelerator=cpu",
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.max_position_embeddings=32",
+    "data.vocab_size=16",
+    "data.num_pairs=4",
+    "data.seq_len=16",
+    "data.batch_size=8",
+    "data.num_val_examples=32",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "scheduler.warmup_steps=2",
+    "callbacks.progress_bar=none",
+    "trainer.accelerator=cpu",
 ]
 
 
@@ -74,8 +85,15 @@ def run_inprocess(run_dir: Path, *overrides: str, console=None) -> dict:
 
 def cli(args: Sequence[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """``python -m composer.train <args>`` in ``cwd`` (one OpenMP thread per process)."""
-    return subprocess.run([sys.executable, "-m", "composer.train", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "composer.train", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def cli_env() -> dict:

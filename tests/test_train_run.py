@@ -87,17 +87,28 @@ def test_init_from_starts_from_the_saved_weights_and_config(tmp_path):
     assert prepared.model.config.hidden_size == 48 and prepared.model.config.dropout == 0.2
     state = prepared.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.state_dict().items())
-    cont = run_inprocess(tmp_path / "second", f"init_from={tmp_path / 'first' / 'model'}", "trainer.max_steps=3",
-                         "model.hidden_size=48", "model.num_heads=3")
+    cont = run_inprocess(
+        tmp_path / "second",
+        f"init_from={tmp_path / 'first' / 'model'}",
+        "trainer.max_steps=3",
+        "model.hidden_size=48",
+        "model.num_heads=3",
+    )
     assert cont["history"][0]["val_loss"] < first["history"][0]["val_loss"]  # it starts trained
     with pytest.raises(ConfigError, match="model.num_layers.*init_from"):
         run_inprocess(tmp_path / "third", f"init_from={tmp_path / 'first' / 'model'}", "model.num_layers=2")
 
 
 def test_early_stopping_and_tensorboard(tmp_path):
-    record = run_inprocess(tmp_path, "logger=tensorboard", "optim.lr=1e-9", "scheduler=constant",
-                           "callbacks.early_stopping={patience: 1, min_delta: 0.1}", "trainer.max_steps=30",
-                           "trainer.val_check_interval=2")
+    record = run_inprocess(
+        tmp_path,
+        "logger=tensorboard",
+        "optim.lr=1e-9",
+        "scheduler=constant",
+        "callbacks.early_stopping={patience: 1, min_delta: 0.1}",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=2",
+    )
     assert record["status"] == "completed"
     assert record["steps"] < 30  # no improvement of 0.1 with a vanishing learning rate: stopped early
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

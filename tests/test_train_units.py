@@ -47,8 +47,9 @@ def test_weight_decay_only_on_matrices_and_tied_weight_once():
 
 def test_adamw_settings_and_fused_auto_off_on_cpu():
     model = compose(small_model_dict(), seed=0)
-    opt = build_optimizer(model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": [0.8, 0.9],
-                                  "eps": 1e-6, "fused": "auto"})
+    opt = build_optimizer(
+        model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": [0.8, 0.9], "eps": 1e-6, "fused": "auto"}
+    )
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
     assert not opt.defaults.get("fused")
@@ -80,8 +81,11 @@ def test_schedules_warm_up_then_decay_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # monotone decay after warmup
     assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
     # the schedule's state survives a checkpoint round trip
-    again = build_scheduler(torch.optim.AdamW(model.parameters(), lr=1.0),
-                            {"name": "cosine", "warmup_steps": 2, "min_lr": 0.1}, max_steps=10)
+    again = build_scheduler(
+        torch.optim.AdamW(model.parameters(), lr=1.0),
+        {"name": "cosine", "warmup_steps": 2, "min_lr": 0.1},
+        max_steps=10,
+    )
     again.load_state_dict(sched.state_dict())
     assert again.last_epoch == sched.last_epoch
 
@@ -132,8 +136,9 @@ def test_atomic_checkpoint_killed_mid_write_keeps_a_complete_file(tmp_path):
     """SIGKILL a process that rewrites a 16 MB checkpoint in a loop: the file on disk is always a
     complete checkpoint (the previous or the new one), never a partial one."""
     path = tmp_path / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHILD), str(path)], stdout=subprocess.PIPE,
-                            text=True, env=cli_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(path)], stdout=subprocess.PIPE, text=True, env=cli_env()
+    )
     try:
         for _ in range(3):  # a few complete saves, then kill at an arbitrary moment of the next one
             assert proc.stdout.readline().strip(), "the child process died"
@@ -149,13 +154,29 @@ def test_atomic_checkpoint_killed_mid_write_keeps_a_complete_file(tmp_path):
 
 # ----------------------------------------------------------------------------- config validation
 def test_config_problems_all_reported_with_their_keys():
-    cfg = load_config(["trainer.max_steps=0", "trainer.precision=fp8", "optim.lr=-1", "trainer.val_check_interval=0",
-                       "+trainer.max_epoch=3", "callbacks.progress_bar=fancy", "ckpt_path=/nonexistent.ckpt"])
+    cfg = load_config(
+        [
+            "trainer.max_steps=0",
+            "trainer.precision=fp8",
+            "optim.lr=-1",
+            "trainer.val_check_interval=0",
+            "+trainer.max_epoch=3",
+            "callbacks.progress_bar=fancy",
+            "ckpt_path=/nonexistent.ckpt",
+        ]
+    )
     with pytest.raises(ConfigError) as info:
         check_config(cfg)
     text = str(info.value)
-    for key in ("trainer.max_steps", "trainer.precision", "optim.lr", "trainer.val_check_interval",
-                "trainer.max_epoch", "callbacks.progress_bar", "ckpt_path"):
+    for key in (
+        "trainer.max_steps",
+        "trainer.precision",
+        "optim.lr",
+        "trainer.val_check_interval",
+        "trainer.max_epoch",
+        "callbacks.progress_bar",
+        "ckpt_path",
+    ):
         assert key in text, key
     assert "did you mean 'max_epochs'" in text
 
@@ -244,8 +265,12 @@ def test_precheck_reports_bad_overrides_as_config_errors():
 
 def test_sweep_jobs_enumerate_choices_and_skip_sampled_intervals():
     jobs = _sweep_jobs(["model/attention=mha,gqa", "seed=range(1,3)", "optim.lr=interval(0.001,0.01)", "a=1"])
-    assert jobs == [["model/attention=mha", "seed=1", "a=1"], ["model/attention=mha", "seed=2", "a=1"],
-                    ["model/attention=gqa", "seed=1", "a=1"], ["model/attention=gqa", "seed=2", "a=1"]]
+    assert jobs == [
+        ["model/attention=mha", "seed=1", "a=1"],
+        ["model/attention=mha", "seed=2", "a=1"],
+        ["model/attention=gqa", "seed=1", "a=1"],
+        ["model/attention=gqa", "seed=2", "a=1"],
+    ]
 
 
 # ----------------------------------------------------------------------------- strategies and MFU
@@ -253,8 +278,10 @@ def test_fsdp_wraps_the_block_classes_and_checkpoints_through_the_strategy():
     from lightning.pytorch.strategies import FSDPStrategy
 
     model = compose(small_model_dict(gradient_checkpointing="every_layer"), seed=0)
-    strategy = build_strategy({"strategy": "fsdp", "strategy_options": {"activation_checkpointing": True,
-                                                                        "sharding_strategy": "FULL_SHARD"}}, model)
+    strategy = build_strategy(
+        {"strategy": "fsdp", "strategy_options": {"activation_checkpointing": True, "sharding_strategy": "FULL_SHARD"}},
+        model,
+    )
     assert isinstance(strategy, FSDPStrategy)
     blocks = block_classes(model)
     assert blocks == {type(model.layers[0])}
@@ -292,8 +319,9 @@ def test_packaged_experiments_compose_and_override_the_groups():
     names = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
     assert {"char_text", "smoke"} <= set(names)
     for name in names:
-        cfg = load_config([f"experiment={name}", "data.path=any.txt"] if name == "char_text" else
-                          [f"experiment={name}"])
+        cfg = load_config(
+            [f"experiment={name}", "data.path=any.txt"] if name == "char_text" else [f"experiment={name}"]
+        )
         check_config(cfg)
         compose({**to_container(cfg.model), "vocab_size": 65}, device="meta")
     char = load_config(["experiment=char_text", "data.path=any.txt"])

@@ -10,8 +10,12 @@ from collections.abc import Callable
 from ..errors import ComposerError
 
 
-def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prog: str | None = None,
-        interrupted: str = "interrupted") -> int:
+def run(
+    main: Callable[[list[str]], int | None],
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    interrupted: str = "interrupted",
+) -> int:
     """Call ``main(argv)``; turn project errors into a message on stderr (``error: ...``, or
     ``<prog>: ...`` when given) and exit status 2; an interrupt prints ``interrupted`` and exits 130."""
     argv = sys.argv[1:] if argv is None else argv

@@ -1,8 +1,8 @@
 """composer-components: the catalogue of registered components, their options and defaults.
 
-    composer-components                 every family
-    composer-components attention       one family
-    composer-components --yaml ffn/moe  the config-group file of one component
+composer-components                 every family
+composer-components attention       one family
+composer-components --yaml ffn/moe  the config-group file of one component
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ def main_(argv: list[str]) -> int:
     if argv and argv[0] == "--yaml":
         family, _, name = (argv[1] if len(argv) > 1 else "").partition("/")
         if family not in FAMILIES or not name:
-            raise ConfigError([Problem("--yaml", f"expected <family>/<name>, got {argv[1:]!r}",
-                                       f"families: {', '.join(FAMILIES)}; e.g. --yaml attention/gqa")])
+            raise ConfigError(
+                [
+                    Problem(
+                        "--yaml",
+                        f"expected <family>/<name>, got {argv[1:]!r}",
+                        f"families: {', '.join(FAMILIES)}; e.g. --yaml attention/gqa",
+                    )
+                ]
+            )
         print(component_yaml(family, name), end="")
         return 0
     family = argv[0] if argv else None

@@ -40,8 +40,15 @@ def _args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     except SystemExit as exc:  # argparse printed the usage; bad usage is a configuration error
         if exc.code in (0, None):
             raise
-        raise InvalidParameter([Problem("arguments", " ".join(argv) or "(none)",
-                                        f"usage: {p.format_usage().strip().removeprefix('usage: ')}")]) from None
+        raise InvalidParameter(
+            [
+                Problem(
+                    "arguments",
+                    " ".join(argv) or "(none)",
+                    f"usage: {p.format_usage().strip().removeprefix('usage: ')}",
+                )
+            ]
+        ) from None
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -51,8 +58,15 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
 def import_main(argv: list[str]) -> int:
     from ..hf import import_hf
 
-    args = _args(_parser("composer-import", "Hugging Face model folder", "output checkpoint folder",
-                         "Convert a Hugging Face model folder to a composer checkpoint."), argv)
+    args = _args(
+        _parser(
+            "composer-import",
+            "Hugging Face model folder",
+            "output checkpoint folder",
+            "Convert a Hugging Face model folder to a composer checkpoint.",
+        ),
+        argv,
+    )
     model = import_hf(args.source, dtype=_dtype(args.dtype))
     model.save_pretrained(args.target, max_shard_size=args.max_shard_size)
     tokenizer = Path(args.source) / "tokenizer.json"
@@ -66,8 +80,15 @@ def export_main(argv: list[str]) -> int:
     from ..checkpoint import from_pretrained, load_tokenizer
     from ..hf import export_hf
 
-    args = _args(_parser("composer-export", "composer checkpoint folder", "output Hugging Face folder",
-                         "Convert a composer checkpoint to a Hugging Face model folder."), argv)
+    args = _args(
+        _parser(
+            "composer-export",
+            "composer checkpoint folder",
+            "output Hugging Face folder",
+            "Convert a composer checkpoint to a Hugging Face model folder.",
+        ),
+        argv,
+    )
     model = from_pretrained(args.source, dtype=_dtype(args.dtype))
     export_hf(model, args.target, tokenizer=load_tokenizer(args.source), max_shard_size=args.max_shard_size)
     print(f"exported {model.config.name or 'model'} ({model.num_parameters():,} parameters) to {args.target}")

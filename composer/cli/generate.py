@@ -34,8 +34,23 @@ from ..errors import ConfigError, Problem
 from . import run
 
 USAGE = __doc__
-OPTIONS = ("ckpt", "prompt", "prompt_ids", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-           "repetition_penalty", "seed", "eos_token_id", "prompt_overflow", "device", "dtype", "echo")
+OPTIONS = (
+    "ckpt",
+    "prompt",
+    "prompt_ids",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+    "eos_token_id",
+    "prompt_overflow",
+    "device",
+    "dtype",
+    "echo",
+)
 SAMPLING = ("temperature", "top_k", "top_p")
 DTYPES = ("float32", "bfloat16", "float16")
 NULL = ("null", "none", "~", "")
@@ -68,8 +83,10 @@ def _typed(opts: dict[str, str], key: str, kind: Callable[[str], Any], default: 
     try:
         return kind(text.strip())
     except ValueError:
-        raise ConfigError([Problem(key, f"{text!r} is not {what}", f"write {key}=<{what}>")],
-                          header="invalid composer-generate arguments") from None
+        raise ConfigError(
+            [Problem(key, f"{text!r} is not {what}", f"write {key}=<{what}>")],
+            header="invalid composer-generate arguments",
+        ) from None
 
 
 def _bool(text: str) -> bool:
@@ -94,21 +111,29 @@ def load(ckpt: Optional[str], device: str, dtype: Optional[str]) -> tuple[Any, A
     from ..model import ComposedModel, target_device
 
     if not ckpt:
-        raise ConfigError([Problem("ckpt", "is required", "pass ckpt=<folder written by save_pretrained>")],
-                          header="invalid composer-generate arguments")
+        raise ConfigError(
+            [Problem("ckpt", "is required", "pass ckpt=<folder written by save_pretrained>")],
+            header="invalid composer-generate arguments",
+        )
     path = Path(ckpt).expanduser()
     if not path.exists():
-        raise ConfigError([Problem("ckpt", f"{path} does not exist",
-                                   "pass the folder written by model.save_pretrained (or composer-train)")],
-                          header="invalid composer-generate arguments")
+        raise ConfigError(
+            [
+                Problem(
+                    "ckpt",
+                    f"{path} does not exist",
+                    "pass the folder written by model.save_pretrained (or composer-train)",
+                )
+            ],
+            header="invalid composer-generate arguments",
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch_device = target_device(device)
     except ConfigError as exc:
         raise ConfigError(exc.problems, header="invalid composer-generate arguments") from None
-    model = ComposedModel.from_pretrained(path, device=torch_device,
-                                          dtype=getattr(torch, dtype) if dtype else None)
+    model = ComposedModel.from_pretrained(path, device=torch_device, dtype=getattr(torch, dtype) if dtype else None)
     return model, load_tokenizer(path)
 
 
@@ -122,9 +147,16 @@ def _eos(text: Optional[str], tokenizer: Any) -> Optional[list[int]]:
     token_id = tokenizer.token_to_id(text) if tokenizer is not None else None
     if token_id is None:
         where = "the tokenizer's vocabulary" if tokenizer is not None else "a model without a tokenizer"
-        raise ConfigError([Problem("eos_token_id", f"{text!r} is not a token id and not a token of {where}",
-                                   "pass ids (eos_token_id=2 or 2,7) or a token text of the vocabulary")],
-                          header="invalid composer-generate arguments")
+        raise ConfigError(
+            [
+                Problem(
+                    "eos_token_id",
+                    f"{text!r} is not a token id and not a token of {where}",
+                    "pass ids (eos_token_id=2 or 2,7) or a token text of the vocabulary",
+                )
+            ],
+            header="invalid composer-generate arguments",
+        )
     return [token_id]
 
 
@@ -150,7 +182,7 @@ class TextPrinter:
                 self.out.write(self.printed)
         text = self.tokenizer.decode(self.ids)
         if final or not text.endswith("\ufffd"):
-            new = text[len(self.printed):] if text.startswith(self.printed) else text
+            new = text[len(self.printed) :] if text.startswith(self.printed) else text
             self.out.write(new)
             self.printed = text
         self.out.flush()
@@ -192,15 +224,21 @@ def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     opts = parse_args(argv)
     if "prompt" in opts and "prompt_ids" in opts:
-        raise ConfigError([Problem("prompt_ids", "given together with prompt", "pass either prompt or prompt_ids")],
-                          header="invalid composer-generate arguments")
+        raise ConfigError(
+            [Problem("prompt_ids", "given together with prompt", "pass either prompt or prompt_ids")],
+            header="invalid composer-generate arguments",
+        )
     if "prompt" not in opts and "prompt_ids" not in opts:
-        raise ConfigError([Problem("prompt", "is required", 'pass prompt="some text" (or prompt_ids=1,2,3)')],
-                          header="invalid composer-generate arguments")
+        raise ConfigError(
+            [Problem("prompt", "is required", 'pass prompt="some text" (or prompt_ids=1,2,3)')],
+            header="invalid composer-generate arguments",
+        )
     dtype = _typed(opts, "dtype", str, None, "a dtype")
     if dtype is not None and dtype not in DTYPES:
-        raise ConfigError([Problem("dtype", f"{dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")],
-                          header="invalid composer-generate arguments")
+        raise ConfigError(
+            [Problem("dtype", f"{dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")],
+            header="invalid composer-generate arguments",
+        )
     settings = dict(
         max_new_tokens=_typed(opts, "max_new_tokens", int, 64, "an integer"),
         temperature=_typed(opts, "temperature", float, 1.0, "a number"),
@@ -218,20 +256,30 @@ def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
     model, tokenizer = load(opts.get("ckpt"), opts.get("device", "auto"), dtype)
     if prompt_ids is None:
         if tokenizer is None:
-            raise ConfigError([Problem("prompt", f"the model folder {opts['ckpt']} has no tokenizer.json to encode "
-                                       "text", "pass token ids (prompt_ids=1,2,3), or save the tokenizer with "
-                                       "model.save_pretrained(dir, tokenizer=tok)")],
-                              header="invalid composer-generate arguments")
+            raise ConfigError(
+                [
+                    Problem(
+                        "prompt",
+                        f"the model folder {opts['ckpt']} has no tokenizer.json to encode text",
+                        "pass token ids (prompt_ids=1,2,3), or save the tokenizer with "
+                        "model.save_pretrained(dir, tokenizer=tok)",
+                    )
+                ],
+                header="invalid composer-generate arguments",
+            )
         prompt_ids = tokenizer.encode(opts["prompt"]).ids
     if not prompt_ids:
-        raise ConfigError([Problem("prompt", "encodes to no tokens", "pass a non-empty prompt")],
-                          header="invalid composer-generate arguments")
+        raise ConfigError(
+            [Problem("prompt", "encodes to no tokens", "pass a non-empty prompt")],
+            header="invalid composer-generate arguments",
+        )
     eos = _eos(opts.get("eos_token_id"), tokenizer)
 
     import torch
 
-    printer = TextPrinter(tokenizer, prompt_ids, out, echo) if tokenizer is not None else \
-        IdPrinter(prompt_ids, out, echo)
+    printer = (
+        TextPrinter(tokenizer, prompt_ids, out, echo) if tokenizer is not None else IdPrinter(prompt_ids, out, echo)
+    )
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     model.generate(ids, eos_token_id=eos, streamer=printer, **settings)
     printer.close()

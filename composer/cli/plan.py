@@ -1,8 +1,8 @@
 """composer-plan: parameters, FLOPs, KV cache and training memory of a model, without allocating it.
 
-    composer-plan model=llama3_8b batch_size=8 seq_len=2048 precision=bf16-mixed checkpointing=every_layer
-    composer-plan model=tiny batch_size=32 precision=32-true device=cpu fused_attention=false   # a CPU step
-    composer-plan model=gpt2 model.num_layers=6 --config-dir my_configs
+composer-plan model=llama3_8b batch_size=8 seq_len=2048 precision=bf16-mixed checkpointing=every_layer
+composer-plan model=tiny batch_size=32 precision=32-true device=cpu fused_attention=false   # a CPU step
+composer-plan model=gpt2 model.num_layers=6 --config-dir my_configs
 """
 
 from __future__ import annotations

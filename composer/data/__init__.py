@@ -61,16 +61,18 @@ def build_datamodule(cfg_data: Any, *, seed: int, model_max_positions: Optional[
     raw = _plain(cfg_data)
     name = raw.pop("name", None)
     if name not in DATAMODULES:
-        raise ConfigError([Problem("data.name", f"unknown data module {name!r}",
-                                   f"use data=<one of {', '.join(DATAMODULES)}>")])
+        raise ConfigError(
+            [Problem("data.name", f"unknown data module {name!r}", f"use data=<one of {', '.join(DATAMODULES)}>")]
+        )
     known = options(name)
     problems = []
     for key in raw:
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f"did you mean data.{close[0]}? " if close else ""
-            problems.append(Problem(f"data.{key}", f"not an option of data={name}",
-                                    f"{hint}options: {', '.join(known)}"))
+            problems.append(
+                Problem(f"data.{key}", f"not an option of data={name}", f"{hint}options: {', '.join(known)}")
+            )
     if problems:
         raise ConfigError.of(problems)
     return datamodule_class(name)(seed=seed, model_max_positions=model_max_positions, **raw)
@@ -82,8 +84,15 @@ def _plain(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     if not isinstance(cfg, Mapping):
-        raise ConfigError([Problem("data", f"expected a mapping, got {type(cfg).__name__}",
-                                   "select a data config: data=recall | text | tokens | classification")])
+        raise ConfigError(
+            [
+                Problem(
+                    "data",
+                    f"expected a mapping, got {type(cfg).__name__}",
+                    "select a data config: data=recall | text | tokens | classification",
+                )
+            ]
+        )
     return dict(cfg)
 
 

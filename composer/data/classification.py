@@ -49,24 +49,25 @@ def read_jsonl(path: Path, key: str = "data.path") -> list[Row]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg}); write one object per line like {EXAMPLE}") \
-                from None
+            raise DataError(f"{where}: not valid JSON ({exc.msg}); write one object per line like {EXAMPLE}") from None
         if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
-            raise DataError(f"{where}: needs an object with \"text\" and \"label\"; write lines like {EXAMPLE}")
+            raise DataError(f'{where}: needs an object with "text" and "label"; write lines like {EXAMPLE}')
         text, label = obj["text"], obj["label"]
         if not isinstance(text, str) or not text:
-            raise DataError(f"{where}: \"text\" must be a non-empty string, got {text!r:.40}; fix or remove the line")
+            raise DataError(f'{where}: "text" must be a non-empty string, got {text!r:.40}; fix or remove the line')
         if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise DataError(f"{where}: \"label\" must be an integer class id or a string name, got {label!r:.40}; "
-                            "fix the line")
+            raise DataError(
+                f'{where}: "label" must be an integer class id or a string name, got {label!r:.40}; fix the line'
+            )
         rows.append(Row(text, label, where))
     if not rows:
         raise DataError(f"{path}: no examples (only blank lines); write lines like {EXAMPLE}")
     return rows
 
 
-def label_ids(train: list[Row], val: list[Row], num_classes: Optional[int], names_from_val: bool = True
-              ) -> tuple[list[int], list[int], int, Optional[list[str]]]:
+def label_ids(
+    train: list[Row], val: list[Row], num_classes: Optional[int], names_from_val: bool = True
+) -> tuple[list[int], list[int], int, Optional[list[str]]]:
     """(train ids, val ids, num_classes, label names or None) with every label checked.
 
     String labels are numbered in sorted order over the training rows (and the validation rows when
@@ -74,16 +75,20 @@ def label_ids(train: list[Row], val: list[Row], num_classes: Optional[int], name
     kind = type(train[0].label)
     for row in train + val:
         if type(row.label) is not kind:
-            raise DataError(f"{row.where}: label {row.label!r} is a {type(row.label).__name__} but {train[0].where} "
-                            f"has a {kind.__name__}; use integer ids or string names throughout")
+            raise DataError(
+                f"{row.where}: label {row.label!r} is a {type(row.label).__name__} but {train[0].where} "
+                f"has a {kind.__name__}; use integer ids or string names throughout"
+            )
     names = None
     if kind is str:
         names = sorted({row.label for row in (train + val if names_from_val else train)})
         index = {name: i for i, name in enumerate(names)}
         for row in val:
             if row.label not in index:
-                raise DataError(f"{row.where}: label {row.label!r} never occurs in the training data; remove the "
-                                "line or add training examples of it")
+                raise DataError(
+                    f"{row.where}: label {row.label!r} never occurs in the training data; remove the "
+                    "line or add training examples of it"
+                )
         k = len(names) if num_classes is None else num_classes
         ids = [[index[row.label] for row in rows] for rows in (train, val)]
     else:
@@ -94,11 +99,14 @@ def label_ids(train: list[Row], val: list[Row], num_classes: Optional[int], name
                 raise DataError(f"{row.where}: label {row.label} is outside 0..{k - 1}; {fix}")
         ids = [[row.label for row in rows] for rows in (train, val)]
     if names is not None and k < len(names):
-        raise DataError(f"{train[0].where.rsplit(':', 1)[0]}: {len(names)} label names but data.num_classes={k}; "
-                        "raise data.num_classes or set it to null")
+        raise DataError(
+            f"{train[0].where.rsplit(':', 1)[0]}: {len(names)} label names but data.num_classes={k}; "
+            "raise data.num_classes or set it to null"
+        )
     if k < 2:
-        raise DataError(f"{train[0].where.rsplit(':', 1)[0]}: only one class; classification needs labels of at "
-                        "least two classes")
+        raise DataError(
+            f"{train[0].where.rsplit(':', 1)[0]}: only one class; classification needs labels of at least two classes"
+        )
     return ids[0], ids[1], k, names
 
 
@@ -147,10 +155,22 @@ class ClassificationDataModule(DataModule):
     task = "classification"
     metric = "accuracy"
 
-    def __init__(self, *, path: Optional[str] = None, seed: int = 0, val_path: Optional[str] = None,
-                 val_fraction: float = 0.1, tokenizer: str = "char", bpe_vocab_size: int = 4096,
-                 tokenizer_path: Optional[str] = None, num_classes: Optional[int] = None, seq_len: int = 128,
-                 batch_size: int = 32, num_workers: int = 0, model_max_positions: Optional[int] = None):
+    def __init__(
+        self,
+        *,
+        path: Optional[str] = None,
+        seed: int = 0,
+        val_path: Optional[str] = None,
+        val_fraction: float = 0.1,
+        tokenizer: str = "char",
+        bpe_vocab_size: int = 4096,
+        tokenizer_path: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        seq_len: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        model_max_positions: Optional[int] = None,
+    ):
         problems = stream_problems(seq_len, batch_size, num_workers) + missing_path(path) + check_fraction(val_fraction)
         if tokenizer_path is None:
             problems += check_tokenizer_options(tokenizer, bpe_vocab_size)
@@ -158,8 +178,14 @@ class ClassificationDataModule(DataModule):
             problems += check_positive({"num_classes": num_classes})
         if problems:
             raise ConfigError.of(problems)
-        super().__init__(seed=seed, seq_len=seq_len, batch_size=batch_size, num_workers=num_workers,
-                         model_max_positions=model_max_positions, where=str(path))
+        super().__init__(
+            seed=seed,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            model_max_positions=model_max_positions,
+            where=str(path),
+        )
         self.path = Path(path).expanduser()
         self.val_path = None if val_path is None else Path(val_path).expanduser()
         for p, key in ((self.path, "data.path"), (self.val_path, "data.val_path")):
@@ -179,10 +205,13 @@ class ClassificationDataModule(DataModule):
             n_val = max(1, round(len(rows) * self.val_fraction))
             val, train = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
         if len(train) < self.batch_size:
-            raise DataError(f"{self.path}: {len(train)} training examples, fewer than one batch "
-                            f"(data.batch_size={self.batch_size}); add examples or lower data.batch_size")
-        train_y, val_y, self.num_classes, self.label_names = label_ids(train, val, self._requested_classes,
-                                                                             names_from_val=self.val_path is None)
+            raise DataError(
+                f"{self.path}: {len(train)} training examples, fewer than one batch "
+                f"(data.batch_size={self.batch_size}); add examples or lower data.batch_size"
+            )
+        train_y, val_y, self.num_classes, self.label_names = label_ids(
+            train, val, self._requested_classes, names_from_val=self.val_path is None
+        )
         texts = [row.text for row in train]
         if self.tokenizer_path is not None:
             self.tokenizer = load_tokenizer(self.tokenizer_path)
@@ -204,4 +233,3 @@ class ClassificationDataModule(DataModule):
 
     def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         return collate(items)
-

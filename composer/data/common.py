@@ -66,16 +66,26 @@ class DataModule(L.LightningDataModule, ABC):
     metric: Optional[str] = None
     name: str = ""
 
-    def __init__(self, *, seed: int, seq_len: int, batch_size: int, num_workers: int = 0,
-                 model_max_positions: Optional[int] = None, where: str = ""):
+    def __init__(
+        self,
+        *,
+        seed: int,
+        seq_len: int,
+        batch_size: int,
+        num_workers: int = 0,
+        model_max_positions: Optional[int] = None,
+        where: str = "",
+    ):
         super().__init__()
         problems = stream_problems(seq_len, batch_size, num_workers)  # subclasses report these with their own
         if problems:
             raise ConfigError.of(problems)
         if model_max_positions is not None and seq_len > model_max_positions:
             origin = f"{where}: " if where else ""
-            raise DataError(f"{origin}data.seq_len={seq_len} is longer than the model's max_position_embeddings="
-                            f"{model_max_positions}; lower data.seq_len or raise model.max_position_embeddings")
+            raise DataError(
+                f"{origin}data.seq_len={seq_len} is longer than the model's max_position_embeddings="
+                f"{model_max_positions}; lower data.seq_len or raise model.max_position_embeddings"
+            )
         self.seed, self.seq_len, self.batch_size, self.num_workers = seed, seq_len, batch_size, num_workers
         self.vocab_size: int = 0
         self.tokenizer: Any = None
@@ -120,14 +130,25 @@ class DataModule(L.LightningDataModule, ABC):
         self.setup("fit")
         rank, world = self.shard()
         stream = BatchStream(self._train_source(), self._batches_consumed, rank, world)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return DataLoader(self._val_dataset(), batch_size=self.batch_size, shuffle=False, collate_fn=self._collate,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self._val_dataset(),
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def state_dict(self) -> dict[str, int]:
         """{"batches_consumed": n}: global_step * accumulate_grad_batches under a trainer."""

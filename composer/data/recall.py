@@ -32,8 +32,9 @@ from .util import IGNORE_INDEX, check_positive, rng_for, stream_problems
 FILLER = 0
 
 
-def recall_examples(rng: np.random.Generator, n: int, vocab_size: int, num_pairs: int, num_queries: int,
-                    seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def recall_examples(
+    rng: np.random.Generator, n: int, vocab_size: int, num_pairs: int, num_queries: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` MQAR examples: (input_ids [n, seq_len], labels [n, seq_len], -100 off the answers)."""
     num_keys = (vocab_size - 1) // 2
     num_values = vocab_size - 1 - num_keys
@@ -81,23 +82,45 @@ class RecallDataModule(DataModule):
     name = "recall"
     metric = "answer_accuracy"
 
-    def __init__(self, *, seed: int = 0, vocab_size: int = 64, num_pairs: int = 4, num_queries: Optional[int] = None,
-                 seq_len: int = 32, batch_size: int = 64, num_val_examples: int = 512, val_seed: int = 1234,
-                 num_workers: int = 0, model_max_positions: Optional[int] = None):
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        vocab_size: int = 64,
+        num_pairs: int = 4,
+        num_queries: Optional[int] = None,
+        seq_len: int = 32,
+        batch_size: int = 64,
+        num_val_examples: int = 512,
+        val_seed: int = 1234,
+        num_workers: int = 0,
+        model_max_positions: Optional[int] = None,
+    ):
         num_queries = num_pairs if num_queries is None else num_queries
         problems = stream_problems(seq_len, batch_size, num_workers)
-        sizes = check_positive({"vocab_size": vocab_size, "num_pairs": num_pairs, "num_queries": num_queries,
-                                "num_val_examples": num_val_examples})
+        sizes = check_positive(
+            {
+                "vocab_size": vocab_size,
+                "num_pairs": num_pairs,
+                "num_queries": num_queries,
+                "num_val_examples": num_val_examples,
+            }
+        )
         problems += sizes or _shape_problems(vocab_size, num_pairs, num_queries, seq_len)
         if problems:
             raise ConfigError.of(problems)
-        super().__init__(seed=seed, seq_len=seq_len, batch_size=batch_size, num_workers=num_workers,
-                         model_max_positions=model_max_positions, where="data=recall")
+        super().__init__(
+            seed=seed,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            model_max_positions=model_max_positions,
+            where="data=recall",
+        )
         self.num_pairs, self.num_queries = num_pairs, num_queries
         self.num_val_examples, self.val_seed = num_val_examples, val_seed
         self.vocab_size = vocab_size
-        self._shape = {"vocab_size": vocab_size, "num_pairs": num_pairs, "num_queries": num_queries,
-                       "seq_len": seq_len}
+        self._shape = {"vocab_size": vocab_size, "num_pairs": num_pairs, "num_queries": num_queries, "seq_len": seq_len}
         self._val: Optional[TensorDataset] = None
 
     def _build(self) -> None:
@@ -119,12 +142,27 @@ def _shape_problems(vocab_size: int, num_pairs: int, num_queries: int, seq_len: 
     problems = []
     num_keys = (vocab_size - 1) // 2
     if num_keys < num_pairs or vocab_size < 3:
-        problems.append(Problem("data.vocab_size", f"{vocab_size} leaves {num_keys} keys for {num_pairs} pairs",
-                                f"use data.vocab_size >= {2 * num_pairs + 1} or fewer data.num_pairs"))
+        problems.append(
+            Problem(
+                "data.vocab_size",
+                f"{vocab_size} leaves {num_keys} keys for {num_pairs} pairs",
+                f"use data.vocab_size >= {2 * num_pairs + 1} or fewer data.num_pairs",
+            )
+        )
     if num_queries > num_pairs:
-        problems.append(Problem("data.num_queries", f"{num_queries} queries but only {num_pairs} pairs",
-                                "use data.num_queries <= data.num_pairs (each key is asked at most once)"))
+        problems.append(
+            Problem(
+                "data.num_queries",
+                f"{num_queries} queries but only {num_pairs} pairs",
+                "use data.num_queries <= data.num_pairs (each key is asked at most once)",
+            )
+        )
     if isinstance(seq_len, int) and not isinstance(seq_len, bool) and 2 * (num_pairs + num_queries) > seq_len:
-        problems.append(Problem("data.seq_len", f"{seq_len} is too short for {num_pairs} pairs and "
-                                f"{num_queries} queries", f"use data.seq_len >= {2 * (num_pairs + num_queries)}"))
+        problems.append(
+            Problem(
+                "data.seq_len",
+                f"{seq_len} is too short for {num_pairs} pairs and {num_queries} queries",
+                f"use data.seq_len >= {2 * (num_pairs + num_queries)}",
+            )
+        )
     return problems

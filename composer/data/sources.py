@@ -35,15 +35,20 @@ class Corpus:
         """List the files at ``path`` (a file, or a folder searched recursively, hidden files skipped)."""
         root = Path(path).expanduser()
         if not root.exists():
-            raise DataError(f"{root}: no such file or folder ({key}); point {key} at a UTF-8 text file or a folder "
-                            "of them")
+            raise DataError(
+                f"{root}: no such file or folder ({key}); point {key} at a UTF-8 text file or a folder of them"
+            )
         if root.is_dir():
-            files = sorted((p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root))),
-                           key=lambda p: p.relative_to(root).as_posix())
+            files = sorted(
+                (p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root))),
+                key=lambda p: p.relative_to(root).as_posix(),
+            )
             sizes = tuple(p.stat().st_size for p in files)
             if sum(sizes) == 0:
-                raise DataError(f"{root}: the folder has no text ({'only empty files' if files else 'no files'}); "
-                                f"put UTF-8 text files in it or point {key} at another path")
+                raise DataError(
+                    f"{root}: the folder has no text ({'only empty files' if files else 'no files'}); "
+                    f"put UTF-8 text files in it or point {key} at another path"
+                )
         else:
             files, sizes = [root], (root.stat().st_size,)
             if sizes[0] == 0:
@@ -79,8 +84,9 @@ class Corpus:
             yield path, start, size
             start += size
 
-    def iter_text(self, start: int = 0, end: int | None = None,
-                  block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, int]]:
+    def iter_text(
+        self, start: int = 0, end: int | None = None, block_bytes: int = BLOCK_BYTES
+    ) -> Iterator[tuple[str, int]]:
         """Decoded text of bytes ``[start, end)`` in blocks: yields (text, byte offset just after it).
 
         ``start`` and ``end`` must be character boundaries (0, the total, or a ``split_offset``).
@@ -142,5 +148,7 @@ def decode_utf8(data: bytes, path: Path, file_offset: int = 0) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         at = file_offset + exc.start
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {at} (byte 0x{data[exc.start]:02x}); convert the "
-                        "file to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it") from None
+        raise DataError(
+            f"{path}: not valid UTF-8 at byte offset {at} (byte 0x{data[exc.start]:02x}); convert the "
+            "file to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it"
+        ) from None

@@ -35,17 +35,33 @@ class TextDataModule(DataModule):
 
     name = "text"
 
-    def __init__(self, *, path: Optional[str] = None, seed: int = 0, tokenizer: str = "char",
-                 bpe_vocab_size: int = 4096, tokenizer_path: Optional[str] = None, seq_len: int = 256,
-                 batch_size: int = 32, val_fraction: float = 0.1, num_workers: int = 0,
-                 model_max_positions: Optional[int] = None):
+    def __init__(
+        self,
+        *,
+        path: Optional[str] = None,
+        seed: int = 0,
+        tokenizer: str = "char",
+        bpe_vocab_size: int = 4096,
+        tokenizer_path: Optional[str] = None,
+        seq_len: int = 256,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        num_workers: int = 0,
+        model_max_positions: Optional[int] = None,
+    ):
         problems = stream_problems(seq_len, batch_size, num_workers) + missing_path(path) + check_fraction(val_fraction)
         if tokenizer_path is None:
             problems += check_tokenizer_options(tokenizer, bpe_vocab_size)
         if problems:
             raise ConfigError.of(problems)
-        super().__init__(seed=seed, seq_len=seq_len, batch_size=batch_size, num_workers=num_workers,
-                         model_max_positions=model_max_positions, where=str(path))
+        super().__init__(
+            seed=seed,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            model_max_positions=model_max_positions,
+            where=str(path),
+        )
         self.corpus = Corpus.open(path)
         self.kind, self.bpe_vocab_size, self.val_fraction = tokenizer, bpe_vocab_size, val_fraction
         self.tokenizer_path = None if tokenizer_path is None else Path(tokenizer_path).expanduser()

@@ -32,20 +32,27 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder (data.path); make it with `composer-prepare <text> {folder}`")
     if not path.is_file():
-        raise DataError(f"{path}: missing, so {folder} is not a finished composer-prepare output; run "
-                        f"`composer-prepare <text> {folder}` (it resumes an interrupted run)")
+        raise DataError(
+            f"{path}: missing, so {folder} is not a finished composer-prepare output; run "
+            f"`composer-prepare <text> {folder}` (it resumes an interrupted run)"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable ({type(exc).__name__}); rerun composer-prepare into a new folder") \
-            from None
+        raise DataError(
+            f"{path}: unreadable ({type(exc).__name__}); rerun composer-prepare into a new folder"
+        ) from None
     need = {"format", "version", "dtype", "vocab_size", "train_tokens", "val_tokens"}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not need <= set(meta):
-        raise DataError(f"{path}: not a composer-prepare meta.json (needs {', '.join(sorted(need))}); rerun "
-                        "composer-prepare into a new folder")
+        raise DataError(
+            f"{path}: not a composer-prepare meta.json (needs {', '.join(sorted(need))}); rerun "
+            "composer-prepare into a new folder"
+        )
     if meta["version"] > VERSION or meta["dtype"] not in ("uint16", "uint32"):
-        raise DataError(f"{path}: format version {meta['version']} / dtype {meta['dtype']} is not readable by this "
-                        "composer; upgrade composer or rerun composer-prepare")
+        raise DataError(
+            f"{path}: format version {meta['version']} / dtype {meta['dtype']} is not readable by this "
+            "composer; upgrade composer or rerun composer-prepare"
+        )
     return meta
 
 

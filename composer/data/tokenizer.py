@@ -30,8 +30,9 @@ UNK = "[UNK]"
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table from each byte to a printable character (the ByteLevel pre-tokenizer's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -59,10 +60,12 @@ def byte_tokenizer() -> Tokenizer:
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab, merges=[]))
     # pieces of <= 256 characters (any cut is safe: no token spans two bytes), then bytes to characters
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[\s\S]{1,256}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\s\S]{1,256}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -73,8 +76,9 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     alphabet = [ch for _, ch in sorted(bytes_to_unicode().items())]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=[],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=[], show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -83,10 +87,16 @@ def check_tokenizer_options(kind: str, bpe_vocab_size: int) -> list[Problem]:
     problems = []
     if kind not in KINDS:
         problems.append(Problem("data.tokenizer", f"unknown tokenizer {kind!r}", f"use one of {', '.join(KINDS)}"))
-    if kind == "bpe" and (isinstance(bpe_vocab_size, bool) or not isinstance(bpe_vocab_size, int)
-                          or bpe_vocab_size < 257):
-        problems.append(Problem("data.bpe_vocab_size", f"{bpe_vocab_size!r} is too small for byte-level BPE",
-                                "use an integer > 256 (the 256 bytes come first), e.g. 4096"))
+    if kind == "bpe" and (
+        isinstance(bpe_vocab_size, bool) or not isinstance(bpe_vocab_size, int) or bpe_vocab_size < 257
+    ):
+        problems.append(
+            Problem(
+                "data.bpe_vocab_size",
+                f"{bpe_vocab_size!r} is too small for byte-level BPE",
+                "use an integer > 256 (the 256 bytes come first), e.g. 4096",
+            )
+        )
     return problems
 
 
@@ -110,8 +120,10 @@ def load_tokenizer(path: str | Path, key: str = "data.tokenizer_path") -> Tokeni
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # the library raises plain Exceptions for malformed files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not a readable tokenizers JSON file ({reason}); give a tokenizer.json saved by "
-                        "the `tokenizers` library") from None
+        raise DataError(
+            f"{path}: not a readable tokenizers JSON file ({reason}); give a tokenizer.json saved by "
+            "the `tokenizers` library"
+        ) from None
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:

@@ -29,15 +29,29 @@ class TokensDataModule(DataModule):
 
     name = "tokens"
 
-    def __init__(self, *, path: Optional[str] = None, seed: int = 0, seq_len: int = 256, batch_size: int = 32,
-                 num_workers: int = 0, model_max_positions: Optional[int] = None):
+    def __init__(
+        self,
+        *,
+        path: Optional[str] = None,
+        seed: int = 0,
+        seq_len: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        model_max_positions: Optional[int] = None,
+    ):
         problems = stream_problems(seq_len, batch_size, num_workers) + missing_path(path)
         if problems:
             raise ConfigError.of(problems)
         folder = Path(path).expanduser()
         self.folder = folder.parent if folder.name == META else folder
-        super().__init__(seed=seed, seq_len=seq_len, batch_size=batch_size, num_workers=num_workers,
-                         model_max_positions=model_max_positions, where=str(self.folder))
+        super().__init__(
+            seed=seed,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            model_max_positions=model_max_positions,
+            where=str(self.folder),
+        )
         self.meta = read_meta(self.folder)
 
     def _build(self) -> None:
@@ -48,15 +62,23 @@ class TokensDataModule(DataModule):
             size = path.stat().st_size if path.is_file() else None
             if size != count * dtype.itemsize:
                 found = "is missing" if size is None else f"has {size} bytes"
-                raise DataError(f"{path}: {found} but meta.json says {count} {dtype.name} tokens "
-                                f"({count * dtype.itemsize} bytes); rerun composer-prepare into a new folder")
+                raise DataError(
+                    f"{path}: {found} but meta.json says {count} {dtype.name} tokens "
+                    f"({count * dtype.itemsize} bytes); rerun composer-prepare into a new folder"
+                )
             files[split] = TokenFile(path, dtype, count)
         tokenizer = meta.get("tokenizer")
         self.tokenizer = load_tokenizer(self.folder / tokenizer, key=f"{self.folder / META}") if tokenizer else None
         self.vocab_size = int(meta["vocab_size"])
         self.train_tokens, self.val_tokens = files["train"], files["val"]
-        check_split_sizes(len(self.train_tokens), len(self.val_tokens), self.seq_len, self.batch_size,
-                          str(files["train"].path), str(files["val"].path))
+        check_split_sizes(
+            len(self.train_tokens),
+            len(self.val_tokens),
+            self.seq_len,
+            self.batch_size,
+            str(files["train"].path),
+            str(files["val"].path),
+        )
 
     def _train_source(self) -> WindowSource:
         return WindowSource(self.train_tokens, self.seq_len, self.batch_size, self.seed)

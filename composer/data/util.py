@@ -22,16 +22,24 @@ def rng_for(seed: int, *stream: int) -> np.random.Generator:
 
 def check_positive(values: dict[str, Any]) -> list[Problem]:
     """Problems for each ``data.<key>`` that is not a positive integer."""
-    return [Problem(f"data.{k}", f"{v!r} must be a positive integer", "set it to an integer >= 1")
-            for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    return [
+        Problem(f"data.{k}", f"{v!r} must be a positive integer", "set it to an integer >= 1")
+        for k, v in values.items()
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1
+    ]
 
 
 def stream_problems(seq_len: Any, batch_size: Any, num_workers: Any) -> list[Problem]:
     """Problems with the options every data module has."""
     problems = check_positive({"seq_len": seq_len, "batch_size": batch_size})
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        problems.append(Problem("data.num_workers", f"{num_workers!r} must be an integer >= 0",
-                                "use 0 (load in the training process) or a small worker count"))
+        problems.append(
+            Problem(
+                "data.num_workers",
+                f"{num_workers!r} must be an integer >= 0",
+                "use 0 (load in the training process) or a small worker count",
+            )
+        )
     return problems
 
 
@@ -43,8 +51,17 @@ def missing_path(path: Any, key: str = "data.path") -> list[Problem]:
 
 def check_fraction(value: Any, key: str = "val_fraction") -> list[Problem]:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
-    return [] if ok else [Problem(f"data.{key}", f"{value!r} must be a number strictly between 0 and 1",
-                                  "e.g. 0.1 keeps the last 10% for validation")]
+    return (
+        []
+        if ok
+        else [
+            Problem(
+                f"data.{key}",
+                f"{value!r} must be a number strictly between 0 and 1",
+                "e.g. 0.1 keeps the last 10% for validation",
+            )
+        ]
+    )
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

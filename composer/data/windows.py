@@ -63,13 +63,18 @@ class WindowDataset(Dataset):
         return {"input_ids": x, "labels": labels}
 
 
-def check_split_sizes(train_tokens: int, val_tokens: int, seq_len: int, batch_size: int, train_where: str,
-                      val_where: str) -> None:
+def check_split_sizes(
+    train_tokens: int, val_tokens: int, seq_len: int, batch_size: int, train_where: str, val_where: str
+) -> None:
     """DataError unless training holds one batch of windows and validation one window."""
     need = seq_len * batch_size
     if train_tokens < need:
-        raise DataError(f"{train_where}: the training split has {train_tokens} tokens, fewer than one batch needs "
-                        f"({batch_size} x {seq_len} = {need}); add text or lower data.batch_size / data.seq_len")
+        raise DataError(
+            f"{train_where}: the training split has {train_tokens} tokens, fewer than one batch needs "
+            f"({batch_size} x {seq_len} = {need}); add text or lower data.batch_size / data.seq_len"
+        )
     if val_tokens < seq_len:
-        raise DataError(f"{val_where}: the validation split has {val_tokens} tokens, fewer than one window of "
-                        f"data.seq_len={seq_len}; add text, raise data.val_fraction or lower data.seq_len")
+        raise DataError(
+            f"{val_where}: the validation split has {val_tokens} tokens, fewer than one window of "
+            f"data.seq_len={seq_len}; add text, raise data.val_fraction or lower data.seq_len"
+        )

@@ -49,9 +49,16 @@ __all__ = ["FAMILIES", "MODEL_TYPES", "export_hf", "import_hf"]
 def family_of(c: HFConfig) -> Family:
     family = MODEL_TYPES.get(c.model_type)
     if family is None:
-        raise ConfigError([Problem(f"{c.path}:model_type", f"'{c.model_type}' is not supported",
-                                   f"supported model types: {', '.join(sorted(MODEL_TYPES))}")],
-                          header="cannot import this Hugging Face model")
+        raise ConfigError(
+            [
+                Problem(
+                    f"{c.path}:model_type",
+                    f"'{c.model_type}' is not supported",
+                    f"supported model types: {', '.join(sorted(MODEL_TYPES))}",
+                )
+            ],
+            header="cannot import this Hugging Face model",
+        )
     return family
 
 
@@ -66,8 +73,10 @@ def _weight_files(folder: Path) -> list[Path]:
         return found
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise CheckpointError(pickle_hint(pickles[0]) + "\nWith transformers: AutoModelForCausalLM.from_pretrained("
-                              "folder).save_pretrained(out, safe_serialization=True), then import `out`.")
+        raise CheckpointError(
+            pickle_hint(pickles[0]) + "\nWith transformers: AutoModelForCausalLM.from_pretrained("
+            "folder).save_pretrained(out, safe_serialization=True), then import `out`."
+        )
     raise CheckpointError(f"{folder} holds no *.safetensors weights beside its config.json")
 
 
@@ -115,8 +124,9 @@ def import_hf(directory: Union[str, Path], device: Any = None, dtype: Optional[t
     return materialize(model, state, dev).eval()
 
 
-def _plan(family: Family, model: Any, found: dict[str, tuple[TensorInfo, Path]],
-          where: str) -> list[tuple[Rule, list[str], Any]]:
+def _plan(
+    family: Family, model: Any, found: dict[str, tuple[TensorInfo, Path]], where: str
+) -> list[tuple[Rule, list[str], Any]]:
     """Match every tensor of ``model`` to Hugging Face names; check presence, shapes and dtypes
     (no data read); one CheckpointError listing every problem."""
     expected = unique_state(model)
@@ -125,7 +135,7 @@ def _plan(family: Family, model: Any, found: dict[str, tuple[TensorInfo, Path]],
     def locate(name: str) -> Optional[str]:
         if name in found:
             return name
-        bare = name[len(family.prefix):] if family.prefix and name.startswith(family.prefix) else None
+        bare = name[len(family.prefix) :] if family.prefix and name.startswith(family.prefix) else None
         return bare if bare in found else None
 
     mapped = set()
@@ -151,8 +161,11 @@ def _plan(family: Family, model: Any, found: dict[str, tuple[TensorInfo, Path]],
     unmapped = [k for k in expected if k not in mapped]
     if unmapped:  # a table gap: report rather than leave weights uninitialised
         lines.append(f"no {family.name} mapping for: {', '.join(unmapped)}")
-    extra = [n for n in found if n not in used and not family.ignored(n)
-             and not (model.tied and n.endswith("lm_head.weight"))]
+    extra = [
+        n
+        for n in found
+        if n not in used and not family.ignored(n) and not (model.tied and n.endswith("lm_head.weight"))
+    ]
     if missing:
         lines.insert(0, f"missing tensors: {', '.join(missing)}")
     if extra:
@@ -179,9 +192,14 @@ def choose_family(cfg: Any) -> tuple[Family, str]:
     known = {slot: {t for f in FAMILIES for t in f.signature[slot]} for slot in SLOTS}
     for slot in misses(family):
         if types[slot] in known[slot]:  # exists in another family, not in this combination
-            problems.append(Problem(f"model.{slot}.type", f"'{types[slot]}' does not fit the nearest Hugging Face "
-                                    f"family, {family.name} (which uses {slot} {' / '.join(family.signature[slot])})",
-                                    "compose the model like one of the supported families"))
+            problems.append(
+                Problem(
+                    f"model.{slot}.type",
+                    f"'{types[slot]}' does not fit the nearest Hugging Face "
+                    f"family, {family.name} (which uses {slot} {' / '.join(family.signature[slot])})",
+                    "compose the model like one of the supported families",
+                )
+            )
     if problems:
         raise ConfigError.of(_unique(problems), header="this model has no Hugging Face equivalent")
     e = Exporting(cfg, family.name)
@@ -196,38 +214,68 @@ def _check_universal(cfg: Any, problems: list[Problem]) -> None:
     known = {slot: {t for f in FAMILIES for t in f.signature[slot]} for slot in SLOTS}
     head = cfg.head
     if head.type != "lm":
-        problems.append(Problem("model.head.type", f"'{head.type}' has no Hugging Face causal-LM equivalent",
-                                "export language models (head: lm)"))
+        problems.append(
+            Problem(
+                "model.head.type",
+                f"'{head.type}' has no Hugging Face causal-LM equivalent",
+                "export language models (head: lm)",
+            )
+        )
     elif head.bias or head.logit_softcap is not None:
         key = "bias" if head.bias else "logit_softcap"
-        problems.append(Problem(f"model.head.{key}", "the supported families have no LM-head "
-                                f"{key.replace('_', ' ')}", f"set head.{key} off"))
+        problems.append(
+            Problem(
+                f"model.head.{key}",
+                f"the supported families have no LM-head {key.replace('_', ' ')}",
+                f"set head.{key} off",
+            )
+        )
     if cfg.embedding_norm:
-        problems.append(Problem("model.embedding_norm", "no supported family normalizes the embeddings",
-                                "set embedding_norm: false"))
+        problems.append(
+            Problem(
+                "model.embedding_norm", "no supported family normalizes the embeddings", "set embedding_norm: false"
+            )
+        )
     for spec in cfg.layer_specs():
         for slot in SLOTS:
             comp = getattr(spec, slot)
             where = f"model.{slot}" if comp is getattr(cfg, slot) else f"model.layers (layer {spec.index}) {slot}"
             if comp.type not in known[slot]:
-                problems.append(Problem(f"{where}.type", f"'{comp.type}' has no Hugging Face equivalent among the "
-                                        f"supported families ({', '.join(MODEL_TYPES)})",
-                                        f"use {slot} {' / '.join(sorted(known[slot]))}"))
+                problems.append(
+                    Problem(
+                        f"{where}.type",
+                        f"'{comp.type}' has no Hugging Face equivalent among the "
+                        f"supported families ({', '.join(MODEL_TYPES)})",
+                        f"use {slot} {' / '.join(sorted(known[slot]))}",
+                    )
+                )
         a = spec.attention
-        for key, bad in (("qk_norm", a.qk_norm), ("logit_softcap", a.logit_softcap is not None),
-                         ("causal", not a.causal)):
+        for key, bad in (
+            ("qk_norm", a.qk_norm),
+            ("logit_softcap", a.logit_softcap is not None),
+            ("causal", not a.causal),
+        ):
             if bad:
                 where = "model.attention" if a is cfg.attention else f"model.layers (layer {spec.index}) attention"
-                problems.append(Problem(f"{where}.{key}", f"{key}={getattr(a, key)} has no Hugging Face equivalent "
-                                        "among the supported families", f"use the default {key}"))
+                problems.append(
+                    Problem(
+                        f"{where}.{key}",
+                        f"{key}={getattr(a, key)} has no Hugging Face equivalent among the supported families",
+                        f"use the default {key}",
+                    )
+                )
 
 
 def _unique(problems: list[Problem]) -> list[Problem]:
     return list({str(p): p for p in problems}.values())
 
 
-def export_hf(model: Any, directory: Union[str, Path], tokenizer: Any = None,
-              max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_hf(
+    model: Any,
+    directory: Union[str, Path],
+    tokenizer: Any = None,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write ``model`` as a Hugging Face folder (config.json + safetensors [+ tokenizer.json]) that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Raises ConfigError naming the
     component that has no equivalent. Returns the folder."""
@@ -243,17 +291,25 @@ def export_hf(model: Any, directory: Union[str, Path], tokenizer: Any = None,
         pieces = to_theirs(rule, t, _attention_of(model, rule.ours))
         for name, piece in zip(rule.theirs, pieces, strict=True):
             if rule.vocab:
-                piece = piece[:cfg.vocab_size]  # drop the rows of a padded vocabulary
+                piece = piece[: cfg.vocab_size]  # drop the rows of a padded vocabulary
             tensors[name] = piece.clone() if len(pieces) > 1 or rule.vocab else piece  # no shared storage
     if state:
-        raise ModelError(f"parameters with no Hugging Face {family.name} name (hand-made modules?): "
-                         f"{', '.join(state)}")
+        raise ModelError(f"parameters with no Hugging Face {family.name} name (hand-made modules?): {', '.join(state)}")
     dtypes = {t.dtype for t in tensors.values()}
     dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    hf = {"architectures": [family.model_types[model_type]], "model_type": model_type,
-          **family.to_hf(cfg, model_type), "tie_word_embeddings": bool(model.tied),
-          "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-          "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
+    hf = {
+        "architectures": [family.model_types[model_type]],
+        "model_type": model_type,
+        **family.to_hf(cfg, model_type),
+        "tie_word_embeddings": bool(model.tied),
+        "initializer_range": cfg.init_std,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, folder, max_shard_size, {"format": "pt"})

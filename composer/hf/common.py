@@ -43,8 +43,9 @@ class Rule:
     vocab: bool = False
 
     def at(self, i: int) -> Rule:
-        return Rule(self.ours.replace("{i}", str(i)), tuple(t.replace("{i}", str(i)) for t in self.theirs),
-                    self.how, self.vocab)
+        return Rule(
+            self.ours.replace("{i}", str(i)), tuple(t.replace("{i}", str(i)) for t in self.theirs), self.how, self.vocab
+        )
 
 
 def copy(ours: str, theirs: str, vocab: bool = False) -> Rule:
@@ -123,26 +124,53 @@ class HFConfig:
 def read_hf_config(folder: Path) -> HFConfig:
     path = folder / "config.json"
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; pass a local Hugging Face model folder (config.json + "
-                              "*.safetensors)")
+        raise CheckpointError(
+            f"{folder} is not a folder; pass a local Hugging Face model folder (config.json + *.safetensors)"
+        )
     if not path.is_file():
-        raise MissingParameter([Problem(str(path), "not found", "a Hugging Face model folder holds config.json "
-                                        "beside its weights", missing=True)])
+        raise MissingParameter(
+            [
+                Problem(
+                    str(path),
+                    "not found",
+                    "a Hugging Face model folder holds config.json beside its weights",
+                    missing=True,
+                )
+            ]
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or "model_type" not in data:
-        hint = " (it is a composer checkpoint: load it with ComposedModel.from_pretrained)" \
-            if isinstance(data, dict) and "format_version" in data else ""
-        raise MissingParameter([Problem(f"{path}:model_type", f"no model_type{hint}",
-                                        "a Hugging Face config.json names its model_type", missing=True)])
+        hint = (
+            " (it is a composer checkpoint: load it with ComposedModel.from_pretrained)"
+            if isinstance(data, dict) and "format_version" in data
+            else ""
+        )
+        raise MissingParameter(
+            [
+                Problem(
+                    f"{path}:model_type",
+                    f"no model_type{hint}",
+                    "a Hugging Face config.json names its model_type",
+                    missing=True,
+                )
+            ]
+        )
     return HFConfig(data, str(path))
 
 
 # ----------------------------------------------------------------------------- shared translations
-ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-               "silu": "silu", "swish": "silu", "relu2": "relu2"}
+ACT_FROM_HF = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+    "relu2": "relu2",
+}
 ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu", "relu2": "relu2"}
 
 
@@ -168,8 +196,12 @@ def attention_from_heads(heads: int, kv_heads: int, window: Optional[int] = None
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def rope_from_hf(c: HFConfig, theta_key: str = "rope_theta", fraction_key: str = "partial_rotary_factor",
-                 default_fraction: float = 1.0) -> dict[str, Any]:
+def rope_from_hf(
+    c: HFConfig,
+    theta_key: str = "rope_theta",
+    fraction_key: str = "partial_rotary_factor",
+    default_fraction: float = 1.0,
+) -> dict[str, Any]:
     """Our rope config from 5.x ``rope_parameters`` or 4.x ``rope_theta`` / ``rope_scaling`` (and the
     family's legacy keys for theta and the rotary fraction)."""
     params, legacy = c.get("rope_parameters", {}), c.get("rope_scaling", {})
@@ -189,9 +221,11 @@ def rope_from_hf(c: HFConfig, theta_key: str = "rope_theta", fraction_key: str =
             c.fail(key.replace("rope_type", "factor"), f"{kind} rope scaling needs a factor", "set factor")
         out.update(scaling=kind, scaling_factor=float(merged.get("factor") or 1.0))
     if kind == "llama3":
-        out.update(low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-                   high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-                   original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)))
+        out.update(
+            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        )
     return out
 
 
@@ -202,8 +236,11 @@ def rope_to_hf(rope: Any, fraction_key: Optional[str] = None) -> dict[str, Any]:
     if rope.scaling != "none":
         scaling = {"rope_type": rope.scaling, "type": rope.scaling, "factor": rope.scaling_factor}
         if rope.scaling == "llama3":
-            scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
-                           original_max_position_embeddings=rope.original_max_position_embeddings)
+            scaling.update(
+                low_freq_factor=rope.low_freq_factor,
+                high_freq_factor=rope.high_freq_factor,
+                original_max_position_embeddings=rope.original_max_position_embeddings,
+            )
         params = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_theta": rope.theta}
     out: dict[str, Any] = {"rope_theta": rope.theta, "rope_scaling": scaling, "rope_parameters": params}
     if fraction_key is not None:

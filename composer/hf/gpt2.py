@@ -40,15 +40,26 @@ def to_composer(c: HFConfig) -> dict[str, Any]:
         c.fail("add_cross_attention", "cross-attention is not supported", "import a decoder-only GPT-2")
     resid = float(c.get("resid_pdrop", 0.1))
     return {
-        "vocab_size": c.need("vocab_size"), "hidden_size": hidden, "num_layers": c.need("n_layer", "num_hidden_layers"),
+        "vocab_size": c.need("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": c.need("n_layer", "num_hidden_layers"),
         "num_heads": c.need("n_head", "num_attention_heads"),
         "max_position_embeddings": c.need("n_positions", "max_position_embeddings"),
         "dropout": float(c.get("embd_pdrop", 0.1)),
         "block": {"type": "pre_norm", "dropout": resid},
-        "attention": {"type": "mha", "bias": True, "dropout": float(c.get("attn_pdrop", 0.1)),
-                      "softmax_scale": None if c.get("scale_attn_weights", True) else 1.0},
-        "ffn": {"type": "mlp", "intermediate_size": c.get("n_inner", 4 * hidden), "bias": True, "dropout": 0.0,
-                "activation": activation(c, "activation_function", "gelu_new")},
+        "attention": {
+            "type": "mha",
+            "bias": True,
+            "dropout": float(c.get("attn_pdrop", 0.1)),
+            "softmax_scale": None if c.get("scale_attn_weights", True) else 1.0,
+        },
+        "ffn": {
+            "type": "mlp",
+            "intermediate_size": c.get("n_inner", 4 * hidden),
+            "bias": True,
+            "dropout": 0.0,
+            "activation": activation(c, "activation_function", "gelu_new"),
+        },
         "norm": {"type": "layernorm", "eps": float(c.get("layer_norm_epsilon", 1e-5))},
         "position": {"type": "learned"},
         "head": {"type": "lm"},
@@ -62,12 +73,24 @@ def match(e: Exporting) -> str:
     s = e.cfg.layer(0)
     a, f, n = s.attention, s.ffn, s.norm
     e.require(a.type == "mha", "attention.type", f"'{a.type}': GPT-2 has multi-head attention only", "use mha")
-    e.require(a.bias and a.out_bias, "attention.bias", "GPT-2 has biases on the qkv and output projections",
-              "set attention.bias: true")
-    e.require(a.head_dim * a.num_heads == e.cfg.hidden_size, "attention.head_dim",
-              "GPT-2 needs head_dim * num_heads == hidden_size", "leave head_dim null")
-    e.require(a.softmax_scale in (None, 1.0), "attention.softmax_scale", "GPT-2 scales by 1/sqrt(head_dim) or 1",
-              "leave softmax_scale null")
+    e.require(
+        a.bias and a.out_bias,
+        "attention.bias",
+        "GPT-2 has biases on the qkv and output projections",
+        "set attention.bias: true",
+    )
+    e.require(
+        a.head_dim * a.num_heads == e.cfg.hidden_size,
+        "attention.head_dim",
+        "GPT-2 needs head_dim * num_heads == hidden_size",
+        "leave head_dim null",
+    )
+    e.require(
+        a.softmax_scale in (None, 1.0),
+        "attention.softmax_scale",
+        "GPT-2 scales by 1/sqrt(head_dim) or 1",
+        "leave softmax_scale null",
+    )
     e.require(f.bias, "ffn.bias", "GPT-2's MLP has biases", "set ffn.bias: true")
     e.require(n.bias, "norm.bias", "GPT-2's LayerNorms have biases", "set norm.bias: true")
     return "gpt2"
@@ -76,20 +99,34 @@ def match(e: Exporting) -> str:
 def to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     s = cfg.layer(0)
     return {
-        "vocab_size": cfg.vocab_size, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
-        "n_positions": cfg.max_position_embeddings, "n_inner": s.ffn.intermediate_size,
-        "activation_function": ACT_TO_HF[s.ffn.activation], "layer_norm_epsilon": s.norm.eps,
-        "resid_pdrop": s.block.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": s.attention.dropout,
-        "scale_attn_weights": s.attention.softmax_scale is None, "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False, "add_cross_attention": False,
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.hidden_size,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_positions": cfg.max_position_embeddings,
+        "n_inner": s.ffn.intermediate_size,
+        "activation_function": ACT_TO_HF[s.ffn.activation],
+        "layer_norm_epsilon": s.norm.eps,
+        "resid_pdrop": s.block.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": s.attention.dropout,
+        "scale_attn_weights": s.attention.softmax_scale is None,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
     }
 
 
 FAMILY = Family(
     name="gpt2",
     model_types={"gpt2": "GPT2LMHeadModel"},
-    signature={"position": ("learned",), "norm": ("layernorm",), "ffn": ("mlp",), "block": ("pre_norm",),
-               "attention": ("mha",)},
+    signature={
+        "position": ("learned",),
+        "norm": ("layernorm",),
+        "ffn": ("mlp",),
+        "block": ("pre_norm",),
+        "attention": ("mha",),
+    },
     rules=RULES,
     to_composer=to_composer,
     match=match,

@@ -27,10 +27,20 @@ L = "model.layers.{i}"
 RULES = (
     copy("embed.weight", "model.embed_tokens.weight", vocab=True),
     copy("layers.{i}.attn_norm.weight", f"{L}.input_layernorm.weight"),
-    fused("qkv", "layers.{i}.attn.qkv.weight", f"{L}.self_attn.q_proj.weight", f"{L}.self_attn.k_proj.weight",
-          f"{L}.self_attn.v_proj.weight"),
-    fused("qkv", "layers.{i}.attn.qkv.bias", f"{L}.self_attn.q_proj.bias", f"{L}.self_attn.k_proj.bias",
-          f"{L}.self_attn.v_proj.bias"),
+    fused(
+        "qkv",
+        "layers.{i}.attn.qkv.weight",
+        f"{L}.self_attn.q_proj.weight",
+        f"{L}.self_attn.k_proj.weight",
+        f"{L}.self_attn.v_proj.weight",
+    ),
+    fused(
+        "qkv",
+        "layers.{i}.attn.qkv.bias",
+        f"{L}.self_attn.q_proj.bias",
+        f"{L}.self_attn.k_proj.bias",
+        f"{L}.self_attn.v_proj.bias",
+    ),
     copy("layers.{i}.attn.out.weight", f"{L}.self_attn.o_proj.weight"),
     copy("layers.{i}.attn.out.bias", f"{L}.self_attn.o_proj.bias"),
     copy("layers.{i}.ffn_norm.weight", f"{L}.post_attention_layernorm.weight"),
@@ -69,8 +79,12 @@ def to_composer(c: HFConfig) -> dict[str, Any]:
         c.fail("hidden_act", f"{c.get('hidden_act')!r} is not supported for {kind}", "SwiGLU here uses silu")
     bias = c.get("attention_bias", False) if kind == "llama" else kind == "qwen2"
     out_bias = c.get("attention_bias", False) if kind == "llama" else False
-    attention: dict[str, Any] = {**attention_from_heads(heads, kv_heads), "bias": bias, "out_bias": out_bias,
-                                 "dropout": float(c.get("attention_dropout", 0.0))}
+    attention: dict[str, Any] = {
+        **attention_from_heads(heads, kv_heads),
+        "bias": bias,
+        "out_bias": out_bias,
+        "dropout": float(c.get("attention_dropout", 0.0)),
+    }
     if c.get("head_dim") is not None and c.get("head_dim") != hidden // heads:
         attention["head_dim"] = c.get("head_dim")
     types = _layer_types(c, layers)
@@ -83,11 +97,19 @@ def to_composer(c: HFConfig) -> dict[str, Any]:
         else:
             overrides = [{"select": [i for i, t in enumerate(types) if t == SLIDING], "attention": sliding}]
     return {
-        "vocab_size": c.need("vocab_size"), "hidden_size": hidden, "num_layers": layers, "num_heads": heads,
-        "max_position_embeddings": max_pos, "dropout": 0.0, "block": {"type": "pre_norm"},
+        "vocab_size": c.need("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "num_heads": heads,
+        "max_position_embeddings": max_pos,
+        "dropout": 0.0,
+        "block": {"type": "pre_norm"},
         "attention": attention,
-        "ffn": {"type": "swiglu", "intermediate_size": c.need("intermediate_size"),
-                "bias": bool(c.get("mlp_bias", False))},
+        "ffn": {
+            "type": "swiglu",
+            "intermediate_size": c.need("intermediate_size"),
+            "bias": bool(c.get("mlp_bias", False)),
+        },
         "norm": {"type": "rmsnorm", "eps": float(c.get("rms_norm_eps", 1e-6))},
         "position": rope_from_hf(c),
         "head": {"type": "lm"},
@@ -107,27 +129,47 @@ def match(e: Exporting) -> str:
     sliding = _sliding_layers(e)
     base = next((s for s in specs if s.index not in sliding), specs[0])
     a, f = base.attention, base.ffn
-    e.require(base.position.rotary_fraction == 1.0, "position.rotary_fraction",
-              f"{base.position.rotary_fraction}: Llama-family models rotate whole heads", "use rotary_fraction: 1.0")
-    e.require(a.bias or not a.out_bias, "attention.out_bias", "an output bias without a qkv bias has no "
-              "equivalent", "set attention.out_bias: false or attention.bias: true")
+    e.require(
+        base.position.rotary_fraction == 1.0,
+        "position.rotary_fraction",
+        f"{base.position.rotary_fraction}: Llama-family models rotate whole heads",
+        "use rotary_fraction: 1.0",
+    )
+    e.require(
+        a.bias or not a.out_bias,
+        "attention.out_bias",
+        "an output bias without a qkv bias has no equivalent",
+        "set attention.out_bias: false or attention.bias: true",
+    )
     kind = "qwen2" if a.bias and not a.out_bias else "mistral" if sliding and not a.bias else "llama"
     mixed = differing_slots(e.cfg)
     if mixed and (set(mixed) != {"attention"} or kind != "qwen2" or not _only_window_differs(e, sliding)):
         slot, layer = next(iter(mixed.items()))
-        e.no("layers", f"layer {layer} has a different {slot} than layer 0; Hugging Face {kind} uses the same "
-             "components in every layer" + (" (Qwen2: a sliding window on some layers)" if slot == "attention"
-                                            else ""), "remove the per-layer override")
+        e.no(
+            "layers",
+            f"layer {layer} has a different {slot} than layer 0; Hugging Face {kind} uses the same "
+            "components in every layer" + (" (Qwen2: a sliding window on some layers)" if slot == "attention" else ""),
+            "remove the per-layer override",
+        )
     if sliding and kind == "llama":
-        e.no("attention.type", "sliding_window with qkv and output biases has no Hugging Face equivalent "
-             "(Mistral has no biases, Qwen2 no output bias)", "drop the biases or the window")
-    e.require(not f.bias or kind == "llama", "ffn.bias", f"{kind} has no feed-forward biases (Llama has)",
-              "set ffn.bias: false")
+        e.no(
+            "attention.type",
+            "sliding_window with qkv and output biases has no Hugging Face equivalent "
+            "(Mistral has no biases, Qwen2 no output bias)",
+            "drop the biases or the window",
+        )
+    e.require(
+        not f.bias or kind == "llama",
+        "ffn.bias",
+        f"{kind} has no feed-forward biases (Llama has)",
+        "set ffn.bias: false",
+    )
     return kind
 
 
 def _only_window_differs(e: Exporting, sliding: list[int]) -> bool:
     """All layers equal up to the attention's window (one window for every sliding layer)."""
+
     def key(a: Any) -> tuple:
         return a.num_heads, a.kv_heads(), a.head_dim, a.bias, a.out_bias, a.qk_norm, a.softmax_scale
 
@@ -140,11 +182,18 @@ def to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     sliding = [s.index for s in specs if s.attention.type == "sliding_window"]
     a, f = specs[0].attention, specs[0].ffn
     out: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": f.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": a.num_heads,
-        "num_key_value_heads": a.kv_heads(), "head_dim": a.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": specs[0].norm.eps,
-        "attention_dropout": a.dropout, **rope_to_hf(specs[0].position),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": f.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": a.num_heads,
+        "num_key_value_heads": a.kv_heads(),
+        "head_dim": a.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": specs[0].norm.eps,
+        "attention_dropout": a.dropout,
+        **rope_to_hf(specs[0].position),
     }
     window = specs[sliding[0]].attention.window if sliding else None
     if model_type == "llama":
@@ -153,16 +202,25 @@ def to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
         out.update(sliding_window=window)
     else:  # qwen2
         types = [SLIDING if s.index in sliding else FULL for s in specs]
-        out.update(use_sliding_window=bool(sliding), sliding_window=window, layer_types=types,
-                   max_window_layers=sliding[0] if sliding else cfg.num_layers)
+        out.update(
+            use_sliding_window=bool(sliding),
+            sliding_window=window,
+            layer_types=types,
+            max_window_layers=sliding[0] if sliding else cfg.num_layers,
+        )
     return out
 
 
 FAMILY = Family(
     name="llama",
     model_types=ARCHITECTURES,
-    signature={"position": ("rope",), "norm": ("rmsnorm",), "ffn": ("swiglu",), "block": ("pre_norm",),
-               "attention": ("mha", "gqa", "mqa", "sliding_window")},
+    signature={
+        "position": ("rope",),
+        "norm": ("rmsnorm",),
+        "ffn": ("swiglu",),
+        "block": ("pre_norm",),
+        "attention": ("mha", "gqa", "mqa", "sliding_window"),
+    },
     rules=RULES,
     to_composer=to_composer,
     match=match,

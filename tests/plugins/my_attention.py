@@ -46,8 +46,9 @@ class MyAttention(nn.Module):
     def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
         return KVCache(batch_size, self.num_kv_heads, self.head_dim, capacity, dtype=dtype, device=device)
 
-    def forward(self, hidden: Tensor, inputs: AttentionInputs, past_key_value: KVCache | None = None,
-                use_cache: bool = False) -> tuple[Tensor, KVCache | None]:
+    def forward(
+        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: KVCache | None = None, use_cache: bool = False
+    ) -> tuple[Tensor, KVCache | None]:
         b, t, _ = hidden.shape
         h, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(hidden).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
