@@ -21,12 +21,13 @@ setup: $(BIN)/.installed
 train: setup
 	$(BIN)/composer-train $(ARGS)
 
-test: setup
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: setup  # the code is laid out by hand (ruff format would rewrap 90 files); ruff check enforces the rules
+lint: setup  # the rules, the layout (ruff format) and the one-way import layers (import-linter, pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(ARGS)

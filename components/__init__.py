@@ -1,8 +1,14 @@
 """Building blocks: plain PyTorch modules, one concept per file, registered by name.
 
-The registry imports the modules below on its first lookup (importing them here would
-make ``composer.registry`` and the components import each other). Nothing here imports
-Hydra or Lightning.
+Importing this package imports every module in it, and each module registers its classes with its
+family's ``register`` (the one mechanism plugins use too): a new component is a new file here, nothing
+else. Components import only the contract layer (``composer.contract``) and each other: nothing here
+imports the model, Hydra or Lightning.
 """
 
-BUILTIN_MODULES = ("norm", "position", "attention", "ffn", "moe", "head", "block")
+import importlib
+import pkgutil
+
+BUILTIN_MODULES = tuple(info.name for info in pkgutil.iter_modules(__path__) if info.name != "protocols")
+for _name in BUILTIN_MODULES:
+    importlib.import_module(f"{__name__}.{_name}")

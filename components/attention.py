@@ -1,81 +1,55 @@
 """Self-attention: multi-head (mha), grouped-query (gqa), multi-query (mqa), sliding window.
 
-One module serves all four; they differ in how many key/value heads they keep and how far
-back a query may look. Queries, keys and values come from one fused projection; the
-attention itself is ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
-GPUs; grouped key/value heads without copies wherever a fused kernel reads them, see
-``sdpa_reads_grouped_heads``). Only a logit soft-cap, which SDPA cannot express, takes the
-explicit softmax path. Sliding windows
-over a whole sequence use FlexAttention with a block mask on CUDA (``kernel: auto``): blocks
-outside the window are skipped instead of masked, so the cost grows with T x W, not T x T.
+One module serves all four; they differ in how many key/value heads they keep and how far back a
+query may look. Queries, keys and values come from one fused projection; which kernel attends
+(SDPA, FlexAttention for windows, the explicit softmax a logit soft-cap needs) is decided in one
+place, ``components.kernels.choose``, once per forward for every layer of the same kind
+(``prepare``), which also builds that kind's mask and plans its cache slots.
 
 Shapes: B batch, T new tokens, S keys, C hidden, H query heads, Hkv key/value heads, D head dim.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kv_cache import KVCache
+from components.kernels import (  # noqa: F401  (build_mask, sdpa_*: also imported from here)
+    KERNELS,
+    AttentionSpec,
+    CallFacts,
+    Choice,
+    attend,
+    build_mask,
+    choose,
+    flex_attention,
+    make_mask,
+    sdpa_folding_groups,
+    sdpa_reads_grouped_heads,
+)
+from components.kv_cache import KVCache, SlotWrite
+from components.linear_cross_entropy import compute_dtype
 from components.norm import RMSNorm, RMSNormConfig
-from components.protocols import AttentionInputs, BuildContext, ComponentConfig
-from composer.registry import ATTENTION
-from composer.schema import check_probability, inherit, option
-
-# enable_gqa (torch >= 2.5) lets SDPA read grouped key/value heads without copying them
-SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-FLASH_MAX_HEAD_DIM = 256
-
-
-def sdpa_reads_grouped_heads(device_type: str, dtype: torch.dtype, masked: bool, head_dim: int) -> bool:
-    """Whether SDPA takes grouped key/value heads as they are (``enable_gqa``) and still runs a fused
-    kernel. CPU: its flash kernel does, in every dtype, with or without a mask. CUDA: only the flash
-    kernel does (float16/bfloat16, no mask, head dim <= 256); anywhere else SDPA would fall back, without
-    a word, to the math kernel (a [B, H, T, S] score matrix, several times slower). There the caller
-    folds each group's query heads into one head's rows when it has a mask (decoding, padding, windows
-    without FlexAttention: K/V read once, by the memory-efficient kernel) and repeats K/V otherwise
-    (float32 or head dim > 256 without a mask: the causal kernel needs query rows in order).
-    Other devices: the same as CUDA's fallbacks (no claim about their kernels)."""
-    if not SDPA_HAS_GQA:
-        return False
-    if device_type == "cpu":
-        return True
-    return (
-        device_type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and not masked
-        and head_dim <= FLASH_MAX_HEAD_DIM
-    )
-
-
-def sdpa_folding_groups(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0, scale: Optional[float] = None
-) -> Tensor:
-    """SDPA over grouped K/V heads without copying them and without ``enable_gqa``: each group's query
-    heads become one head's rows. q [B, H, T, D], k/v [B, Hkv, S, D], mask [B|1, 1|H, T, S] (bool or
-    additive; required: the rows of a causal kernel would be out of order) -> [B, H, T, D]."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    groups = h // hkv
-    folded = q.reshape(b, hkv, groups * t, d)  # query head j reads K/V head j // groups
-    if mask.shape[1] == 1:  # [B|1, 1, T, S] -> [B|1, 1, G T, S]: row g T + i is query i's row
-        mask = mask.repeat(1, 1, groups, 1)
-    else:  # a per-head bias [B|1, H, T, S] -> [B|1, Hkv, G T, S]
-        mask = mask.reshape(mask.shape[0], hkv, groups * t, mask.shape[-1])
-    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return y.reshape(b, h, t, d)
-
-
-try:  # FlexAttention (torch >= 2.5)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - older torch
-    create_block_mask = flex_attention = None
-KERNELS = ("auto", "sdpa", "flex")
+from composer.contract import (
+    ATTENTION,
+    BuildContext,
+    ComponentConfig,
+    Cost,
+    CostCall,
+    LayerInputs,
+    MixerBase,
+    check_probability,
+    inherit,
+    linear_flops,
+    mark_residual,
+    option,
+    param_count,
+)
 
 
 @dataclass
@@ -135,6 +109,9 @@ class GQAConfig(AttentionConfig):
     def kv_heads(self) -> int:
         return self.num_kv_heads
 
+    def summary(self) -> str:
+        return f"{self.type}(kv={self.num_kv_heads})"
+
     def resolve(self, model, check) -> None:
         super().resolve(model, check)
         if self.num_kv_heads is None:
@@ -168,6 +145,9 @@ class SlidingWindowConfig(GQAConfig):
     def window_size(self) -> Optional[int]:
         return self.window
 
+    def summary(self) -> str:
+        return f"{self.type}(kv={self.num_kv_heads}, w={self.window})"
+
     def resolve(self, model, check) -> None:
         inherit(self, "num_kv_heads", self.num_heads or model.num_heads)
         super().resolve(model, check)
@@ -185,56 +165,53 @@ class SlidingWindowConfig(GQAConfig):
             )
 
 
-def build_mask(
-    q_pos: Tensor, k_pos: Tensor, key_valid: Optional[Tensor], causal: bool, window: Optional[int]
-) -> Tensor:
-    """Boolean mask [B or 1, 1, Tq, Tk], True where query i may attend to key j.
+@dataclass(frozen=True)
+class AttendPlan:
+    """What ``prepare`` computed for one call, shared by the layers of one kind: the kernel choice,
+    the mask it takes, and where the new tokens go in the caches (None without a cache)."""
 
-    q_pos [Tq] and k_pos [Tk] are cache slots (k_pos -1: empty slot); key_valid [B, Tk] marks
-    real tokens. A padding query may always see itself, so no row is empty (SDPA would NaN).
-    """
-    dist = q_pos[:, None] - k_pos[None, :]  # [Tq, Tk]
-    allowed = k_pos[None, :] >= 0
-    if causal:
-        allowed = allowed & (dist >= 0)
-    if window is not None:
-        allowed = allowed & (dist.abs() < window)
-    allowed = allowed[None]  # [1, Tq, Tk]
-    if key_valid is not None:
-        allowed = (allowed & key_valid[:, None, :]) | (dist == 0)[None]
-    return allowed[:, None]  # [B|1, 1, Tq, Tk]
+    choice: Choice
+    mask: Any = None
+    write: Optional[SlotWrite] = None
 
 
 @ATTENTION.register("mha", config=AttentionConfig)
 @ATTENTION.register("mqa", config=MQAConfig)
 @ATTENTION.register("gqa", config=GQAConfig)
 @ATTENTION.register("sliding_window", config=SlidingWindowConfig)
-class SelfAttention(nn.Module):
-    supports_static_cache = True  # handles KVCache.make_static() caches (AttentionInputs.cache_position)
+class SelfAttention(MixerBase):
+    supports_static_cache = True  # handles KVCache.make_static() caches (LayerInputs.cache_position)
 
     def __init__(self, cfg: AttentionConfig, ctx: BuildContext):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads(), cfg.head_dim
         self.window, self.causal = cfg.window_size(), cfg.causal
-        self.kernel = getattr(cfg, "kernel", "sdpa") if flex_attention is not None else "sdpa"
-        self.scale, self.softcap, self.dropout = cfg.softmax_scale, cfg.logit_softcap, cfg.dropout
+        kernel = getattr(cfg, "kernel", "sdpa") if flex_attention is not None else "sdpa"
+        self.scale, self.softcap, self.dropout, self.kernel = cfg.softmax_scale, cfg.logit_softcap, cfg.dropout, kernel
+        self.spec = AttentionSpec(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.causal,
+            self.window,
+            self.softcap,
+            self.dropout,
+            kernel,
+            self.scale,
+        )
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         self.qkv = nn.Linear(ctx.hidden_size, (h + 2 * hkv) * d, bias=cfg.bias)  # C -> (H + 2Hkv) D
-        self.out = nn.Linear(h * d, ctx.hidden_size, bias=cfg.out_bias)  # H D -> C
-        self.out.residual_projection = True  # init scaled by 1/sqrt(2 * layers)
+        self.out = mark_residual(nn.Linear(h * d, ctx.hidden_size, bias=cfg.out_bias))  # H D -> C
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
-            head_ctx = BuildContext(d, ctx.vocab_size, ctx.max_position_embeddings, ctx.num_layers)
-            self.q_norm = RMSNorm(RMSNormConfig(), head_ctx)
-            self.k_norm = RMSNorm(RMSNormConfig(), head_ctx)
-        # Shared with other layers and owned by the model: kept out of this module's state.
-        self.__dict__["position"] = ctx.position
+            head_ctx = dataclasses.replace(ctx, hidden_size=d)
+            self.q_norm, self.k_norm = RMSNorm(RMSNormConfig(), head_ctx), RMSNorm(RMSNormConfig(), head_ctx)
 
     def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
         return KVCache(batch_size, self.num_kv_heads, self.head_dim, capacity, self.window, dtype=dtype, device=device)
 
     def forward(
-        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Optional[KVCache] = None, use_cache: bool = False
+        self, hidden: Tensor, inputs: LayerInputs, past_key_value: Optional[KVCache] = None, use_cache: bool = False
     ) -> tuple[Tensor, Optional[KVCache]]:
         b, t, _ = hidden.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -244,121 +221,99 @@ class SelfAttention(nn.Module):
         v = v.view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.position is not None:
-            q, k = self.position.rotate(q, k, inputs)
-
-        if past_key_value is not None and getattr(past_key_value, "static", False):
-            return self._static(q, k, v, inputs, past_key_value, use_cache, b, t)
-        q_pos = inputs.cached(
-            ("q_slots", t), lambda: torch.arange(inputs.past_length, inputs.past_length + t, device=hidden.device)
-        )  # [T]
+        if inputs.rotation is not None:
+            q, k = inputs.rotation.apply(q, k)
+        plan = inputs.prepared or self.prepare(inputs, past_key_value, inputs.position, dtype=q.dtype)
         if past_key_value is not None:
-            new_valid = None if inputs.key_valid is None else inputs.key_valid[:, -t:]
-            k, v, k_pos, k_valid = past_key_value.update(k, v, new_valid)  # [B, Hkv, S, D], [S], [B, S]
-            if inputs.key_valid is None:
-                k_valid = None  # the caller says nothing is padded
-        else:
-            k_pos, k_valid = q_pos, inputs.key_valid
+            k, v = past_key_value.write(k, v, plan.write)  # [B, Hkv, S, D]
+        dropout = self.spec.dropout if self.training else 0.0
+        y = attend(plan.choice, self.spec, q, k, v, plan.mask, dropout)  # [B, H, T, D]
+        return self.out(y.transpose(1, 2).reshape(b, t, h * d)), past_key_value if use_cache else None
 
-        bias = None if self.position is None else self.position.bias(q_pos, k_pos)  # [H, T, S] or None
-        plain = k_valid is None and bias is None
-        # no mask needed: a full causal square, or one new token that may see the whole cache
-        square = plain and past_key_value is None and self.window is None
-        decode = (
-            plain
-            and past_key_value is not None
-            and t == 1
-            and not past_key_value.rolling
-            and (self.window is None or self.window >= k.shape[2])
+    # ------------------------------------------------------------------ once per forward, per kind
+    def prepare_key(self) -> Hashable:
+        return self.spec
+
+    def prepare(
+        self, inputs: LayerInputs, cache: Any, position: Any, dtype: Optional[torch.dtype] = None
+    ) -> AttendPlan:
+        """The kernel choice, its mask and the cache slots of this call (the model calls it once for all
+        layers with this ``spec``; a direct call of the module prepares for itself)."""
+        q_pos = inputs.query_slots()  # [T]
+        write = (
+            cache.plan(q_pos.shape[0], inputs.key_valid, inputs.cache_position) if isinstance(cache, KVCache) else None
         )
-        if plain and past_key_value is None and self._use_flex(q):  # a window over the whole sequence
-            y = self._flex(q, k, v, inputs, t)  # [B, H, T, D]
-            return self.out(y.transpose(1, 2).reshape(b, t, h * d)), past_key_value if use_cache else None
-        mask = None
-        if not (square or decode):
-            rolling = past_key_value is not None and past_key_value.rolling
-            key = ("mask", self.causal, self.window, t, k.shape[2], rolling, past_key_value is None)
-            mask = inputs.cached(key, lambda: build_mask(q_pos, k_pos, k_valid, self.causal, self.window))
-            if bias is not None:
-                mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))  # [B|1, H, T, S]
-        is_causal = square and self.causal
-        y = self._attend(q, k, v, mask, is_causal=is_causal)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(b, t, h * d)
-        return self.out(y), past_key_value if use_cache else None
+        k_pos, k_valid = (write.k_pos, write.k_valid) if write is not None else (q_pos, inputs.key_valid)
+        if write is not None and inputs.key_valid is None and not write.static:
+            k_valid = None  # the caller says nothing is padded
+        bias = position.bias(q_pos, k_pos) if position is not None else None  # [H, T, S] or None
+        facts = self.call_facts(inputs, write, k_valid is not None, bias is not None, dtype)
+        choice = choose(self.spec, facts)
+        return AttendPlan(choice, make_mask(choice, self.spec, q_pos, k_pos, k_valid, bias), write)
 
-    def _use_flex(self, q: Tensor) -> bool:
-        """FlexAttention for this window: on CUDA (auto / flex); ``flex`` also on other devices where torch
-        runs it correctly (eager, no gradients). Never with a soft-cap or attention dropout."""
-        if self.window is None or self.kernel == "sdpa" or self.softcap is not None:
-            return False
-        if self.training and self.dropout > 0:
-            return False
-        if q.is_cuda:
-            return True
-        return self.kernel == "flex" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-    def _flex(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, t: int) -> Tensor:
-        window, causal = self.window, self.causal
-
-        def allowed(b, h, q_idx, kv_idx):  # the same rule as build_mask
-            dist = q_idx - kv_idx
-            near = (dist < window) & (dist > -window)
-            return near & (dist >= 0) if causal else near
-
-        key = ("flex", causal, window, t, q.device)
-        block = inputs.cached(key, lambda: create_block_mask(allowed, None, None, t, t, device=q.device))
-        attend = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-        return attend(q, k, v, block_mask=block, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
-
-    def _static(
-        self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, cache: KVCache, use_cache: bool, b: int, t: int
-    ) -> tuple[Tensor, Optional[KVCache]]:
-        """Attend over a static cache's whole buffer: the mask comes from its slot positions."""
-        q_pos = inputs.cache_position  # [T]
-        k, v, k_pos, k_valid = cache.update(k, v, inputs.key_valid, q_pos)  # [B, Hkv, S, D], [S], [B, S]
-        key = ("static_mask", self.causal, self.window, t, k.shape[2], cache.rolling)
-        mask = inputs.cached(key, lambda: build_mask(q_pos, k_pos, k_valid, self.causal, self.window))
-        bias = None if self.position is None else self.position.bias(q_pos, k_pos)  # [H, T, S] or None
-        if bias is not None:
-            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))  # [B, H, T, S]
-        y = self._attend(q, k, v, mask, is_causal=False)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return self.out(y), cache if use_cache else None
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
-        p = self.dropout if self.training else 0.0
-        groups = self.num_heads // self.num_kv_heads
-        if self.softcap is not None:  # explicit softmax: SDPA has no score modifier
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            scale = self.scale if self.scale is not None else self.head_dim**-0.5
-            scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, S]
-            scores = self.softcap * torch.tanh(scores / self.softcap)
-            if is_causal:
-                t, s = scores.shape[-2:]
-                mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            probs = F.dropout(scores.softmax(-1), p, self.training).type_as(v)
-            return probs @ v
-        kwargs = {}
-        if groups > 1:
-            if sdpa_reads_grouped_heads(q.device.type, q.dtype, mask is not None, self.head_dim):
-                kwargs["enable_gqa"] = True
-            elif mask is not None:  # no K/V copy: see sdpa_folding_groups
-                return sdpa_folding_groups(q, k, v, mask, dropout_p=p, scale=self.scale)
-            else:  # [B, Hkv, S, D] -> [B, H, S, D]
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.scale, **kwargs
+    def call_facts(
+        self,
+        inputs: LayerInputs,
+        write: Optional[SlotWrite],
+        padded: bool,
+        biased: bool,
+        dtype: Optional[torch.dtype] = None,
+    ) -> CallFacts:
+        """The facts of this call that decide the kernel (components.kernels.choose)."""
+        device = inputs.position_ids.device
+        dtype = dtype or compute_dtype(self.qkv.weight, device.type)
+        mask = "bias" if biased else "padding" if padded else "causal" if self.causal else "none"
+        kind = "none" if write is None else "static" if write.static else "rolling" if write.rolling else "dynamic"
+        keys = write.k_pos.shape[0] if write is not None else inputs.new_tokens
+        return CallFacts(
+            device.type,
+            dtype,
+            torch.is_grad_enabled(),
+            self.training,
+            mask,
+            kind,
+            inputs.new_tokens,
+            keys,
+            torch.compiler.is_compiling(),
         )
 
+    # ------------------------------------------------------------------ cost
+    def planned_choice(self, call: CostCall) -> Choice:
+        """The path of the training step ``call`` describes (unpadded batches, no cache), from the same
+        chooser the forward pass asks."""
+        mask = "bias" if call.position_bias else "causal" if self.causal else "none"
+        facts = CallFacts(
+            call.device,
+            call.dtype,
+            grad=True,
+            training=True,
+            mask=mask,
+            cache="none",
+            queries=call.seq_len,
+            keys=call.seq_len,
+            fused=call.fused_attention,
+        )
+        return choose(self.spec, facts)
 
-_FLEX = []
-
-
-def _compiled_flex():
-    """flex_attention under torch.compile (its fused kernel); compiled once per process."""
-    if not _FLEX:
-        _FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _FLEX[0]
+    def cost(self, call: CostCall) -> Cost:
+        """Parameters, FLOPs, bytes saved for backward and KV-cache bytes of one token (training step)."""
+        h, hkv, d, a = self.num_heads, self.num_kv_heads, self.head_dim, call.activation_bytes
+        c = self.qkv.in_features
+        context = min(call.seq_len, self.window) if self.window else call.seq_len
+        choice = self.planned_choice(call)
+        # qkv input, q/k/v (qkv output), SDPA output, out-projection input (a reshaped copy)
+        saved = a * (c + (h + 2 * hkv) * d + 2 * h * d)
+        if self.q_norm is not None:  # float32 copies of q and k inside the per-head RMSNorms
+            saved += 8 * (h + hkv) * d
+        materialised = set(choice.materialises)
+        if "scores" in materialised:  # tanh and softmax outputs (float32), the probabilities cast back
+            saved += (8 + (a if a != 4 else 0)) * h * context
+        elif "probs" in materialised:  # math SDPA keeps the probabilities [H, T, S]
+            saved += a * h * context
+        if "repeated_kv" in materialised:
+            saved += a * 2 * h * d
+        if "folded_queries" in materialised:
+            saved += a * h * d
+        flops = linear_flops(self.qkv, self.out) + 4 * context * h * d
+        notes = (f"{choice.path}: {choice.fallback}",) if choice.fallback else ()
+        return Cost(param_count(self), flops, saved, cache=2 * hkv * d * a, cache_tokens=self.window, notes=notes)

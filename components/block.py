@@ -4,12 +4,15 @@
     post_norm: x = norm1(x + attn(x));  x = norm2(x + ffn(x))          original Transformer, BERT
     parallel:  x = x + attn(norm1(x)) + ffn(norm2(x))                  GPT-J (one shared norm), NeoX
 
-``dropout`` is the residual dropout applied to each branch's output. A block can recompute
-its attention or its feed-forward in the backward pass (``checkpoint``), set by the model.
+A block receives its built sub-modules (``Block(cfg, ctx, attn, ffn, norms)``, torchtune style): the
+model builds the layer's attention, feed-forward and the norms the config names (``norm_names``).
+``dropout`` is the residual dropout applied to each branch's output. A block can recompute its
+attention or its feed-forward in the backward pass (``checkpoint``, set by the model).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -17,13 +20,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from components.protocols import AttentionInputs, BuildContext, ComponentConfig, run_with_own_memo
-from composer.registry import BLOCK
-from composer.schema import check_probability, inherit, option
+from composer.contract import (
+    BLOCK,
+    BlockBase,
+    BlockConfigBase,
+    BuildContext,
+    Cost,
+    CostCall,
+    LayerInputs,
+    check_probability,
+    cost_of,
+    inherit,
+    option,
+)
 
 
 @dataclass
-class BlockConfig(ComponentConfig):
+class BlockConfig(BlockConfigBase):
     """Pre-norm residual block: normalize, transform, add (GPT-2, Llama)."""
 
     dropout: Optional[float] = option(None, help="residual dropout (null: model.dropout)")
@@ -44,20 +57,24 @@ class ParallelConfig(BlockConfig):
 
     shared_norm: bool = option(False, help="one norm feeds both branches (GPT-J) instead of two (NeoX)")
 
+    def norm_names(self) -> tuple[str, ...]:
+        return ("attn_norm",) if self.shared_norm else ("attn_norm", "ffn_norm")
 
-class _Block(nn.Module):
-    final_norm: ClassVar[bool] = True  # the model adds a norm after the last block
-    checkpoint: str = "none"  # 'attention' | 'ffn': recompute that sub-layer in backward
 
-    def __init__(self, cfg: BlockConfig, ctx: BuildContext):
+class _Block(BlockBase):
+    def __init__(
+        self, cfg: BlockConfig, ctx: BuildContext, attn: nn.Module, ffn: nn.Module, norms: Mapping[str, nn.Module]
+    ):
         super().__init__()
-        self.attn = ctx.make_attention()
-        self.ffn = ctx.make_ffn()
+        self.attn, self.ffn = attn, ffn
+        self.attn_norm = norms["attn_norm"]
+        self.ffn_norm = norms.get("ffn_norm")
         self.drop = nn.Dropout(cfg.dropout)
+        self.hidden_size = ctx.hidden_size
 
-    def _attention(self, x: Tensor, inputs: AttentionInputs, past: Any, use_cache: bool) -> tuple[Tensor, Any]:
+    def _attention(self, x: Tensor, inputs: LayerInputs, past: Any, use_cache: bool) -> tuple[Tensor, Any]:
         if self.checkpoint == "attention" and self.training and torch.is_grad_enabled() and not use_cache:
-            return checkpoint(run_with_own_memo, self.attn, x, inputs, past, use_cache, use_reentrant=False)
+            return checkpoint(self.attn, x, inputs, past, use_cache, use_reentrant=False)
         return self.attn(x, inputs, past, use_cache)
 
     def _feed_forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -67,15 +84,19 @@ class _Block(nn.Module):
             out = self.ffn(x)
         return out if isinstance(out, tuple) else (out, None)  # MoE returns (out, aux_loss)
 
+    def cost(self, call: CostCall) -> Cost:
+        """The sub-modules' costs, as parts ``attention`` (with its norm) and ``ffn`` (with its norm), plus
+        the residual dropout masks (1 byte per element and branch)."""
+        attention = cost_of(self.attn, call) + cost_of(self.attn_norm, call)
+        ffn = cost_of(self.ffn, call) + (cost_of(self.ffn_norm, call) if self.ffn_norm is not None else Cost())
+        masks = Cost(saved=2 * self.hidden_size if self.drop.p > 0 else 0)
+        return (attention + ffn + masks).with_parts(attention=attention, ffn=ffn)
+
 
 @BLOCK.register("pre_norm", config=BlockConfig)
 class PreNormBlock(_Block):
-    def __init__(self, cfg: BlockConfig, ctx: BuildContext):
-        super().__init__(cfg, ctx)
-        self.attn_norm, self.ffn_norm = ctx.make_norm(), ctx.make_norm()
-
     def forward(
-        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None, use_cache: bool = False
+        self, hidden: Tensor, inputs: LayerInputs, past_key_value: Any = None, use_cache: bool = False
     ) -> tuple[Tensor, Any, Optional[Tensor]]:  # [B, T, C] -> [B, T, C]
         a, present = self._attention(self.attn_norm(hidden), inputs, past_key_value, use_cache)
         hidden = hidden + self.drop(a)
@@ -87,12 +108,8 @@ class PreNormBlock(_Block):
 class PostNormBlock(_Block):
     final_norm: ClassVar[bool] = False
 
-    def __init__(self, cfg: BlockConfig, ctx: BuildContext):
-        super().__init__(cfg, ctx)
-        self.attn_norm, self.ffn_norm = ctx.make_norm(), ctx.make_norm()
-
     def forward(
-        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None, use_cache: bool = False
+        self, hidden: Tensor, inputs: LayerInputs, past_key_value: Any = None, use_cache: bool = False
     ) -> tuple[Tensor, Any, Optional[Tensor]]:
         a, present = self._attention(hidden, inputs, past_key_value, use_cache)
         hidden = self.attn_norm(hidden + self.drop(a))
@@ -102,13 +119,8 @@ class PostNormBlock(_Block):
 
 @BLOCK.register("parallel", config=ParallelConfig)
 class ParallelBlock(_Block):
-    def __init__(self, cfg: ParallelConfig, ctx: BuildContext):
-        super().__init__(cfg, ctx)
-        self.attn_norm = ctx.make_norm()
-        self.ffn_norm = None if cfg.shared_norm else ctx.make_norm()
-
     def forward(
-        self, hidden: Tensor, inputs: AttentionInputs, past_key_value: Any = None, use_cache: bool = False
+        self, hidden: Tensor, inputs: LayerInputs, past_key_value: Any = None, use_cache: bool = False
     ) -> tuple[Tensor, Any, Optional[Tensor]]:
         normed = self.attn_norm(hidden)
         a, present = self._attention(normed, inputs, past_key_value, use_cache)

@@ -17,9 +17,19 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.protocols import BuildContext, ComponentConfig
-from composer.registry import FFN
-from composer.schema import check_probability, inherit, option
+from composer.contract import (
+    FFN,
+    BuildContext,
+    ComponentConfig,
+    Cost,
+    CostCall,
+    check_probability,
+    inherit,
+    linear_flops,
+    mark_residual,
+    option,
+    param_count,
+)
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -60,14 +70,17 @@ class MLP(nn.Module):
     def __init__(self, cfg: MLPConfig, ctx: BuildContext):
         super().__init__()
         self.up = nn.Linear(ctx.hidden_size, cfg.intermediate_size, bias=cfg.bias)  # C -> I
-        self.down = nn.Linear(cfg.intermediate_size, ctx.hidden_size, bias=cfg.bias)  # I -> C
-        self.down.residual_projection = True
+        self.down = mark_residual(nn.Linear(cfg.intermediate_size, ctx.hidden_size, bias=cfg.bias))  # I -> C
         self.act = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout)
         self.intermediate_size = cfg.intermediate_size
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
         return self.dropout(self.down(self.act(self.up(x))))
+
+    def cost(self, call: CostCall) -> Cost:  # keeps: up input, activation input, down input
+        saved = call.activation_bytes * (self.up.in_features + 2 * self.intermediate_size)
+        return Cost(param_count(self), linear_flops(self), saved)
 
 
 @dataclass
@@ -99,8 +112,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         i = cfg.intermediate_size
         self.gate_up = nn.Linear(ctx.hidden_size, 2 * i, bias=cfg.bias)  # C -> [gate | up] 2I
-        self.down = nn.Linear(i, ctx.hidden_size, bias=cfg.bias)  # I -> C
-        self.down.residual_projection = True
+        self.down = mark_residual(nn.Linear(i, ctx.hidden_size, bias=cfg.bias))  # I -> C
         self.act = F.silu if not isinstance(cfg, GeGLUConfig) else (lambda x: F.gelu(x, approximate="tanh"))
         self.dropout = nn.Dropout(cfg.dropout)
         self.intermediate_size = i
@@ -108,3 +120,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [B, T, I] each
         return self.dropout(self.down(self.act(gate) * up))
+
+    def cost(self, call: CostCall) -> Cost:  # keeps: gate_up input, gate / up, act(gate), the product
+        saved = call.activation_bytes * (self.gate_up.in_features + 4 * self.intermediate_size)
+        return Cost(param_count(self), linear_flops(self), saved)

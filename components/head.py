@@ -14,12 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.linear_cross_entropy import linear_cross_entropy
-from components.protocols import BuildContext, ComponentConfig
-from composer.registry import HEAD
-from composer.schema import inherit, option
-
-IGNORE_INDEX = -100  # labels with this value (padding, prompts) do not count in the loss
+from components.linear_cross_entropy import auto_chunk_size, linear_cross_entropy
+from composer.contract import (
+    HEAD,
+    IGNORE_INDEX,
+    BuildContext,
+    ComponentConfig,
+    Cost,
+    CostCall,
+    HeadBase,
+    inherit,
+    linear_flops,
+    option,
+    param_count,
+)
 
 
 @dataclass
@@ -51,22 +59,51 @@ class LMHeadConfig(ComponentConfig):
 
 
 @HEAD.register("lm", config=LMHeadConfig)
-class LMHead(nn.Module):
+class LMHead(HeadBase):
     def __init__(self, cfg: LMHeadConfig, ctx: BuildContext):
         super().__init__()
-        vocab = ctx.embedding.num_embeddings if ctx.embedding is not None else ctx.vocab_size  # padded V
+        vocab = ctx.embedding_rows  # padded V
         self.proj = nn.Linear(ctx.hidden_size, vocab, bias=cfg.bias)  # C -> V
         self.softcap = cfg.logit_softcap
         self.vocab_size = ctx.vocab_size
         self.fused_loss = cfg.fused_loss
         self.loss_chunk_size = cfg.loss_chunk_size
         self.register_buffer("pad_mask", torch.zeros(vocab, dtype=torch.bool), persistent=False)  # [V]
+        self._weight_t: Optional[Tensor] = None  # [C, V] while decoding on a CPU (decode_layout)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         if self.pad_mask.device.type != "meta":  # filled when the model is materialised
             self.pad_mask.fill_(False)
             self.pad_mask[self.vocab_size :] = True
+
+    def label_space(self) -> tuple[bool, int]:
+        return True, self.vocab_size
+
+    def tie(self, embedding: nn.Embedding) -> bool:
+        if self.proj.weight.shape != embedding.weight.shape:
+            return False
+        self.proj.weight = embedding.weight
+        return True
+
+    def tied_to(self, embedding: nn.Embedding) -> bool:
+        return self.proj.weight is embedding.weight
+
+    def cost(self, call: CostCall) -> Cost:
+        """The head's matmul; what the loss keeps: with the fused loss only the head's input, and one
+        chunk of logits at a time (transient); without it the float32 log-softmax, and the gradients of
+        the log-softmax and of the logits at the start of the backward pass."""
+        c, v, a = self.proj.in_features, self.proj.out_features, call.activation_bytes
+        tokens = call.tokens
+        if self.fused_loss:
+            chunk = min(self.loss_chunk_size or auto_chunk_size(tokens, v, call.device), tokens)
+            copy = 0 if a == 4 else 4  # the float32 copy of 16-bit logits
+            # one chunk's logits (and their float32 copy), rewritten in place into log-softmax and gradient;
+            # the head's gradients, made in the forward pass
+            transient = chunk * v * (a + copy) + (v + tokens) * c * 4
+            notes = (f"fused loss: logits of {chunk} tokens at a time (head.fused_loss, head.loss_chunk_size)",)
+            return Cost(param_count(self), linear_flops(self), a * c, transient=transient, notes=notes)
+        return Cost(param_count(self), linear_flops(self), a * c + 4 * v, transient=8 * v * tokens)
 
     @contextmanager
     def decode_layout(self) -> Iterator[None]:
@@ -76,14 +113,14 @@ class LMHead(nn.Module):
         if self.proj.weight.device.type != "cpu":
             yield
             return
-        self.__dict__["_weight_t"] = self.proj.weight.detach().t().contiguous()  # [C, V]
+        self._weight_t = self.proj.weight.detach().t().contiguous()  # [C, V]
         try:
             yield
         finally:
-            self.__dict__["_weight_t"] = None
+            self._weight_t = None
 
     def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:  # -> [B, T, V]
-        weight_t = self.__dict__.get("_weight_t")
+        weight_t = self._weight_t
         if weight_t is not None and not torch.is_grad_enabled():
             logits = hidden @ weight_t  # [B, T, C] @ [C, V]
             if self.proj.bias is not None:
@@ -144,7 +181,7 @@ class ClassificationHeadConfig(ComponentConfig):
 
 
 @HEAD.register("classification", config=ClassificationHeadConfig)
-class ClassificationHead(nn.Module):
+class ClassificationHead(HeadBase):
     def __init__(self, cfg: ClassificationHeadConfig, ctx: BuildContext):
         super().__init__()
         self.pooling = cfg.pooling
@@ -167,5 +204,11 @@ class ClassificationHead(nn.Module):
             pooled = hidden[torch.arange(b, device=hidden.device), pick]
         return self.proj(self.dropout(pooled))
 
+    def label_space(self) -> tuple[bool, int]:
+        return False, self.proj.out_features
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def cost(self, call: CostCall) -> Cost:  # keeps the hidden states it pools
+        return Cost(param_count(self), linear_flops(self), call.activation_bytes * self.proj.in_features)

@@ -14,10 +14,31 @@ step to the next, so a compiled decode step (torch.compile, CUDA graphs) is trac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SlotWrite:
+    """One forward's write into a cache: ``kind`` append (a full cache: slots past the last) | ring
+    (tokens at ``slots``) | chunk (a ring buffer taking a chunk: attention reads the old window plus
+    the chunk, the last W tokens are kept). ``positions`` [T] are the new tokens' absolute positions,
+    ``k_pos`` [S] / ``k_valid`` [B, S] the positions and validity of what attention reads after the
+    write, ``new_valid`` [B, T] the new tokens' validity; ``size`` / ``rolling``: the buffer after it."""
+
+    kind: str
+    positions: Tensor
+    k_pos: Tensor
+    k_valid: Tensor
+    new_valid: Tensor
+    slots: Optional[Tensor] = None
+    size: int = 0
+    rolling: bool = False
+    static: bool = False
 
 
 class KVCache:
@@ -60,85 +81,129 @@ class KVCache:
     def size(self) -> int:
         return self.k.shape[2]
 
-    def _grow(self, needed: int) -> None:
-        """Full caches only: double the buffers when a caller writes past the capacity. A window's
+    def _grown(self, needed: int) -> tuple[int, bool]:
+        """(size, rolling) after a write that needs ``needed`` slots: a full cache doubles; a window's
         cache stops at W slots and rolls from then on (tokens 0..W-1 already sit in slot t % W)."""
+        if self.rolling or needed <= self.size:
+            return self.size, self.rolling
         new = max(needed, 2 * self.size)
         if self.window is not None and new >= self.window:
-            new, self.rolling = self.window, True
-        pad = new - self.size
-        self.k = torch.nn.functional.pad(self.k, (0, 0, 0, pad))
-        self.v = torch.nn.functional.pad(self.v, (0, 0, 0, pad))
-        self.slot_pos = torch.nn.functional.pad(self.slot_pos, (0, pad), value=-1)
-        self.valid = torch.nn.functional.pad(self.valid, (0, pad), value=True)
+            return self.window, True
+        return new, False
 
-    def update(
-        self, k: Tensor, v: Tensor, valid: Optional[Tensor], cache_position: Optional[Tensor] = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Append k, v [B, Hkv, T, D] (``valid`` [B, T] or None) and return what to attend over:
-        keys, values [B, Hkv, S', D], their absolute positions [S'] and validity [B, S'].
-        A static cache writes at ``cache_position`` [T] (absolute positions, a tensor)."""
+    def _resize(self, size: int, rolling: bool) -> None:
+        pad = size - self.size
+        self.rolling = rolling
+        if pad > 0:
+            self.k = F.pad(self.k, (0, 0, 0, pad))
+            self.v = F.pad(self.v, (0, 0, 0, pad))
+            self.slot_pos = F.pad(self.slot_pos, (0, pad), value=-1)
+            self.valid = F.pad(self.valid, (0, pad), value=True)
+
+    # ------------------------------------------------------------------ writing: plan once, write per layer
+    def plan(self, t: int, key_valid: Optional[Tensor] = None, cache_position: Optional[Tensor] = None) -> SlotWrite:
+        """Where a write of ``t`` new tokens goes and what attention then reads, without writing
+        anything: the caches of every layer of one geometry are written in lockstep, so the model plans
+        once per forward with one of them. ``key_valid``: [B, past + t] (static: [B, t]) or None;
+        ``cache_position`` [t]: the slots of a static cache."""
+        b, device = self.valid.shape[0], self.valid.device
+        valid = key_valid[:, -t:] if key_valid is not None else torch.ones(b, t, dtype=torch.bool, device=device)
         if self.static:
-            return self._write_static(k, v, valid, cache_position)
-        t, start = k.shape[2], self.length
-        pos = torch.arange(start, start + t, device=k.device)  # [T]
-        if valid is None:
-            valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
-        if not self.rolling and start + t > self.size:
-            self._grow(start + t)
-        if not self.rolling:
-            end = start + t
+            return self._plan_static(t, valid, cache_position)
+        start = self.length
+        pos = torch.arange(start, start + t, device=device)  # [T]
+        size, rolling = self._grown(start + t)
+        slot_pos, slot_valid = self.slot_pos, self.valid
+        if size > self.size:  # the buffers grow first
+            slot_pos = F.pad(slot_pos, (0, size - self.size), value=-1)
+            slot_valid = F.pad(slot_valid, (0, size - self.size), value=True)
+        if not rolling:
+            k_pos, k_valid = torch.cat([slot_pos[:start], pos]), torch.cat([slot_valid[:, :start], valid], dim=1)
+            return SlotWrite("append", pos, k_pos, k_valid, valid, size=size)
+        if t == 1:  # decode: the evicted token (t - W) is outside the window anyway
+            slots = pos % size
+            return SlotWrite(
+                "ring",
+                pos,
+                slot_pos.index_copy(0, slots, pos),
+                slot_valid.index_copy(1, slots, valid),
+                valid,
+                slots=slots,
+                size=size,
+                rolling=True,
+            )
+        # a chunk: attend over the old window plus the chunk, then keep the last W tokens
+        return SlotWrite(
+            "chunk",
+            pos,
+            torch.cat([slot_pos, pos]),
+            torch.cat([slot_valid, valid], dim=1),
+            valid,
+            slots=pos[-min(t, size) :] % size,
+            size=size,
+            rolling=True,
+        )
+
+    def _plan_static(self, t: int, valid: Tensor, cache_position: Tensor) -> SlotWrite:
+        size = self.size
+        if self.rolling and t > 1:  # a chunk: attend over the old window plus the chunk, keep the last W
+            return SlotWrite(
+                "chunk",
+                cache_position,
+                torch.cat([self.slot_pos, cache_position]),
+                torch.cat([self.valid, valid], dim=1),
+                valid,
+                slots=cache_position[-min(t, size) :] % size,
+                size=size,
+                rolling=True,
+                static=True,
+            )
+        slots = cache_position % size if self.rolling else cache_position  # [T]
+        return SlotWrite(
+            "ring",
+            cache_position,
+            self.slot_pos.index_copy(0, slots, cache_position),
+            self.valid.index_copy(1, slots, valid),
+            valid,
+            slots=slots,
+            size=size,
+            rolling=self.rolling,
+            static=True,
+        )
+
+    def write(self, k: Tensor, v: Tensor, plan: SlotWrite) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, Hkv, T, D] where ``plan`` says; returns the keys and values to attend over,
+        [B, Hkv, S, D] (their positions and validity are ``plan.k_pos`` and ``plan.k_valid``)."""
+        t = k.shape[2]
+        if plan.size != self.size or plan.rolling != self.rolling:
+            self._resize(plan.size, plan.rolling)
+        if plan.kind == "append":
+            start, end = self.length, self.length + t
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v
-            self.slot_pos[start:end] = pos
-            self.valid[:, start:end] = valid
+            self.slot_pos[start:end] = plan.positions
+            self.valid[:, start:end] = plan.new_valid
             self.length = end
-            return self.k[:, :, :end], self.v[:, :, :end], self.slot_pos[:end], self.valid[:, :end]
-        w = self.size
-        if t == 1:  # decode: the evicted token (t - W) is outside the window anyway
-            slot = start % w
-            self.k[:, :, slot : slot + 1] = k
-            self.v[:, :, slot : slot + 1] = v
-            self.slot_pos[slot] = start
-            self.valid[:, slot] = valid[:, 0]
-            self.length = start + 1
-            return self.k, self.v, self.slot_pos, self.valid
-        # a chunk: attend over the old window plus the chunk, then keep the last W tokens
-        keys = torch.cat([self.k, k], dim=2)
-        values = torch.cat([self.v, v], dim=2)
-        positions = torch.cat([self.slot_pos, pos])
-        validity = torch.cat([self.valid, valid], dim=1)
-        keep = min(t, w)
-        slots = pos[-keep:] % w
-        self.k[:, :, slots] = k[:, :, -keep:]
-        self.v[:, :, slots] = v[:, :, -keep:]
-        self.slot_pos[slots] = pos[-keep:]
-        self.valid[:, slots] = valid[:, -keep:]
-        self.length = start + t
-        return keys, values, positions, validity
+            return self.k[:, :, :end], self.v[:, :, :end]
+        if not plan.static:
+            self.length += t
+        if plan.kind == "ring":
+            self._put(plan.slots, k, v, plan.positions, plan.new_valid)
+            return self.k, self.v
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # a chunk
+        keep = plan.slots.shape[0]
+        self._put(plan.slots, k[:, :, -keep:], v[:, :, -keep:], plan.positions[-keep:], plan.new_valid[:, -keep:])
+        return keys, values
 
-    def _write_static(
-        self, k: Tensor, v: Tensor, valid: Optional[Tensor], cache_position: Tensor
+    def update(
+        self, k: Tensor, v: Tensor, valid: Optional[Tensor] = None, cache_position: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        t = k.shape[2]
-        if valid is None:
-            valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
-        if self.rolling and t > 1:  # a chunk: attend over the old window plus the chunk, keep the last W
-            keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-            positions = torch.cat([self.slot_pos, cache_position])
-            validity = torch.cat([self.valid, valid], dim=1)
-            keep = min(t, self.size)
-            self._put(
-                cache_position[-keep:] % self.size,
-                k[:, :, -keep:],
-                v[:, :, -keep:],
-                cache_position[-keep:],
-                valid[:, -keep:],
-            )
-            return keys, values, positions, validity
-        slots = cache_position % self.size if self.rolling else cache_position  # [T]
-        self._put(slots, k, v, cache_position, valid)
-        return self.k, self.v, self.slot_pos, self.valid
+        """Plan and write in one call (for a component that keeps its own cache): append k, v
+        [B, Hkv, T, D] (``valid`` [B, T] or None) and return what to attend over: keys, values
+        [B, Hkv, S', D], their absolute positions [S'] and validity [B, S']."""
+        plan = self.plan(k.shape[2], valid, cache_position)
+        keys, values = self.write(k, v, plan)
+        return keys, values, plan.k_pos, plan.k_valid
 
     def _put(self, slots: Tensor, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor) -> None:
         self.k.index_copy_(2, slots, k)
@@ -162,7 +227,7 @@ class Cache(list):
         self.static = static
         self.position: Optional[Tensor] = None
         if static:
-            device = self[0].k.device if self else None
+            device = self[0].k.device if self else None  # every layer has a KVCache (the model checks it)
             self.position = torch.zeros((), dtype=torch.long, device=device)
             _mark_static(self.position)
 
@@ -170,7 +235,7 @@ class Cache(list):
     def length(self) -> int:
         if self.static:
             return int(self.position)  # a host read: not for compiled code
-        return self[0].length if self else 0
+        return next((layer.length for layer in self if layer is not None), 0)
 
     def advance(self, tokens: int) -> None:
         """Static caches: ``tokens`` more were written (in place, so compiled code may call it)."""
@@ -178,19 +243,21 @@ class Cache(list):
 
     def reset(self) -> None:
         for layer in self:
-            layer.reset()
+            if layer is not None:
+                layer.reset()
         if self.position is not None:
             self.position.zero_()
 
     def select(self, index: Tensor) -> None:
         for layer in self:
-            layer.select(index)
+            if layer is not None:
+                layer.select(index)
 
 
 def _mark_static(t: Tensor) -> None:
     """Tell torch.compile this buffer keeps its address (CUDA graphs then update it in place); no
     guard on its identity, so a new cache of the same shape reuses the compiled code."""
-    import torch._dynamo
+    import torch._dynamo  # late: 2 s to import, only static caches need it
 
     try:
         torch._dynamo.mark_static_address(t, guard=False)

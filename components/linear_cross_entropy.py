@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from composer.contract import IGNORE_INDEX
+
 IN_PLACE_SOFTMAX = {"cpu"}  # devices whose log-softmax writes over its input (a CPU saves the page faults)
 
 
@@ -79,12 +80,94 @@ def _autocast_devices() -> frozenset[str]:
 AUTOCAST_DEVICES = _autocast_devices()
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype of the products: autocast's where it is on for the tensor's device, else the tensor's."""
-    kind = t.device.type
+def compute_dtype(t: Tensor, device_type: Optional[str] = None) -> torch.dtype:
+    """The dtype of products with ``t``: autocast's where it is on for ``device_type`` (default: the
+    tensor's device), else the tensor's."""
+    kind = device_type or t.device.type
     if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return t.dtype
+
+
+def _gradient_buffers(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs: tuple[bool, bool, bool]
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Float32 gradients of ``hidden`` [N, C], ``weight`` [V, C] and ``bias`` [V], those that are needed."""
+    need_h, need_w, need_b = needs
+    device, n, v = hidden.device, hidden.shape[0], weight.shape[0]
+    new = torch.empty if n else torch.zeros  # the first chunk writes them (no chunk: zero gradients)
+    grad_h = new(hidden.shape, dtype=torch.float32, device=device) if need_h else None  # [N, C]
+    grad_w = new(weight.shape, dtype=torch.float32, device=device) if need_w else None  # [V, C]
+    grad_b = torch.zeros(v, dtype=torch.float32, device=device) if bias is not None and need_b else None
+    return grad_h, grad_w, grad_b
+
+
+def _chunk_log_softmax(
+    h: Tensor,
+    w: Tensor,
+    b: Optional[Tensor],
+    z: Tensor,
+    logits: Tensor,
+    softcap: Optional[float],
+    vocab: int,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Log p [m, V] of chunk ``h`` [m, C]: the logits written into ``z`` (the products' dtype), their float32
+    copy into ``logits`` (``z`` itself when that is float32), soft-capped, padding masked, then the log-softmax
+    (over ``logits`` on a CPU). Also the capped tanh [m, V] the gradient needs (None without a soft-cap)."""
+    v = z.shape[1]
+    if b is None:
+        torch.mm(h, w.t(), out=z)
+    else:
+        torch.addmm(b, h, w.t(), out=z)
+    if logits is not z:
+        logits.copy_(z)  # float32 softmax
+    capped = None
+    if softcap is not None:
+        capped = logits.div_(softcap).tanh_().clone()
+        logits.mul_(softcap)
+    if vocab < v:
+        logits[:, vocab:] = float("-inf")  # padding columns never win
+    if z.device.type in IN_PLACE_SOFTMAX:  # log p [m, V] over the logits
+        logits = torch.log_softmax(logits, dim=-1, out=logits)
+    else:  # accelerators: a fresh block, which the caching allocator hands back at once
+        logits = torch.log_softmax(logits, dim=-1)
+    return logits, capped
+
+
+def _chunk_logit_gradient(logp: Tensor, z: Tensor, safe: Tensor, picked: Tensor, capped: Optional[Tensor]) -> Tensor:
+    """The gradient of the chunk's summed loss by its logits, softmax - one-hot [m, V], written over ``logp``
+    and copied into ``z`` (the products' dtype) where that is another buffer; returns the float32 one."""
+    grad = logp.exp_()  # softmax: the gradient of the summed loss ...
+    grad.scatter_add_(1, safe, torch.full_like(picked, -1.0))  # ... minus the one-hot
+    if capped is not None:
+        grad.mul_(1 - capped.square())
+    if grad is not z:
+        z.copy_(grad)  # the products run in the forward's dtype
+    return grad
+
+
+def _chunk_hidden_gradient(gh: Tensor, z: Tensor, w: Tensor, weights: Tensor) -> None:
+    """Write the chunk's rows ``gh`` [m, C] of the hidden gradient: (dL/dz) @ W, each row weighted."""
+    if z.dtype == torch.float32:
+        torch.mm(z, w, out=gh)
+    else:
+        gh.copy_(z @ w)
+    gh.mul_(weights)
+
+
+def _chunk_weight_gradient(grad_w: Tensor, z: Tensor, h: Tensor, weights: Tensor, first: bool) -> None:
+    """Add the chunk's part (dL/dz).T @ (weighted h) [V, C] to ``grad_w`` (the ``first`` chunk writes it)."""
+    hw = h * weights.to(z.dtype)  # [m, C]
+    if z.dtype != torch.float32:  # 16-bit products, float32 sum
+        part = z.t() @ hw  # [V, C]
+        if first:
+            grad_w.copy_(part)
+        else:
+            grad_w.add_(part)
+    elif first:
+        torch.mm(z.t(), hw, out=grad_w)
+    else:
+        grad_w.addmm_(z.t(), hw)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -101,18 +184,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         n, v = hidden.shape[0], weight.shape[0]
         device = hidden.device
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         with torch.autocast(device.type, enabled=False):  # dtypes are explicit below
             h_all, w = hidden.to(dtype), weight.to(dtype)  # [N, C], [V, C]: cast once, not per chunk
             b = None if bias is None else bias.to(dtype)
             labelled_all = targets != IGNORE_INDEX  # [N]
             count = labelled_all.sum()
             scale = 1.0 / count.clamp(min=1)  # the mean over labelled rows, folded into the gradients
-            new = torch.empty if n else torch.zeros  # the first chunk writes them (no chunk: zero gradients)
-            grad_h = new(hidden.shape, dtype=torch.float32, device=device) if need_h else None  # [N, C]
-            grad_w = new(weight.shape, dtype=torch.float32, device=device) if need_w else None  # [V, C]
-            grad_b = torch.zeros(v, dtype=torch.float32, device=device) if b is not None and need_b else None
+            grad_h, grad_w, grad_b = _gradient_buffers(hidden, weight, b, ctx.needs_input_grad[:3])
             total = torch.zeros((), dtype=torch.float32, device=device)
             rows = min(chunk_size, n)
             z_buf = torch.empty(rows, v, dtype=dtype, device=device)  # [chunk, V]: logits, then the gradient
@@ -122,51 +201,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 m = h.shape[0]
                 labelled = labelled_all[start : start + chunk_size, None]  # [m, 1]
                 safe = torch.where(labelled, targets[start : start + chunk_size, None], 0)  # [m, 1]
-                z, logits = z_buf[:m], f_buf[:m]  # [m, V]
-                if b is None:
-                    torch.mm(h, w.t(), out=z)
-                else:
-                    torch.addmm(b, h, w.t(), out=z)
-                if logits is not z:
-                    logits.copy_(z)  # float32 softmax
-                capped = None
-                if softcap is not None:
-                    capped = logits.div_(softcap).tanh_().clone()
-                    logits.mul_(softcap)
-                if vocab < v:
-                    logits[:, vocab:] = float("-inf")  # padding columns never win
-                if device.type in IN_PLACE_SOFTMAX:  # log p [m, V] over the logits
-                    logits = torch.log_softmax(logits, dim=-1, out=logits)
-                else:  # accelerators: a fresh block, which the caching allocator hands back at once
-                    logits = torch.log_softmax(logits, dim=-1)
-                picked = logits.gather(1, safe)  # [m, 1]
+                z = z_buf[:m]  # [m, V]
+                logp, capped = _chunk_log_softmax(h, w, b, z, f_buf[:m], softcap, vocab)  # [m, V]
+                picked = logp.gather(1, safe)  # [m, 1]
                 total = total - torch.where(labelled, picked, 0.0).sum()
-                grad = logits.exp_()  # softmax: the gradient of the summed loss ...
-                grad.scatter_add_(1, safe, torch.full_like(picked, -1.0))  # ... minus the one-hot
-                if capped is not None:
-                    grad.mul_(1 - capped.square())
-                if grad is not z:
-                    z.copy_(grad)  # the products run in the forward's dtype
+                grad = _chunk_logit_gradient(logp, z, safe, picked, capped)  # [m, V], float32; z holds it too
                 weights = labelled * scale  # [m, 1]: unlabelled rows contribute nothing
                 if grad_h is not None:
-                    gh = grad_h[start : start + chunk_size]  # [m, C]
-                    if dtype == torch.float32:
-                        torch.mm(z, w, out=gh)
-                    else:
-                        gh.copy_(z @ w)
-                    gh.mul_(weights)
+                    _chunk_hidden_gradient(grad_h[start : start + chunk_size], z, w, weights)
                 if grad_w is not None:
-                    hw = h * weights.to(dtype)  # [m, C]
-                    if dtype != torch.float32:  # 16-bit products, float32 sum
-                        part = z.t() @ hw  # [V, C]
-                        if start == 0:
-                            grad_w.copy_(part)
-                        else:
-                            grad_w.add_(part)
-                    elif start == 0:
-                        torch.mm(z.t(), hw, out=grad_w)
-                    else:
-                        grad_w.addmm_(z.t(), hw)
+                    _chunk_weight_gradient(grad_w, z, h, weights, start == 0)
                 if grad_b is not None:
                     grad_b += (grad * weights).sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -14,9 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from components.protocols import BuildContext, ComponentConfig
-from composer.registry import FFN
-from composer.schema import option
+from composer.contract import (
+    FFN,
+    BuildContext,
+    ComponentConfig,
+    Cost,
+    CostCall,
+    cost_of,
+    linear_flops,
+    option,
+    param_count,
+)
 
 
 @dataclass
@@ -28,6 +36,9 @@ class MoEConfig(ComponentConfig):
     expert: dict = option({"type": "swiglu"}, help="the expert's ffn config ({type: swiglu, ...})", family="ffn")
     aux_loss_weight: float = option(0.01, help="scale of the load-balancing loss", min=0.0)
     normalize_top_k: bool = option(True, help="renormalise the chosen experts' probabilities to sum to 1")
+
+    def summary(self) -> str:
+        return f"{self.type}({self.top_k}/{self.num_experts}x{self.expert.type})"
 
     def resolve(self, model, check) -> None:
         if self.top_k > self.num_experts:
@@ -47,7 +58,7 @@ class MoE(nn.Module):
         self.top_k, self.num_experts = cfg.top_k, cfg.num_experts
         self.aux_loss_weight, self.normalize = cfg.aux_loss_weight, cfg.normalize_top_k
         self.router = nn.Linear(ctx.hidden_size, cfg.num_experts, bias=False)  # C -> E
-        self.experts = nn.ModuleList(ctx.build("ffn", cfg.expert, ctx) for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList(FFN.build(cfg.expert, ctx, "model.ffn.expert") for _ in range(cfg.num_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # [B, T, C] -> ([B, T, C], scalar aux loss)
         shape = x.shape
@@ -65,3 +76,11 @@ class MoE(nn.Module):
         routed = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(dim=0) / self.top_k  # f_e [E]
         aux = self.num_experts * (routed * probs.mean(dim=0)).sum() * self.aux_loss_weight
         return out.reshape(shape), aux
+
+    def cost(self, call: CostCall) -> Cost:
+        """Every expert's parameters; the FLOPs and saved bytes of the router and of top_k experts per token
+        (plus the router's float32 probabilities)."""
+        expert = cost_of(self.experts[0], call)
+        c = self.router.in_features
+        saved = call.activation_bytes * c + 4 * self.num_experts + self.top_k * expert.saved
+        return Cost(param_count(self), linear_flops(self.router) + self.top_k * expert.flops, saved)

@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.protocols import BuildContext, ComponentConfig
-from composer.registry import NORM
-from composer.schema import option
+from composer.contract import NORM, BuildContext, ComponentConfig, Cost, CostCall, option, param_count
 
 
 @dataclass
@@ -48,6 +46,9 @@ class LayerNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [..., C] -> [..., C]
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
+    def cost(self, call: CostCall) -> Cost:  # keeps its input (residual precision)
+        return Cost(param_count(self), saved=call.residual_bytes * self.weight.shape[0])
+
 
 @NORM.register("rmsnorm", config=RMSNormConfig)
 class RMSNorm(nn.Module):
@@ -63,3 +64,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.type_as(x)
+
+    def cost(self, call: CostCall) -> Cost:  # keeps float32 copies of its input and the normalised input
+        return Cost(param_count(self), saved=2 * 4 * self.weight.shape[0])

@@ -2,9 +2,11 @@
 partial rotation), ALiBi, and none.
 
 A position encoding acts at up to three places, and implements all three (identity where it
-does not act): ``embed`` adds a vector to the token embeddings (learned), ``rotate`` turns
-queries and keys by their position (RoPE), ``bias`` adds a distance penalty to attention
-scores (ALiBi). Only ``learned`` is model-wide; the others may differ per layer.
+does not act; ``acts_on`` says where it does): ``embed`` adds a vector to the token embeddings
+(learned), ``rotation`` gives this forward's rotary tables, which turn queries and keys by their
+position (RoPE; the model computes them once per forward for every layer that shares the encoding),
+``bias`` adds a distance penalty to attention scores (ALiBi). Only ``learned`` is model-wide; the
+others may differ per layer.
 """
 
 from __future__ import annotations
@@ -16,22 +18,59 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from components.protocols import AttentionInputs, BuildContext, ComponentConfig
-from composer.registry import POSITION
-from composer.schema import option
+from composer.contract import (
+    POSITION,
+    BuildContext,
+    ComponentConfig,
+    Cost,
+    CostCall,
+    LayerInputs,
+    PositionBase,
+    option,
+    param_count,
+)
 
 
-class _NoPosition(nn.Module):
+class _NoPosition(PositionBase):
     """Shared identity behaviour: no embedding, no rotation, no bias."""
+
+    acts_on: ClassVar[frozenset[str]] = frozenset()
 
     def embed(self, position_ids: Tensor) -> Optional[Tensor]:
         return None
 
-    def rotate(self, q: Tensor, k: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
-        return q, k
+    def rotation(self, position_ids: Tensor) -> Optional[Rotary]:
+        return None
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Optional[Tensor]:
         return None
+
+    def rotate(self, q: Tensor, k: Tensor, inputs: LayerInputs) -> tuple[Tensor, Tensor]:
+        """q, k turned by ``inputs.position_ids`` (a convenience: the model passes rotations itself)."""
+        rotation = self.rotation(inputs.position_ids)
+        return (q, k) if rotation is None else rotation.apply(q, k)
+
+    def cost(self, call: CostCall, mixer: Optional[nn.Module] = None) -> Cost:
+        """The model-wide part (``mixer`` None: parameters) or one layer's part (nothing saved here)."""
+        return Cost(params=param_count(self)) if mixer is None else Cost()
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """One forward's rotary tables: cos, sin [B|1, 1, T, R] (float32) for the first R dims of each head."""
+
+    cos: Tensor
+    sin: Tensor
+    rotary_dim: int
+
+    def apply(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:  # q [B, H, T, D], k [B, Hkv, T, D]
+        return self._turn(q), self._turn(k)
+
+    def _turn(self, x: Tensor) -> Tensor:
+        r = self.rotary_dim
+        rot, keep = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+        rot = (rot.float() * self.cos + _rotate_half(rot.float()) * self.sin).type_as(x)
+        return rot if keep is None else torch.cat((rot, keep), dim=-1)
 
 
 # ----------------------------------------------------------------------------- none
@@ -56,6 +95,8 @@ class LearnedPositionConfig(ComponentConfig):
 
 @POSITION.register("learned", config=LearnedPositionConfig)
 class LearnedPosition(_NoPosition):
+    acts_on: ClassVar[frozenset[str]] = frozenset({"embed"})
+
     def __init__(self, cfg: LearnedPositionConfig, ctx: BuildContext):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(ctx.max_position_embeddings, ctx.hidden_size))  # [P, C]
@@ -118,6 +159,8 @@ def _rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]: (x1, x2) -> (-x2
 
 @POSITION.register("rope", config=RopeConfig)
 class Rope(_NoPosition):
+    acts_on: ClassVar[frozenset[str]] = frozenset({"rotate"})
+
     def __init__(self, cfg: RopeConfig, ctx: BuildContext):
         super().__init__()
         self.cfg = cfg
@@ -158,26 +201,15 @@ class Rope(_NoPosition):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, R]
         return emb.cos(), emb.sin()
 
-    def rotate(self, q: Tensor, k: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
-        # q [B, H, T, D], k [B, Hkv, T, D]; the first R dims of each head are rotated.
-        key = (
-            "rope",
-            self.rotary_dim,
-            self.cfg.theta,
-            self.cfg.scaling,
-            self.cfg.scaling_factor,
-            self.cfg.low_freq_factor,
-            self.cfg.high_freq_factor,
-            self.cfg.original_max_position_embeddings,
-        )
-        cos, sin = inputs.cached(key, lambda: self.cos_sin(inputs.position_ids))
-        return self._turn(q, cos, sin), self._turn(k, cos, sin)
+    def rotation(self, position_ids: Tensor) -> Rotary:
+        return Rotary(*self.cos_sin(position_ids), self.rotary_dim)
 
-    def _turn(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        r = self.rotary_dim
-        rot, keep = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
-        rot = (rot.float() * cos + _rotate_half(rot.float()) * sin).type_as(x)
-        return rot if keep is None else torch.cat((rot, keep), dim=-1)
+    def cost(self, call: CostCall, mixer: Optional[nn.Module] = None) -> Cost:
+        if mixer is None:
+            return Cost()
+        # float32 copies of q and k, and the rotated q and k, kept for backward
+        heads = mixer.num_heads + mixer.num_kv_heads
+        return Cost(saved=(4 + call.activation_bytes) * heads * mixer.head_dim)
 
 
 # ----------------------------------------------------------------------------- alibi
@@ -201,6 +233,8 @@ def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> Tensor:
 
 @POSITION.register("alibi", config=AlibiConfig)
 class Alibi(_NoPosition):
+    acts_on: ClassVar[frozenset[str]] = frozenset({"bias"})
+
     def __init__(self, cfg: AlibiConfig, ctx: BuildContext):
         super().__init__()
         self.num_heads, self.max_bias = ctx.num_heads, cfg.max_bias

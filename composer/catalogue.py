@@ -11,6 +11,9 @@ import dataclasses
 import typing
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from .registry import FAMILIES, Entry
 from .schema import _type_name
 
@@ -77,9 +80,6 @@ def catalogue() -> dict[str, list[Entry]]:
 
 def render(family: str | None = None) -> None:
     """Print the catalogue (one table per family) with rich."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     for fam, entries in catalogue().items():
         if family and fam != family:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -36,6 +37,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .contract.registry import untrusted_config
+from .devices import target_device, target_dtype
 from .errors import CheckpointError, ConfigError, IncompatibleVersion, ModelError
 from .weights import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -109,9 +112,9 @@ def save_pretrained(
 
 def _check_describes(model: nn.Module) -> None:
     """Refuse to save a model whose weights its config does not describe (hand-made modules)."""
-    if not hasattr(model, "config"):
+    if not hasattr(model, "config") or not callable(getattr(type(model), "on_meta", None)):
         raise ModelError(f"save_pretrained needs a ComposedModel, got {type(model).__name__}")
-    want = {k: tuple(v.shape) for k, v in unique_state(_meta_model(model.config)).items()}
+    want = {k: tuple(v.shape) for k, v in unique_state(_meta_model(type(model), model.config)).items()}
     have = {k: tuple(v.shape) for k, v in unique_state(model).items()}
     if want != have:
         diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
@@ -132,7 +135,7 @@ def load_tokenizer(path: Union[str, Path]) -> Any:
     file = (path if path.is_dir() else path.parent) / TOKENIZER_NAME
     if not file.is_file():
         return None
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # late: 0.3 s to import, and only a saved tokenizer needs it
 
     try:
         return Tokenizer.from_file(str(file))
@@ -272,16 +275,16 @@ def _locate(path: Union[str, Path]) -> _Checkpoint:
 
 
 # ----------------------------------------------------------------------------- loading
-def _meta_model(config: Any) -> nn.Module:
-    from .model import compose
-
-    return compose(config, device="meta")
+def _meta_model(model_class: type, config: Any) -> nn.Module:
+    return model_class.on_meta(config)
 
 
-def _build(doc: dict, source: str) -> nn.Module:
-    """The saved model, built on the meta device (validated once; nothing allocated)."""
+def _build(model_class: type, doc: dict, source: str, trust_plugins: Iterable[str] = ()) -> nn.Module:
+    """The saved model, built on the meta device (validated once; nothing allocated). A dotted-path plugin
+    the config names is imported only if ``trust_plugins`` allows it (composer.contract.registry)."""
     try:
-        return _meta_model(doc["model"])
+        with untrusted_config(source, trust_plugins):
+            return _meta_model(model_class, doc["model"])
     except ConfigError as exc:
         raise CheckpointError(f"{source}: the saved model config is invalid: {exc}") from None
 
@@ -295,20 +298,27 @@ def _torch_dtype(name: Any, where: str) -> Optional[torch.dtype]:
     return dt
 
 
-def from_pretrained(path: Union[str, Path], device: Any = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def from_pretrained(
+    path: Union[str, Path],
+    device: Any = None,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    model_class: type,
+    trust_plugins: Iterable[str] = (),
+) -> nn.Module:
     """Rebuild the model saved in ``path`` (a save_pretrained folder or a lone .safetensors file).
 
     device: where the weights go (default CPU); they are read memory-mapped straight there
     dtype:  cast floating weights to this dtype (default: as saved, bit-exact)
+    trust_plugins: packages / modules whose dotted-path components the saved config may name (refused
+            otherwise: loading never imports a module you did not choose)
     Returns the ComposedModel in eval mode. Raises CheckpointError (IncompatibleVersion for a
     newer major format) naming every problem.
     """
-    from .model import target_device
-
-    dev = str(target_device(device))
+    dev, dtype = str(target_device(device)), target_dtype(dtype)
     ckpt = _locate(path)
     saved_dtype = _torch_dtype(ckpt.doc.get("dtype"), ckpt.source)
-    model = _build(ckpt.doc, ckpt.source)
+    model = _build(model_class, ckpt.doc, ckpt.source, trust_plugins)
     found: dict[str, TensorInfo] = {}
     owner: dict[str, Path] = {}
     for h in ckpt.headers:
@@ -328,3 +338,18 @@ def from_pretrained(path: Union[str, Path], device: Any = None, dtype: Optional[
         except Exception as exc:  # a file changed or damaged after its header was checked
             raise CheckpointError(f"cannot read {f}: {exc}") from None
     return materialize(model, state, dev).eval()
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` for a model class with a ``config`` and a classmethod
+    ``on_meta(config)`` that builds it on the meta device (``ComposedModel``): the checkpoint format
+    sits below the model, which inherits these methods (as transformers' models do)."""
+
+    def save_pretrained(self, directory: Any, tokenizer: Any = None, **kwargs: Any) -> Path:
+        """Write weights (safetensors), config and tokenizer to ``directory`` (composer.checkpoint)."""
+        return save_pretrained(self, directory, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: Any, **kwargs: Any) -> Any:
+        """Rebuild a model saved with ``save_pretrained`` (composer.checkpoint)."""
+        return from_pretrained(directory, model_class=cls, **kwargs)

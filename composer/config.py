@@ -9,14 +9,15 @@ naming the key and the fix.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .contract.options import did_you_mean
 from .errors import ConfigError, Problem
+from .schema import resolve_model_config
 
 EXPERIMENTS_ENV = "COMPOSER_EXPERIMENTS"
 
@@ -55,12 +56,12 @@ def load_config(
     (``my_configs/model/my_model.yaml``) are selectable as ``model=my_model``.
     Returns an OmegaConf DictConfig; raises ConfigError on any composition problem.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-    from omegaconf.errors import OmegaConfBaseException
+    from hydra import compose as hydra_compose  # late: only composing needs Hydra (0.3 s)
+    from hydra import initialize_config_dir  # late: only composing needs Hydra (0.3 s)
+    from hydra.core.global_hydra import GlobalHydra  # late: only composing needs Hydra (0.3 s)
+    from hydra.errors import HydraException  # late: only composing needs Hydra (0.3 s)
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup  # late: only composing needs Hydra (0.3 s)
+    from omegaconf.errors import OmegaConfBaseException  # late: only composing needs OmegaConf
 
     overrides = [str(o) for o in overrides]
     backup = get_gh_backup()
@@ -77,7 +78,7 @@ def load_config(
 
 def _siblings(key: str, overrides: list[str], config_name: str, config_dirs: Iterable) -> list[str]:
     """Keys next to ``key`` in the config composed without the failing override."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # late: only composing needs OmegaConf
 
     rest = [o for o in overrides if not (key + ".").startswith(o.lstrip("+~").partition("=")[0] + ".")]
     try:
@@ -91,8 +92,8 @@ def _siblings(key: str, overrides: list[str], config_name: str, config_dirs: Ite
 
 def _culprit(exc: Exception, overrides: list[str], config_name: str, config_dirs: Iterable) -> str:
     """The override that fails on its own (Hydra's parse errors and TypeErrors do not name it)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # late: only composing needs Hydra (0.3 s)
+    from hydra.errors import HydraException  # late: only composing needs Hydra (0.3 s)
 
     if len(overrides) == 1:
         return overrides[0]
@@ -108,7 +109,7 @@ def _culprit(exc: Exception, overrides: list[str], config_name: str, config_dirs
 
 
 def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: Iterable) -> ConfigError:
-    from hydra.errors import MissingConfigException, OverrideParseException
+    from hydra.errors import MissingConfigException, OverrideParseException  # late: only composing needs Hydra (0.3 s)
 
     text = str(exc)
     if isinstance(exc, (OverrideParseException, TypeError, ValueError)):
@@ -129,14 +130,12 @@ def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: I
         group, _, name = missing.rpartition("/")
         options = list(exc.options or [])
         if group and options:
-            close = difflib.get_close_matches(name, options, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
             return ConfigError(
                 [
                     Problem(
                         group.replace("/", "."),
                         f"no config named {name!r}",
-                        f"{hint}available: {', '.join(sorted(options))}",
+                        f"{did_you_mean(name, options)}available: {', '.join(sorted(options))}",
                     )
                 ]
             )
@@ -149,9 +148,7 @@ def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: I
         inner = re.search(r"full_key: (\S+)", cause)  # a mapping merged into a node: the key inside it
         key = inner.group(1) if inner and inner.group(1).startswith(m.group(1) + ".") else m.group(1)
         siblings = _siblings(key, overrides, config_name, config_dirs)
-        leaf = key.rsplit(".", 1)[-1]
-        close = difflib.get_close_matches(leaf, siblings, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(key.rsplit(".", 1)[-1], siblings)
         return ConfigError([Problem(key, "no such key", f"{hint}to add a new key write +{key}=...")])
     m = re.search(r"full_key: (\S+)", text) or re.search(r"full_key: (\S+)", cause)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
@@ -162,7 +159,7 @@ def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: I
 
 def to_container(cfg: Any) -> Any:
     """A DictConfig as plain Python data, interpolations resolved."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf  # late: not on `import composer` (0.2 s)
 
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
@@ -173,8 +170,6 @@ def model_config(
     overrides: Sequence[str] = (), config_dirs: Iterable[str | Path] = (), config_name: str = "train"
 ) -> Any:
     """The validated ModelConfig of ``load_config(overrides).model``."""
-    from .schema import resolve_model_config
-
     return resolve_model_config(load_config(overrides, config_name, config_dirs).model)
 
 

@@ -35,7 +35,15 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .contract import is_int, member
 from .errors import ModelError
+from .sampling import (  # noqa: F401  (re-exported: generation's public names)
+    SamplingSettings,
+    apply_repetition_penalty,
+    choose_tokens,
+    top_k_filter,
+    top_p_filter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,107 +51,6 @@ OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfM
 Streamer = Callable[[Tensor], Any]  # receives each step's new tokens [B]
 OVERFLOW_MODES = ("error", "truncate_left")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-# ----------------------------------------------------------------------------- settings
-@dataclass
-class SamplingSettings:
-    """How the next token is chosen from the logits (see :func:`generate` for each option)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-
-    def check(self) -> None:
-        """ModelError naming the argument and the fix for any value out of range."""
-        if self.do_sample and not (_is_number(self.temperature) and self.temperature > 0):
-            raise ModelError(
-                f"generate(temperature={self.temperature!r}): temperature must be > 0 when sampling; "
-                "use e.g. 0.7, or do_sample=False for greedy decoding"
-            )
-        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
-            raise ModelError(
-                f"generate(top_k={self.top_k!r}): top_k must be an integer >= 1; "
-                "use e.g. 50, or None to keep every token"
-            )
-        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ModelError(
-                f"generate(top_p={self.top_p!r}): top_p must be in (0, 1]; "
-                "use e.g. 0.9, or None (1.0) to keep every token"
-            )
-        if self.repetition_penalty is not None and not (
-            _is_number(self.repetition_penalty) and self.repetition_penalty > 0
-        ):
-            raise ModelError(
-                f"generate(repetition_penalty={self.repetition_penalty!r}): the penalty must be > 0; "
-                "use e.g. 1.2 (1.0 or None: no penalty)"
-            )
-        ignored = [n for n in ("top_k", "top_p") if getattr(self, n) is not None]
-        if not self.do_sample and (ignored or self.temperature != 1.0):
-            names = ", ".join(ignored + (["temperature"] if self.temperature != 1.0 else []))
-            warnings.warn(
-                f"generate: {names} only apply when sampling and are ignored by greedy decoding; "
-                "pass do_sample=True to sample",
-                UserWarning,
-                stacklevel=4,
-            )
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# ----------------------------------------------------------------------------- logits processing
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL's penalty (as in transformers): a logit of an already-seen token is divided by
-    ``penalty`` if positive, multiplied if negative. logits [B, V] float, seen [B, V] bool."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep the ``k`` largest logits of each row (ties with the k-th kept), the rest -inf. [B, V]."""
-    k = min(k, logits.shape[-1])
-    kth = logits.topk(k, dim=-1).values[:, -1:]  # [B, 1]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus filter: keep the most likely tokens until their probability reaches ``p`` (the
-    token that crosses p included, at least one kept), the rest -inf. [B, V]."""
-    if p >= 1.0:
-        return logits
-    ordered, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    probs = ordered.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-    drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, before >= p)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def choose_tokens(
-    logits: Tensor, s: SamplingSettings, seen: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
-) -> Tensor:
-    """Next tokens [B] from the last position's logits [B, V]: repetition penalty, then (when
-    sampling) temperature, top-k and top-p, then a draw; greedy takes the argmax."""
-    if s.repetition_penalty is not None and s.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
-    if not s.do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float()
-    if s.temperature != 1.0:
-        logits = logits / s.temperature
-    if s.top_k is not None:
-        logits = top_k_filter(logits, s.top_k)
-    if s.top_p is not None:
-        logits = top_p_filter(logits, s.top_p)
-    probs = logits.softmax(dim=-1)  # [B, V]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -186,8 +93,8 @@ def _token_ids(name: str, value: Any, vocab: int) -> Optional[list[int]]:
     if value is None:
         return None
     ids = value.tolist() if isinstance(value, Tensor) else value
-    ids = [ids] if _is_int(ids) else list(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else None
-    if not ids or not all(_is_int(i) for i in ids):
+    ids = [ids] if is_int(ids) else list(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else None
+    if not ids or not all(is_int(i) for i in ids):
         raise ModelError(f"generate({name}={value!r}): expected a token id or a list of token ids")
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
@@ -275,7 +182,7 @@ def _fit_context(
 def _generator(seed: Union[int, torch.Generator, None], device: torch.device) -> Optional[torch.Generator]:
     if seed is None or isinstance(seed, torch.Generator):
         return seed
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ModelError(f"generate(seed={seed!r}): seed must be an integer or a torch.Generator")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -352,62 +259,21 @@ class _Decoder:
 
     def steps(self) -> Iterator[Tensor]:
         static = self.compile_mode is not None
-        layout = getattr(self.model.head, "decode_layout", None)  # the LM head's CPU decoding layout
-        with layout() if layout is not None and not static else contextlib.nullcontext():
+        layout = member(self.model.head, "head", "decode_layout")  # the LM head's CPU decoding layout
+        with layout() if not static else contextlib.nullcontext():
             yield from self._steps(static)
 
     def _steps(self, static: bool) -> Iterator[Tensor]:
-        model, s, ids, mask = self.model, self.settings, self.prompt, self.mask
-        b, t = ids.shape
-        vocab = model.config.vocab_size
-        full_mask = position = None  # [B, T + N] bool (new tokens are always real); [B, 1] next position
-        if mask is not None:
-            full_mask = torch.ones(b, t + self.max_new, dtype=torch.bool, device=ids.device)
-            full_mask[:, :t] = mask
-            position = mask.sum(dim=1, keepdim=True)  # [B, 1] position of the first new token
-        seen = None  # [B, V] tokens already in each row, for the repetition penalty
-        if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
-            real = torch.ones_like(ids, dtype=torch.float) if mask is None else mask.float()
-            seen = torch.zeros(b, vocab, device=ids.device).scatter_add_(1, ids, real) > 0
-        finished = torch.zeros(b, dtype=torch.bool, device=ids.device) if self.eos is not None else None
-        if static:  # positions as tensors; the cache keeps the prompt's padding
-            cache = static_cache(model, b, t + self.max_new)
-            step_fn = compiled_step(self.compile_mode)
-            graphs = "cudagraphs" in self.compile_mode or self.compile_mode == "reduce-overhead"
-            if position is None:
-                position = torch.full((1, 1), t, device=ids.device)
-        else:
-            cache = model.allocate_cache(b, t + self.max_new) if self.use_cache else None
-
+        self._start(static)
+        vocab, seen, finished = self.model.config.vocab_size, self.seen, self.finished
         for step in range(self.max_new):
             n = self.length
-            if cache is None:  # recompute the whole sequence
-                logits = model(self.out[:, :n], attention_mask=None if mask is None else full_mask[:, :n]).logits
-            elif step == 0:  # prefill (eager: prompt lengths vary)
-                prompt_pos = None if not static or mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-                logits = model(
-                    ids, attention_mask=mask, past_key_values=cache, use_cache=True, position_ids=prompt_pos
-                ).logits
-            elif static:  # the compiled step: same shapes, same buffers every time
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = step_fn(model, self.out[:, n - 1 : n], position, cache)
-                position = position + 1
-            else:  # one new token against the cache
-                logits = model(
-                    self.out[:, n - 1 : n],
-                    attention_mask=None if mask is None else full_mask[:, :n],
-                    past_key_values=cache,
-                    use_cache=True,
-                    position_ids=None if mask is None else position,
-                ).logits
-                if mask is not None:
-                    position = position + 1
+            logits = self._logits(step, n, static)
             if logits.dim() != 3:
                 raise ModelError(
                     f"generate needs next-token logits [B, T, V], the model returned shape {tuple(logits.shape)}"
                 )
-            tokens = choose_tokens(logits[:, -1, :vocab], s, seen, self.generator)  # [B]
+            tokens = choose_tokens(logits[:, -1, :vocab], self.settings, seen, self.generator)  # [B]
             if finished is not None:
                 tokens = tokens.masked_fill(finished, self.pad_id)
                 finished |= torch.isin(tokens, self.eos)
@@ -418,6 +284,54 @@ class _Decoder:
             yield tokens
             if finished is not None and bool(finished.all()):  # the only per-step host sync
                 return
+
+    def _start(self, static: bool) -> None:
+        """The loop's state: full mask, next positions, tokens seen, rows finished, the cache (and compiled step)."""
+        model, s, ids, mask = self.model, self.settings, self.prompt, self.mask
+        b, t = ids.shape
+        self.full_mask = self.position = None  # [B, T + N] bool (new tokens are always real); [B, 1] next position
+        if mask is not None:
+            self.full_mask = torch.ones(b, t + self.max_new, dtype=torch.bool, device=ids.device)
+            self.full_mask[:, :t] = mask
+            self.position = mask.sum(dim=1, keepdim=True)  # [B, 1] position of the first new token
+        self.seen = None  # [B, V] tokens already in each row, for the repetition penalty
+        if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
+            real = torch.ones_like(ids, dtype=torch.float) if mask is None else mask.float()
+            self.seen = torch.zeros(b, model.config.vocab_size, device=ids.device).scatter_add_(1, ids, real) > 0
+        self.finished = torch.zeros(b, dtype=torch.bool, device=ids.device) if self.eos is not None else None
+        if static:  # positions as tensors; the cache keeps the prompt's padding
+            self.cache, self.step_fn = static_cache(model, b, t + self.max_new), compiled_step(self.compile_mode)
+            self.graphs = "cudagraphs" in self.compile_mode or self.compile_mode == "reduce-overhead"
+            if self.position is None:
+                self.position = torch.full((1, 1), t, device=ids.device)
+        else:
+            self.cache = model.allocate_cache(b, t + self.max_new) if self.use_cache else None
+
+    def _logits(self, step: int, n: int, static: bool) -> Tensor:
+        """The model's logits for step ``step`` with ``n`` tokens so far; advances the next positions."""
+        model, mask, full_mask, cache = self.model, self.mask, self.full_mask, self.cache
+        if cache is None:  # recompute the whole sequence
+            return model(self.out[:, :n], attention_mask=None if mask is None else full_mask[:, :n]).logits
+        if step == 0:  # prefill (eager: prompt lengths vary)
+            prompt_pos = None if not static or mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
+            return model(
+                self.prompt, attention_mask=mask, past_key_values=cache, use_cache=True, position_ids=prompt_pos
+            ).logits
+        if static:  # the compiled step: same shapes, same buffers every time
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self.step_fn(model, self.out[:, n - 1 : n], self.position, cache)
+        else:  # one new token against the cache
+            logits = model(
+                self.out[:, n - 1 : n],
+                attention_mask=None if mask is None else full_mask[:, :n],
+                past_key_values=cache,
+                use_cache=True,
+                position_ids=None if mask is None else self.position,
+            ).logits
+        if self.position is not None:  # static, or eager with a mask: explicit positions, one further
+            self.position = self.position + 1
+        return logits
 
 
 # ----------------------------------------------------------------------------- public API
@@ -452,7 +366,7 @@ def _prepare(
     compile: Union[bool, str] = False,
 ) -> _Request:
     _check_model(model)
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ModelError(f"generate(max_new_tokens={max_new_tokens!r}): expected an integer >= 0")
     if prompt_overflow not in OVERFLOW_MODES:
         raise ModelError(f"generate(prompt_overflow={prompt_overflow!r}): use one of {', '.join(OVERFLOW_MODES)}")
@@ -675,3 +589,11 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
 ]
+
+
+class GenerationMixin:
+    """``model.generate(...)`` for a model class that decodes with this module (``ComposedModel``)."""
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs: Any) -> Tensor:
+        """Decode new tokens after ``input_ids`` (see composer.generation.generate)."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)

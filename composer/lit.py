@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 from torchmetrics import SumMetric
 
+from .contract.options import IGNORE_INDEX
 from .model import ComposedModel
 from .optim import build_optimizer, build_scheduler
-
-IGNORE_INDEX = -100
 
 
 class LitComposer(L.LightningModule):

@@ -4,17 +4,23 @@
     model = compose(cfg.model)                  # validated, built on meta, materialised, initialised
     out = model(input_ids)                      # out.logits [B, T, V]
 
-Every layer is built from its own resolved components (``config.layer(i)``), so any
-component may differ per layer. Weights are created on the meta device first and only
-materialised on the device asked for (``device="meta"`` allocates nothing).
+Every layer is built from its own resolved components (``config.layer(i)``), so any component may
+differ per layer: the model builds each layer's attention, feed-forward and norms and hands them to
+the block. Weights are created on the meta device first and only materialised on the device asked
+for (``device="meta"`` allocates nothing).
+
+Per forward pass the model computes what layers share once (litgpt-style): positions, the rotary
+tables of each distinct position encoding, and for each kind of sequence mixer (its
+``prepare_key``) the kernel choice, mask and cache slots; each layer receives them as one immutable
+``LayerInputs``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -22,11 +28,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from components.kv_cache import Cache, KVCache
-from components.protocols import AttentionInputs, BuildContext, run_with_own_memo
 
-from .errors import ConfigError, InvalidParameter, ModelError, Problem
-from .registry import ATTENTION, BLOCK, FAMILIES, FFN, HEAD, NORM, POSITION, interface_gaps
+from .checkpoint import PretrainedMixin
+from .contract import LayerInputs, member
+from .contract.protocols import RESIDUAL_MARK, BuildContext, block_norm_names
+from .devices import target_device, target_dtype
+from .dry_run import dry_forward
+from .errors import ConfigError, ModelError, Problem
+from .generation import GenerationMixin
+from .inputs import check_cache, check_forward_inputs, check_ids, check_labels
+from .registry import ATTENTION, BLOCK, FFN, HEAD, NORM, POSITION, interface_gaps
 from .schema import ModelConfig, resolve_model_config
+
+__all__ = ["ComposedModel", "ModelBuilder", "ModelOutput", "compose", "target_device"]
 
 
 @dataclass
@@ -48,12 +62,17 @@ class ModelOutput:
     past_key_values: Optional[Cache] = None
 
 
-class ComposedModel(nn.Module):
+class ComposedModel(PretrainedMixin, GenerationMixin, nn.Module):
     """A transformer assembled from registered components according to a ModelConfig."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layers: Optional[Sequence[int]] = None):
+        """``layers``: build only these layer indices (a skeleton for planning: one block per distinct
+        layer; it cannot run). Default: every layer."""
         super().__init__()
         self.config = config
+        last = config.num_layers - 1  # always built: its block decides the final norm
+        self.layer_indices = list(range(config.num_layers)) if layers is None else sorted({*layers, last})
+        self.skeleton = len(self.layer_indices) != config.num_layers
         c = config.hidden_size
         base = BuildContext(
             c,
@@ -63,54 +82,87 @@ class ComposedModel(nn.Module):
             dropout=config.dropout,
             num_heads=config.num_heads,
             head_dim=config.head_dim,
-            build=lambda family, cfg, ctx: FAMILIES[family].build(cfg, ctx),
+            padded_vocab_size=config.padded_vocab_size,
         )
         self.embed = nn.Embedding(config.padded_vocab_size, c)  # [V, C]
         self.position = POSITION.build(config.position, base, "model.position")  # adds to embeddings if learned
         self.embed_norm = NORM.build(config.norm, base, "model.norm") if config.embedding_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.layer_positions = nn.ModuleList()  # per-layer position encodings other than the model's
-        positions: dict[str, nn.Module] = {}
-        self.layers = nn.ModuleList(self._build_layer(i, base, positions) for i in range(config.num_layers))
-        last = self.layers[-1]
-        self.final_norm = NORM.build(config.norm, base, "model.norm") if getattr(last, "final_norm", True) else None
-        self.head = HEAD.build(config.head, _with(base, embedding=self.embed), "model.head")
+        self._position_of: list[int] = []  # layer -> index into positions() (0: the model's)
+        self._layer_position_keys: list[tuple[Any, tuple[int, int]]] = []
+        self.layers = nn.ModuleList(self.build_layer(i, base) for i in self.layer_indices)
+        last_has_norm = member(self.layers[-1], "block", "final_norm")
+        self.final_norm = NORM.build(config.norm, base, "model.norm") if last_has_norm else None
+        self.head = HEAD.build(config.head, base, "model.head")
         self.tie_weights()
         self._apply_checkpointing()
+        self.index_layers()
 
-    def _build_layer(self, i: int, base: BuildContext, positions: dict[str, nn.Module]) -> nn.Module:
+    # ------------------------------------------------------------------ building
+    def positions(self) -> list[nn.Module]:
+        """The distinct position encodings: the model's, then the per-layer ones."""
+        return [self.position, *self.layer_positions]
+
+    def layer_position(self, i: int) -> nn.Module:
+        """The position encoding layer ``i`` uses (the model hands its tables to the layer each forward)."""
+        return self.positions()[self._position_of[i]]
+
+    def build_layer(self, i: int, base: BuildContext) -> nn.Module:
+        """Layer ``i``'s block, built from its resolved components (sub-modules first, then the block)."""
         spec = self.config.layer(i)
         heads = getattr(spec.attention, "num_heads", None) or self.config.num_heads
         head_dim = getattr(spec.attention, "head_dim", None) or self.config.head_dim
-        key = f"{spec.position!r}|{heads}|{head_dim}"
-        same_shape = heads == self.config.num_heads and head_dim == self.config.head_dim
-        if spec.position == self.config.position and same_shape:
-            position = self.position
-        elif key in positions:
-            position = positions[key]
-        else:
-            pctx = _with(base, layer_idx=i, num_heads=heads, head_dim=head_dim)
-            position = positions[key] = POSITION.build(spec.position, pctx, f"model.layers[{i}].position")
-            self.layer_positions.append(position)
-        ctx = _with(base, layer_idx=i, num_heads=heads, head_dim=head_dim, position=position)
+        ctx = replace(base, layer_idx=i, num_heads=heads, head_dim=head_dim)
+        self._position_of.append(self._layer_position(i, spec.position, ctx))
         path = f"model.layers[{i}]"
-        ctx.make_attention = lambda: ATTENTION.build(spec.attention, ctx, f"{path}.attention")
-        ctx.make_ffn = lambda: FFN.build(spec.ffn, ctx, f"{path}.ffn")
-        ctx.make_norm = lambda: NORM.build(spec.norm, ctx, f"{path}.norm")
-        return BLOCK.build(spec.block, ctx, f"{path}.block")
+        attn = ATTENTION.build(spec.attention, ctx, f"{path}.attention")
+        ffn = FFN.build(spec.ffn, ctx, f"{path}.ffn")
+        norms = {name: NORM.build(spec.norm, ctx, f"{path}.norm") for name in block_norm_names(spec.block)}
+        return BLOCK.build(spec.block, ctx, f"{path}.block", attn=attn, ffn=ffn, norms=norms)
+
+    def _layer_position(self, i: int, position: Any, ctx: BuildContext) -> int:
+        """The index (into positions()) of the position encoding layer ``i`` uses, built if it is new."""
+        if position == self.config.position and (ctx.num_heads, ctx.head_dim) == (
+            self.config.num_heads,
+            self.config.head_dim,
+        ):
+            return 0
+        for k, (cfg, shape) in enumerate(self._layer_position_keys, start=1):
+            if cfg == position and shape == (ctx.num_heads, ctx.head_dim):
+                return k
+        self.layer_positions.append(POSITION.build(position, ctx, f"model.layers[{i}].position"))
+        self._layer_position_keys.append((position, (ctx.num_heads, ctx.head_dim)))
+        return len(self.layer_positions)
+
+    def index_layers(self) -> None:
+        """Group the layers whose mixers share one ``prepare`` per forward (equal ``prepare_key`` and the
+        same position encoding); ``_group_of[i]`` is layer i's group, ``_group_rep[g]`` a layer of it."""
+        self._group_of: list[Optional[int]] = []
+        self._group_rep: list[int] = []
+        keys: dict[Any, int] = {}
+        for i, layer in enumerate(self.layers):
+            mixer = member(layer, "block", "attn")
+            key = member(mixer, "attention", "prepare_key")() if mixer is not None else None
+            if key is None:
+                self._group_of.append(None)
+                continue
+            key = (key, self._position_of[i])
+            if key not in keys:
+                keys[key] = len(self._group_rep)
+                self._group_rep.append(i)
+            self._group_of.append(keys[key])
 
     # ------------------------------------------------------------------ weights
     def tie_weights(self) -> None:
         """Share the LM head's weight with the embedding when ``tie_embeddings`` (re-done after
         materialisation, which creates new parameters)."""
-        proj = getattr(self.head, "proj", None)
-        if self.config.tie_embeddings and proj is not None and proj.weight.shape == self.embed.weight.shape:
-            proj.weight = self.embed.weight
+        if self.config.tie_embeddings:
+            member(self.head, "head", "tie")(self.embed)
 
     @property
     def tied(self) -> bool:
-        proj = getattr(self.head, "proj", None)
-        return proj is not None and proj.weight is self.embed.weight
+        return member(self.head, "head", "tied_to")(self.embed)
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> list[str]:
@@ -136,7 +188,7 @@ class ComposedModel(nn.Module):
             if not own:
                 continue
             if isinstance(module, nn.Linear):
-                s = resid_std if getattr(module, "residual_projection", False) else std
+                s = resid_std if getattr(module, RESIDUAL_MARK, False) else std
                 if any(p is module.weight for p in own):
                     nn.init.normal_(module.weight, 0.0, s, generator=gen)
                 if module.bias is not None and any(p is module.bias for p in own):
@@ -191,17 +243,18 @@ class ComposedModel(nn.Module):
         components.kv_cache); the forward pass then takes ``attention_mask`` [B, T] for the new
         tokens only, and ``position_ids`` whenever there is padding."""
         ref = self.embed.weight
+        mixers = [member(layer, "block", "attn") for layer in self.layers]  # a block without one: no cache
         caches = [
-            layer.attn.make_cache(batch_size, capacity, dtype or ref.dtype, device or ref.device)
-            for layer in self.layers
+            m.make_cache(batch_size, capacity, dtype or ref.dtype, device or ref.device) if m is not None else None
+            for m in mixers
         ]
         if static:
-            for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
-                if not (getattr(layer.attn, "supports_static_cache", False) and isinstance(cache, KVCache)):
+            for i, (mixer, cache) in enumerate(zip(mixers, caches, strict=True)):
+                if not (member(mixer, "attention", "supports_static_cache") and isinstance(cache, KVCache)):
                     raise ModelError(
-                        f"layer {i}'s attention ({type(layer.attn).__name__}) does not support a static "
-                        "KV cache; generate without compile=..., or give the attention "
-                        "supports_static_cache = True and handle AttentionInputs.cache_position"
+                        f"layer {i}'s attention ({type(mixer).__name__}) does not support a static KV cache; "
+                        "generate without compile=..., or give the attention supports_static_cache = True and "
+                        "handle LayerInputs.cache_position"
                     )
                 cache.make_static()
         return Cache(caches, static=static)
@@ -217,15 +270,54 @@ class ComposedModel(nn.Module):
         position_ids: Optional[Tensor] = None,  # [B, T]; default: counted from the mask
         return_logits: bool = True,  # False: labels given, gradients on -> the lm head's fused loss, no logits
     ) -> ModelOutput:
-        static = past_key_values is not None and getattr(past_key_values, "static", False)
+        if self.skeleton:
+            raise ModelError(
+                "this model is a skeleton for planning (some layers were not built); build it with compose"
+            )
+        check_cache(past_key_values, len(self.layers), check_ids(input_ids)[0])
+        static = past_key_values is not None and past_key_values.static
         past = past_key_values.length if past_key_values is not None and not static else 0
-        self._check_inputs(input_ids, attention_mask, past, static)
-        b, t = input_ids.shape
+        self._check(input_ids, attention_mask, labels, position_ids, past, static)
         if use_cache and past_key_values is None:
-            past_key_values = self.allocate_cache(b, t)
+            past_key_values = self.allocate_cache(*input_ids.shape)
+        shared = self._shared_inputs(input_ids, attention_mask, position_ids, past_key_values, past)
+        hidden = self._embed(input_ids, shared.position_ids)  # [B, T, C]
+        hidden, aux = self._run_layers(hidden, self._layer_inputs(shared, past_key_values), past_key_values, use_cache)
+        if static:
+            past_key_values.advance(input_ids.shape[1])
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        logits, loss = self._head(hidden, attention_mask, labels, return_logits)
+        if loss is not None and aux is not None:
+            loss = loss + aux
+        return ModelOutput(
+            logits=logits, loss=loss, aux_loss=aux, past_key_values=past_key_values if use_cache else None
+        )
+
+    def _check(
+        self, input_ids: Any, attention_mask: Any, labels: Any, position_ids: Any, past: int, static: bool
+    ) -> None:
+        """The boundary: every argument's type, shape, dtype and (on a CPU) values (composer.inputs)."""
+        device = self.embed.weight.device
+        check_forward_inputs(self.config, input_ids, attention_mask, past, static, position_ids, device)
+        space = member(self.head, "head", "label_space")() if labels is not None else None
+        if space is not None:
+            hosted = device.type == "cpu" or self.config.check_inputs_on_accelerator
+            check_labels(labels, input_ids, *space, host_checks=hosted and not torch.compiler.is_compiling())
+
+    def _shared_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor],
+        position_ids: Optional[Tensor],
+        cache: Optional[Cache],
+        past: int,
+    ) -> LayerInputs:
+        """Positions and padding of this call, the same for every layer."""
+        t = input_ids.shape[1]
         key_valid = cache_position = None
-        if static:  # positions are tensors: nothing here changes from one decode step to the next
-            cache_position = past_key_values.position + torch.arange(t, device=input_ids.device)  # [T]
+        if cache is not None and cache.static:  # positions are tensors: nothing changes between decode steps
+            cache_position = cache.position + torch.arange(t, device=input_ids.device)  # [T]
             key_valid = None if attention_mask is None else attention_mask.bool()  # [B, T]
             if position_ids is None:
                 position_ids = cache_position[None]
@@ -235,125 +327,74 @@ class ComposedModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
         if position_ids is None:  # the same for every row: [1, T], broadcast (a learned table is read once)
             position_ids = torch.arange(past, past + t, device=input_ids.device)[None]
-        inputs = AttentionInputs(
+        return LayerInputs(
             position_ids=position_ids, key_valid=key_valid, past_length=past, cache_position=cache_position
         )
 
+    def _layer_inputs(self, shared: LayerInputs, cache: Optional[Cache]) -> list[LayerInputs]:
+        """Each layer's inputs: the shared ones, its position encoding's rotary tables (computed once per
+        encoding) and what its mixer kind prepared (once per kind)."""
+        positions = self.positions()
+        rotations = [
+            p.rotation(shared.position_ids) if "rotate" in member(p, "position", "acts_on") else None for p in positions
+        ]
+        prepared = []
+        for rep in self._group_rep:
+            mixer, position = self.layers[rep].attn, positions[self._position_of[rep]]
+            prepared.append(mixer.prepare(shared, cache[rep] if cache is not None else None, position))
+        return [
+            LayerInputs(
+                position_ids=shared.position_ids,
+                key_valid=shared.key_valid,
+                past_length=shared.past_length,
+                cache_position=shared.cache_position,
+                rotation=rotations[p],
+                position=positions[p],
+                prepared=None if g is None else prepared[g],
+            )
+            for p, g in zip(self._position_of, self._group_of, strict=True)
+        ]
+
+    def _embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         hidden = self.embed(input_ids)  # [B, T, C]
         pos = self.position.embed(position_ids)
         if pos is not None:
             hidden = hidden + pos
         if self.embed_norm is not None:
             hidden = self.embed_norm(hidden)
-        hidden = self.drop(hidden)
+        return self.drop(hidden)
 
+    def _run_layers(
+        self, hidden: Tensor, inputs: list[LayerInputs], cache: Optional[Cache], use_cache: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
         aux_total = None
+        recompute = self.training and torch.is_grad_enabled() and not use_cache
         for i, layer in enumerate(self.layers):
-            past_i = past_key_values[i] if past_key_values is not None else None
-            if self.config.checkpointed(i) == "layer" and self.training and torch.is_grad_enabled() and not use_cache:
-                hidden, _, aux = checkpoint(
-                    run_with_own_memo, layer, hidden, inputs, past_i, use_cache, use_reentrant=False
-                )
+            past_i = cache[i] if cache is not None else None
+            if recompute and self.config.checkpointed(i) == "layer":
+                hidden, _, aux = checkpoint(layer, hidden, inputs[i], past_i, use_cache, use_reentrant=False)
             else:
-                hidden, _, aux = layer(hidden, inputs, past_i, use_cache)
+                hidden, _, aux = layer(hidden, inputs[i], past_i, use_cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        if static:
-            past_key_values.advance(t)
-        if self.final_norm is not None:
-            hidden = self.final_norm(hidden)
-        loss = logits = None
-        if (
-            not return_logits
-            and labels is not None
-            and getattr(self.head, "fused_loss", False)
-            and torch.is_grad_enabled()
-        ):
-            loss = self.head.fused(hidden, labels)  # the full logits are never materialised
-        else:
-            logits = self.head(hidden, attention_mask)
-            if labels is not None:
-                loss = self.head.loss(logits, labels)
-        if loss is not None and aux_total is not None:
-            loss = loss + aux_total
-        return ModelOutput(
-            logits=logits, loss=loss, aux_loss=aux_total, past_key_values=past_key_values if use_cache else None
-        )
+        return hidden, aux_total
 
-    def _check_inputs(self, input_ids: Any, attention_mask: Any, past: int, static: bool = False) -> None:
-        """Boundary checks: shape, dtype, id range, length, mask shape (ModelError). With a static
-        cache the mask covers the new tokens only and the cache's capacity bounds the length."""
-        if not isinstance(input_ids, Tensor):
-            raise ModelError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dim() != 2:
-            raise ModelError(
-                f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}; "
-                "add a batch dimension with input_ids.unsqueeze(0)"
-            )
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ModelError(
-                f"input_ids must be an integer tensor, got {input_ids.dtype}; convert with input_ids.long()"
-            )
-        b, t = input_ids.shape
-        if t == 0:
-            raise ModelError("input_ids is empty (seq_len 0); pass at least one token")
-        limit = self.config.max_position_embeddings
-        if past + t > limit:
-            raise ModelError(
-                f"sequence length {past + t} (past {past} + new {t}) exceeds "
-                f"max_position_embeddings={limit}; truncate the input or use a model with "
-                "a longer context"
-            )
-        if attention_mask is not None:
-            want = (b, past + t)
-            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != want:
-                got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)
-                what = (
-                    "[batch, seq_len] (a static cache keeps the past's padding)"
-                    if static
-                    else "[batch, past + seq_len]"
-                )
-                raise ModelError(f"attention_mask must have shape {want} {what}, got {got}")
-        if torch.compiler.is_compiling():
-            return
-        if input_ids.device.type == "cpu" or self.config.check_inputs_on_accelerator:
-            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one host read
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ModelError(
-                    f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
-                    "check the tokenizer matches the model's vocab_size"
-                )
-
-    # ------------------------------------------------------------------ generation and checkpoints
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs: Any) -> Tensor:
-        """Decode new tokens after ``input_ids`` (see composer.generation.generate)."""
-        from .generation import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
-
-    def save_pretrained(self, directory: Any, tokenizer: Any = None, **kwargs: Any) -> None:
-        """Write weights (safetensors), config and tokenizer to ``directory`` (composer.checkpoint)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer, **kwargs)
+    def _head(
+        self, hidden: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor], return_logits: bool
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        fused = member(self.head, "head", "fused_loss")
+        if not return_logits and labels is not None and fused and torch.is_grad_enabled():
+            return None, self.head.fused(hidden, labels)  # the full logits are never materialised
+        logits = self.head(hidden, attention_mask)
+        return logits, self.head.loss(logits, labels) if labels is not None else None
 
     @classmethod
-    def from_pretrained(cls, directory: Any, **kwargs: Any) -> ComposedModel:
-        """Rebuild a model saved with ``save_pretrained`` (composer.checkpoint)."""
-        from .checkpoint import from_pretrained
+    def on_meta(cls, config: Any) -> ComposedModel:
+        """The model ``config`` describes, validated and built on the meta device (nothing allocated)."""
+        return compose(config, device="meta")
 
-        return from_pretrained(directory, **kwargs)
-
-    # ------------------------------------------------------------------ misc
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, params={self.num_parameters():,}"
-
-
-def _with(ctx: BuildContext, **changes: Any) -> BuildContext:
-    from dataclasses import replace
-
-    return replace(ctx, **changes)
 
 
 _INIT_FUNCTIONS = (
@@ -388,42 +429,11 @@ def _skip_init():
             setattr(nn.init, name, fn)
 
 
-def target_device(device: Any, argument: str = "device") -> torch.device:
-    """``device`` (None: CPU) as a torch.device this process can use. Raises InvalidParameter naming
-    ``argument`` for a string that is no device or an accelerator this torch does not see, before
-    anything is allocated (torch's own errors there come late and name neither)."""
-    if isinstance(device, torch.device):
-        dev = device
-    else:
-        try:
-            dev = torch.device(device if device is not None else "cpu")
-        except (RuntimeError, TypeError):
-            raise InvalidParameter(
-                [Problem(argument, f"{device!r} is not a device", "use cpu, cuda or cuda:<index>")]
-            ) from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InvalidParameter(
-                [
-                    Problem(
-                        argument,
-                        f"{device!r}: this torch ({torch.__version__}) sees no CUDA device",
-                        "use cpu, or run where a GPU and a CUDA build of torch are",
-                    )
-                ]
-            )
-        if dev.index is not None and dev.index >= count:
-            raise InvalidParameter(
-                [
-                    Problem(
-                        argument,
-                        f"{device!r}: this machine has {count} CUDA device(s)",
-                        f"use cuda:0 ... cuda:{count - 1}",
-                    )
-                ]
-            )
-    return dev
+def build_on_meta(config: ModelConfig, layers: Optional[Sequence[int]] = None) -> ComposedModel:
+    """The model of a resolved config on the meta device (nothing allocated, no initialisation work);
+    ``layers``: only these layers (a skeleton for planning)."""
+    with torch.device("meta"), _skip_init():
+        return ComposedModel(config, layers)
 
 
 def compose(
@@ -437,9 +447,9 @@ def compose(
     invalid.
     """
     cfg = resolve_model_config(config)
-    device = target_device(device)
-    with torch.device("meta"), _skip_init():
-        model = ComposedModel(cfg)
+    device, dtype = target_device(device), target_dtype(dtype)
+    model = build_on_meta(cfg)
+    dry_forward(model)
     if dtype is not None:
         model.to(dtype=dtype)
     if device.type == "meta":
@@ -521,6 +531,7 @@ class ModelBuilder:
             model.layers[index] = block
         if self._head is not None:
             model.head = self._head
+        model.index_layers()  # hand-made blocks join the per-forward sharing
         return model
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from .contract.options import is_int, is_number
 from .errors import ConfigError, Problem
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -39,18 +40,18 @@ def check_optim(cfg: Mapping[str, Any]) -> list[Problem]:
     if name not in OPTIMIZERS:
         problems.append(Problem("optim.name", f"{name!r} is not an optimizer", f"use one of {', '.join(OPTIMIZERS)}"))
     lr = cfg.get("lr")
-    if not _number(lr) or lr <= 0:
+    if not is_number(lr) or lr <= 0:
         problems.append(Problem("optim.lr", f"{lr!r} must be a positive number", "e.g. optim.lr=3e-4"))
     wd = cfg.get("weight_decay", 0.0)
-    if not _number(wd) or wd < 0:
+    if not is_number(wd) or wd < 0:
         problems.append(Problem("optim.weight_decay", f"{wd!r} must be a number >= 0", "e.g. optim.weight_decay=0.1"))
     betas = cfg.get("betas", (0.9, 0.999))
-    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
         problems.append(
             Problem("optim.betas", f"{betas!r} must be two numbers in [0, 1)", "e.g. optim.betas=[0.9,0.95]")
         )
     eps = cfg.get("eps", 1e-8)
-    if not _number(eps) or eps <= 0:
+    if not is_number(eps) or eps <= 0:
         problems.append(Problem("optim.eps", f"{eps!r} must be a positive number", "e.g. optim.eps=1e-8"))
     if cfg.get("fused", "auto") not in ("auto", True, False):
         problems.append(
@@ -66,14 +67,14 @@ def check_scheduler(cfg: Mapping[str, Any], lr: Any) -> list[Problem]:
     if name not in SCHEDULES:
         problems.append(Problem("scheduler.name", f"{name!r} is not a schedule", f"use one of {', '.join(SCHEDULES)}"))
     warmup = cfg.get("warmup_steps", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if not is_int(warmup) or warmup < 0:
         problems.append(
             Problem("scheduler.warmup_steps", f"{warmup!r} must be an integer >= 0", "e.g. scheduler.warmup_steps=100")
         )
     min_lr = cfg.get("min_lr", 0.0)
-    if not _number(min_lr) or min_lr < 0:
+    if not is_number(min_lr) or min_lr < 0:
         problems.append(Problem("scheduler.min_lr", f"{min_lr!r} must be a number >= 0", "e.g. scheduler.min_lr=3e-5"))
-    elif _number(lr) and min_lr > lr:
+    elif is_number(lr) and min_lr > lr:
         problems.append(
             Problem(
                 "scheduler.min_lr",
@@ -82,7 +83,7 @@ def check_scheduler(cfg: Mapping[str, Any], lr: Any) -> list[Problem]:
             )
         )
     decay = cfg.get("decay_steps")
-    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, int) or decay < 1):
+    if decay is not None and (not is_int(decay) or decay < 1):
         problems.append(
             Problem(
                 "scheduler.decay_steps",
@@ -91,10 +92,6 @@ def check_scheduler(cfg: Mapping[str, Any], lr: Any) -> list[Problem]:
             )
         )
     return problems
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:

@@ -3,7 +3,10 @@
     report = plan(load_config(["model=llama3_8b"]).model, batch_size=8, seq_len=2048)
     print(report.params_total, report.memory.total)
 
-Nothing is allocated: the model is built on the meta device and measured module by module.
+Nothing is allocated, and nothing here knows a component by name: one block per distinct layer is
+built on the meta device and each component states its own cost (``cost(call)``, see
+``composer.contract.cost``; the attention asks the same kernel chooser it runs with, so the memory
+counted is that of the path it takes). A component without a cost method is reported as not planned.
 
 Conventions (stated so the figures can be checked):
 - FLOPs count a multiply-add as 2. Forward FLOPs per token = 2 x (weights of every matmul a token
@@ -12,32 +15,28 @@ Conventions (stated so the figures can be checked):
   no causal discount (the PaLM / nanoGPT convention). Training = 3 x forward (6N + attention);
   recomputation by gradient checkpointing is reported separately.
 - Memory: weights, gradients and AdamW state by precision (mixed precision keeps float32
-  master weights, gradients and states); activations are the tensors autograd saves, counted
-  per component from the shapes in this code base (SDPA with a fused kernel, so no T x T
-  scores are stored; the math path on CPUs stores them, see ``fused_attention``; a logit soft-cap's
-  explicit softmax stores its float32 scores and probabilities; where SDPA cannot read grouped K/V
-  heads on ``device``, the repeated K/V or the folded queries are stored too). The peak of
-  a step is weights + AdamW state + the larger of two moments: the start of the backward pass
-  (every activation, plus the logits' gradients) and its end (every gradient, plus the tied
-  embedding's two partial gradients before they are summed). Gradients are freed between steps
-  (``zero_grad(set_to_none=True)``, Lightning's default); a fused AdamW adds nothing (the
-  foreach kernel on CPUs adds one parameter-sized buffer). Calibrated against measured peaks
-  (benchmarks/bench_checkpointing.py: within a few percent on CPUs).
+  master weights, gradients and states); activations are the tensors autograd saves, as each
+  component counts them. The peak of a step is weights + AdamW state + the larger of two moments:
+  the start of the backward pass (every activation, plus the logits' gradients) and its end (every
+  gradient, plus the tied embedding's two partial gradients before they are summed). Gradients are
+  freed between steps (``zero_grad(set_to_none=True)``, Lightning's default). Calibrated against
+  measured peaks (benchmarks/bench_checkpointing.py: within a few percent on CPUs).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
-from components.attention import sdpa_reads_grouped_heads
-from components.linear_cross_entropy import auto_chunk_size
-
+from .contract import Cost, CostCall, NotPlanned, cost_of, member, param_count
 from .errors import ConfigError, Problem
-from .model import ComposedModel, compose
+from .model import ComposedModel, build_on_meta
 from .schema import ModelConfig, resolve_model_config
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
@@ -97,144 +96,110 @@ class Plan:
     kv_cache_bytes_max: int  # for one sequence of seq_len (sliding windows capped)
     memory: MemoryEstimate
     notes: list[str] = field(default_factory=list)
+    not_planned: list[str] = field(default_factory=list)  # components with no cost method (left out above)
 
 
-def _bytes(precision: str) -> tuple[int, int, int, int]:
-    """(weight, gradient, optimizer-state, activation) bytes per element for a precision."""
+def _bytes(precision: str) -> tuple[int, int, int, int, int]:
+    """(weight, gradient, optimizer-state, activation, residual) bytes per element for a precision."""
     if precision == "32-true":
-        return 4, 4, 8, 4
+        return 4, 4, 8, 4, 4
     if precision in ("bf16-mixed", "16-mixed"):
-        return 4, 4, 8, 2
-    return 2, 2, 4, 2  # bf16-true / 16-true: everything in 16 bits
+        return 4, 4, 8, 2, 4
+    return 2, 2, 4, 2, 2  # bf16-true / 16-true: everything in 16 bits
 
 
-def _type(comp: Any) -> str:
-    kind = getattr(comp, "type", "?")
-    extra = []
-    if getattr(comp, "num_kv_heads", None) is not None and kind in ("gqa", "sliding_window"):
-        extra.append(f"kv={comp.num_kv_heads}")
-    if getattr(comp, "window", None) is not None:
-        extra.append(f"w={comp.window}")
-    if kind == "moe":
-        extra.append(f"{comp.top_k}/{comp.num_experts}x{comp.expert.type}")
-    return f"{kind}({', '.join(extra)})" if extra else kind
+def _spec_key(spec: Any) -> str:
+    return repr((spec.block, spec.attention, spec.ffn, spec.norm, spec.position))
 
 
-def _matmul_flops(module: nn.Module) -> float:
-    """2 x weights of the Linear layers one token passes through (MoE: top_k of the experts)."""
-    experts = getattr(module, "experts", None)
-    if isinstance(experts, nn.ModuleList) and hasattr(module, "top_k"):
-        router = sum(2 * m.in_features * m.out_features for m in module.router.modules() if isinstance(m, nn.Linear))
-        per_expert = _matmul_flops(experts[0]) if len(experts) else 0.0
-        return router + module.top_k * per_expert
-    total = 0.0
-    for child in module.children():
-        total += _matmul_flops(child)
-    if isinstance(module, nn.Linear):
-        total += 2 * module.in_features * module.out_features
-    return total
+@dataclass
+class _Layers:
+    """One built block per distinct layer (a skeleton model on meta) and what each layer costs."""
+
+    model: ComposedModel
+    rep: list[int]  # layer -> its block's index in model.layers
+    costs: dict[int, Optional[Cost]]  # block index -> cost (None: not planned)
+    not_planned: list[str]
+
+    @classmethod
+    def of(cls, model: ComposedModel, call: CostCall) -> _Layers:
+        keys: dict[str, int] = {}
+        for j, i in enumerate(model.layer_indices):
+            keys.setdefault(_spec_key(model.config.layer(i)), j)
+        rep = [keys[_spec_key(model.config.layer(i))] for i in range(model.config.num_layers)]
+        if model.skeleton is False and len(model.layers) == model.config.num_layers:  # a whole model: its own blocks
+            rep = list(range(model.config.num_layers))
+        out = cls(model, rep, {}, [])
+        for j in sorted(set(rep)):
+            out.costs[j] = out._layer_cost(j, call)
+        return out
+
+    def _layer_cost(self, j: int, call: CostCall) -> Optional[Cost]:
+        """Layer j's block cost, with its position encoding's per-layer part in the attention part."""
+        block = self.model.layers[j]
+        position = self.model.positions()[self.model._position_of[j]]
+        biased = "bias" in member(position, "position", "acts_on")
+        try:
+            cost = cost_of(block, call.replace(position_bias=biased))
+            rotation = cost_of(position, call, block.attn)
+        except NotPlanned as exc:
+            if exc.component not in self.not_planned:
+                self.not_planned.append(exc.component)
+            return None
+        attention = cost.parts.get("attention", Cost()) + rotation
+        return (cost + rotation).with_parts(attention=attention)
+
+    def cost(self, i: int) -> Optional[Cost]:
+        return self.costs[self.rep[i]]
+
+    def params(self, i: int, trainable_only: bool = False) -> int:
+        block = self.model.layers[self.rep[i]]
+        return sum(p.numel() for p in block.parameters() if p.requires_grad or not trainable_only)
 
 
-def _context(attn: Any, seq_len: int) -> int:
-    window = getattr(attn, "window", None)
-    return min(seq_len, window) if window else seq_len
+def _skeleton(cfg: ModelConfig) -> ComposedModel:
+    """The model on meta with one block per distinct layer spec (O(distinct specs), not O(layers))."""
+    firsts: dict[str, int] = {}
+    for i in range(cfg.num_layers):
+        firsts.setdefault(_spec_key(cfg.layer(i)), i)
+    return build_on_meta(cfg, layers=sorted(firsts.values()))
 
 
-def _soft_capped(attn: Any) -> bool:
-    """A logit soft-cap: the attention runs an explicit softmax (no SDPA) and keeps its scores."""
-    return getattr(attn, "logit_softcap", None) is not None
-
-
-def _layer_activation_bytes(
-    cfg: ModelConfig, i: int, seq_len: int, a: int, r: int, fused_attention: bool, device: str
-) -> tuple[int, int, int]:
-    """Bytes autograd keeps per token for layer i: (whole layer, attention part, ffn part).
-
-    a: activation bytes (matmul inputs/outputs), r: residual-stream / norm bytes."""
-    spec = cfg.layer(i)
-    c = cfg.hidden_size
-    att = spec.attention
-    h = getattr(att, "num_heads", None) or cfg.num_heads
-    d = getattr(att, "head_dim", None) or cfg.head_dim
-    hkv = att.kv_heads() if hasattr(att, "kv_heads") else h
-    norm = (2 * 4 if spec.norm.type == "rmsnorm" else r) * c  # rmsnorm keeps float32 copies
-    # qkv input, q/k/v (qkv output), SDPA output, out-projection input (a reshaped copy)
-    attn = a * (c + (h + 2 * hkv) * d + 2 * h * d)
-    if spec.position.type == "rope":  # float32 copies of q, k and the rotated q, k
-        attn += (4 + a) * (h + hkv) * d
-    context = _context(att, seq_len)
-    explicit = _soft_capped(att)  # no SDPA: tanh and softmax outputs (float32)
-    if explicit:  # + the probabilities cast back for the product with V (the same tensor in float32)
-        attn += (8 + (a if a != 4 else 0)) * h * context
-    elif not fused_attention:  # math SDPA keeps the probabilities [H, T, S]
-        attn += a * h * context
-    if hkv < h:  # grouped K/V heads: read as they are, or copies (components/attention.py SelfAttention._attend)
-        window = getattr(att, "window", None) is not None
-        flex = (
-            window
-            and device == "cuda"
-            and getattr(att, "kernel", "auto") != "sdpa"
-            and not explicit
-            and not getattr(att, "dropout", 0.0)
-        )  # FlexAttention reads groups
-        dtype = torch.float32 if a == 4 else torch.bfloat16
-        if explicit:  # K and V repeated to every query head
-            attn += a * 2 * h * d
-        elif not flex and not sdpa_reads_grouped_heads(device, dtype, window, d):
-            attn += a * h * d if window else a * 2 * h * d  # masked: q folded (a copy); causal: K/V repeated
-    attn += norm
-    ffn = norm + _ffn_bytes(spec.ffn, c, a)
-    drop = getattr(spec.block, "dropout", 0.0) or 0.0
-    block = 2 * c if drop > 0 else 0  # residual dropout masks (1 byte each)
-    return attn + ffn + block, attn, ffn
-
-
-def _ffn_bytes(ffn: Any, c: int, a: int) -> int:
-    kind = getattr(ffn, "type", "")
-    i = getattr(ffn, "intermediate_size", None) or 4 * c
-    if kind == "mlp":  # up input, activation input, down input
-        return a * (c + 2 * i)
-    if kind in ("swiglu", "geglu"):  # gate_up input, gate/up, act(gate), product
-        return a * (c + 4 * i)
-    if kind == "moe":
-        return a * c + 4 * ffn.num_experts + ffn.top_k * _ffn_bytes(ffn.expert, c, a)
-    return a * 8 * c  # unknown plugin: a generous guess
+def _model_level(model: ComposedModel) -> list[Optional[nn.Module]]:
+    return [model.embed, model.embed_norm, model.final_norm, model.head, *model.positions()]
 
 
 def training_flops_per_token(config: Any, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward, no recomputation): for MFU."""
-    cfg = config if isinstance(config, ModelConfig) else resolve_model_config(config)
-    return 3 * _forward_flops(compose(cfg, device="meta"), cfg, seq_len)
+    """Model FLOPs of one training token (forward + backward, no recomputation): for MFU. ``config``: a
+    built ComposedModel (its own modules are asked, nothing is built) or a model config."""
+    model = (
+        config
+        if isinstance(config, ComposedModel)
+        else _skeleton(config if isinstance(config, ModelConfig) else resolve_model_config(config))
+    )
+    call = CostCall(seq_len)
+    layers = _Layers.of(model, call)
+    if layers.not_planned:
+        raise ConfigError(
+            [
+                Problem(
+                    "model",
+                    f"not planned: {', '.join(layers.not_planned)} has no cost method",
+                    "give the component a cost(call) method (see composer/contract/cost.py)",
+                )
+            ]
+        )
+    return 3 * (cost_of(model.head, call).flops + sum(layers.cost(i).flops for i in range(model.config.num_layers)))
 
 
-def _forward_flops(model: ComposedModel, cfg: ModelConfig, seq_len: int) -> float:
-    flops = _matmul_flops(model.head)
-    for i, layer in enumerate(model.layers):
-        att = cfg.layer(i).attention
-        h = getattr(att, "num_heads", None) or cfg.num_heads
-        d = getattr(att, "head_dim", None) or cfg.head_dim
-        flops += _matmul_flops(layer) + 4 * _context(att, seq_len) * h * d
-    return float(flops)
-
-
-def plan(
-    config: Any,
-    batch_size: int = 1,
-    seq_len: Optional[int] = None,
-    precision: str = "bf16-mixed",
-    checkpointing: Optional[str] = None,
-    fused_attention: bool = True,
-    device: str = "cuda",
-) -> Plan:
-    """Parameters, FLOPs, KV cache and training memory of ``config``; allocates nothing. ``device``: the
-    device type the step runs on ("cuda", "cpu", ...), which sizes the fused loss's automatic chunk."""
-    cfg = config if isinstance(config, ModelConfig) else resolve_model_config(config)
+def _check_arguments(
+    cfg: ModelConfig, batch_size: Any, seq_len: int, precision: str, checkpointing: Optional[str]
+) -> ModelConfig:
     problems = []
     if precision not in PRECISIONS:
         problems.append(
             Problem("precision", f"{precision!r} is not a precision", f"use one of {', '.join(PRECISIONS)}")
         )
-    seq_len = cfg.max_position_embeddings if seq_len is None else seq_len
     if not 1 <= seq_len <= cfg.max_position_embeddings:
         problems.append(
             Problem(
@@ -252,117 +217,55 @@ def plan(
             problems += [Problem("checkpointing", p.message, p.fix) for p in exc.problems]
     if problems:
         raise ConfigError.of(problems)
+    return cfg
 
-    model = compose(cfg, device="meta")
-    rows = []
-    for i, layer in enumerate(model.layers):
-        spec = cfg.layer(i)
-        rows.append(
-            LayerRow(
-                i,
-                spec.block.type,
-                _type(spec.attention),
-                _type(spec.ffn),
-                spec.norm.type,
-                spec.position.type,
-                sum(p.numel() for p in layer.parameters()),
-            )
+
+def plan(
+    config: Any,
+    batch_size: int = 1,
+    seq_len: Optional[int] = None,
+    precision: str = "bf16-mixed",
+    checkpointing: Optional[str] = None,
+    fused_attention: bool = True,
+    device: str = "cuda",
+) -> Plan:
+    """Parameters, FLOPs, KV cache and training memory of ``config``; allocates nothing. ``device``: the
+    device type the step runs on ("cuda", "cpu", ...): it decides the attention kernels and sizes the
+    fused loss's automatic chunk."""
+    cfg = config if isinstance(config, ModelConfig) else resolve_model_config(config)
+    seq_len = cfg.max_position_embeddings if seq_len is None else seq_len
+    cfg = _check_arguments(cfg, batch_size, seq_len, precision, checkpointing)
+    wb, gb, ob, a, r = _bytes(precision)
+    call = CostCall(seq_len, batch_size, a, r, device, fused_attention)
+    model = _skeleton(cfg)
+    layers = _Layers.of(model, call)
+    n = cfg.num_layers
+    rows = [
+        LayerRow(
+            i,
+            (s := cfg.layer(i)).block.summary(),
+            s.attention.summary(),
+            s.ffn.summary(),
+            s.norm.summary(),
+            s.position.summary(),
+            layers.params(i),
         )
-    total = model.num_parameters()
-    embedding = total - model.num_parameters(exclude_embeddings=True)
-    trainable = model.num_parameters(trainable_only=True)
-    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * (1 if model.tied else 2)
-
-    fwd = _forward_flops(model, cfg, seq_len)
-    wb, gb, ob, a = _bytes(precision)
-    r = 4 if precision in ("32-true", "bf16-mixed", "16-mixed") else 2
-
-    kv_per_token, kv_max = 0, 0
-    for i, layer in enumerate(model.layers):
-        attn = layer.attn
-        per = 2 * getattr(attn, "num_kv_heads", 0) * getattr(attn, "head_dim", 0) * a
-        kv_per_token += per
-        kv_max += per * _context(cfg.layer(i).attention, seq_len)
-
-    tokens = batch_size * seq_len
-    c, v = cfg.hidden_size, cfg.padded_vocab_size
-    head_bytes = r * c + a * c  # final norm input, head input
-    transient = 0
-    chunk = None
-    if getattr(cfg.head, "fused_loss", False):
-        chunk = cfg.head.loss_chunk_size or auto_chunk_size(tokens, v, device)
-    if cfg.head.type == "lm":
-        copy = 0 if a == 4 else 4  # the float32 copy of 16-bit logits (.float() of float32 is no copy)
-        if chunk:  # only the head's input is kept; one chunk of logits lives at a time
-            chunk = min(chunk, tokens)
-            # one chunk's logits (and their float32 copy), rewritten in place into log-softmax and gradient;
-            # the head's gradients, made in the forward pass
-            transient = chunk * v * (a + copy) + (v + tokens) * c * 4
-        else:
-            head_bytes += 4 * v  # the log-softmax output (the logits and their float32 copy are not kept)
-            transient = 8 * v * tokens  # the gradients of the log-softmax output and of the logits
-    model_bytes = r * c + head_bytes  # embedding output + head
-    full, recompute = 0, 0.0
-    per_layer = []
-    for i in range(cfg.num_layers):
-        whole, attn_b, ffn_b = _layer_activation_bytes(cfg, i, seq_len, a, r, fused_attention, device)
-        per_layer.append(whole)
-        mode = cfg.checkpointed(i)
-        if mode == "layer":
-            full += r * c
-        elif mode == "attention":
-            full += whole - attn_b + a * c
-        elif mode == "ffn":
-            full += whole - ffn_b + a * c
-        else:
-            full += whole
-    biggest = max(per_layer)
-    any_layer_ckpt = any(cfg.checkpointed(i) == "layer" for i in range(cfg.num_layers))
-    act = (full + (biggest if any_layer_ckpt else 0) + model_bytes) * tokens
-    act_none = (sum(per_layer) + model_bytes) * tokens
-    act_every = (cfg.num_layers * r * c + biggest + model_bytes) * tokens
-    for i in range(cfg.num_layers):
-        mode = cfg.checkpointed(i)
-        if mode != "none":
-            spec_flops = _matmul_flops(
-                model.layers[i].attn
-                if mode == "attention"
-                else model.layers[i].ffn
-                if mode == "ffn"
-                else model.layers[i]
-            )
-            att = cfg.layer(i).attention
-            if mode in ("layer", "attention"):
-                spec_flops += (
-                    4
-                    * _context(att, seq_len)
-                    * (getattr(att, "num_heads", 0) or cfg.num_heads)
-                    * (getattr(att, "head_dim", 0) or cfg.head_dim)
-                )
-            recompute += spec_flops
-    memory = MemoryEstimate(
-        weights=total * wb + (total * 2 if precision in ("bf16-mixed", "16-mixed") else 0),  # + autocast copies
-        gradients=trainable * gb,
-        optimizer=trainable * ob,
-        activations=int(act),
-        activations_no_checkpointing=int(act_none),
-        activations_every_layer=int(act_every),
-        transient=transient,
-        gradient_transient=2 * v * c * gb if model.tied else 0,
+        for i in range(n)
+    ]
+    top = _model_level(model)
+    total = param_count(*top) + sum(layers.params(i) for i in range(n))
+    trainable = sum(
+        p.numel() for p in {id(p): p for m in top if m is not None for p in m.parameters()}.values() if p.requires_grad
+    ) + sum(layers.params(i, trainable_only=True) for i in range(n))
+    embedding = param_count(model.embed) + (
+        model.position.weight.numel() if getattr(model.position, "weight", None) is not None else 0
     )
-    notes = []
-    if padding:
-        notes.append(f"vocabulary padded to {cfg.padded_vocab_size} (+{padding:,} parameters, included above)")
-    if chunk:
-        notes.append(f"fused loss: logits of {chunk} tokens at a time (head.fused_loss, head.loss_chunk_size)")
-    if not fused_attention:
-        notes.append("attention without a fused kernel: T x T probabilities are stored")
-    capped = [i for i in range(cfg.num_layers) if _soft_capped(cfg.layer(i).attention)]
-    if capped:
-        notes.append(
-            f"{len(capped)} layer(s) cap attention logits (logit_softcap): explicit softmax, T x S float32 "
-            "scores stored (no fused kernel takes a soft-cap)"
-        )
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * (1 if model.tied else 2)
+    head = _head_cost(model, call)
+    planned = [layers.cost(i) for i in range(n) if layers.cost(i) is not None]
+    fwd = head.flops + sum(c.flops for c in planned)
+    memory, recompute = _memory(cfg, layers, head, call, total, trainable, (wb, gb, ob), model.tied)
+    notes = _notes(cfg, padding, head, planned, fused_attention, layers.not_planned)
     return Plan(
         cfg.name or "model",
         batch_size,
@@ -377,11 +280,85 @@ def plan(
         fwd,
         3 * fwd,
         recompute,
-        kv_per_token,
-        kv_max,
+        sum(c.cache for c in planned),
+        sum(c.cache_bytes(seq_len) for c in planned),
         memory,
         notes,
+        layers.not_planned,
     )
+
+
+def _head_cost(model: ComposedModel, call: CostCall) -> Cost:
+    """The model-level modules' cost: embedding output, embedding norm, final norm and head."""
+    cost = Cost(saved=call.residual_bytes * model.config.hidden_size)  # the embedding output
+    for module in (model.embed_norm, model.final_norm, model.head):
+        if module is not None:
+            with contextlib.suppress(NotPlanned):  # a head without a cost: the layers are still planned
+                cost = cost + cost_of(module, call)
+    return cost
+
+
+def _memory(
+    cfg: ModelConfig,
+    layers: _Layers,
+    head: Cost,
+    call: CostCall,
+    total: int,
+    trainable: int,
+    sizes: tuple[int, int, int],
+    tied: bool,
+) -> tuple[MemoryEstimate, float]:
+    """The training-memory estimate and the FLOPs checkpointing recomputes, per token."""
+    wb, gb, ob = sizes
+    r, c, tokens = call.residual_bytes, cfg.hidden_size, call.tokens
+    full = whole_sum = 0
+    recompute = 0.0
+    biggest = 0
+    for i in range(cfg.num_layers):
+        cost = layers.cost(i)
+        if cost is None:
+            continue
+        whole = cost.saved
+        biggest = max(biggest, whole)
+        whole_sum += whole
+        mode = cfg.checkpointed(i)
+        kept = {"layer": r * c, "none": whole}.get(mode)
+        if kept is None:  # attention / ffn: that part is recomputed, its input kept
+            part = cost.parts.get(mode, Cost())
+            kept = whole - part.saved + call.activation_bytes * c
+        full += kept
+        if mode != "none":
+            recompute += cost.flops if mode == "layer" else cost.parts.get(mode, Cost()).flops
+    any_layer = any(cfg.checkpointed(i) == "layer" for i in range(cfg.num_layers))
+    model_bytes = head.saved
+    memory = MemoryEstimate(
+        weights=total * wb + (total * 2 if wb == 4 and call.activation_bytes == 2 else 0),  # + autocast copies
+        gradients=trainable * gb,
+        optimizer=trainable * ob,
+        activations=int((full + (biggest if any_layer else 0) + model_bytes) * tokens),
+        activations_no_checkpointing=int((whole_sum + model_bytes) * tokens),
+        activations_every_layer=int((cfg.num_layers * r * c + biggest + model_bytes) * tokens),
+        transient=head.transient,
+        gradient_transient=2 * cfg.padded_vocab_size * c * gb if tied else 0,
+    )
+    return memory, recompute
+
+
+def _notes(
+    cfg: ModelConfig, padding: int, head: Cost, planned: list[Cost], fused_attention: bool, not_planned: list[str]
+) -> list[str]:
+    notes = []
+    if padding:
+        notes.append(f"vocabulary padded to {cfg.padded_vocab_size} (+{padding:,} parameters, included above)")
+    notes += list(head.notes)
+    if not fused_attention:
+        notes.append("attention without a fused kernel: T x T probabilities are stored")
+    counts = Counter(note for cost in planned for note in cost.notes)
+    notes += [f"{k} layer(s): {note}" for note, k in counts.items()]
+    notes += [
+        f"not planned: {name} has no cost method (its layers are left out of FLOPs and memory)" for name in not_planned
+    ]
+    return notes
 
 
 def human(n: float, unit: str = "") -> str:
@@ -399,9 +376,6 @@ def human(n: float, unit: str = "") -> str:
 
 def render(report: Plan, console: Any = None) -> None:
     """Print a plan as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     layers = Table(title=f"{report.name}: layers", title_justify="left")
     for col in ("layer", "block", "attention", "ffn", "norm", "position", "params"):

@@ -28,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from .cli import run
 from .data.sources import BLOCK_BYTES, Corpus
 from .data.tokenfiles import FORMAT, META, SPLITS, VERSION
 from .data.tokenizer import (
@@ -263,8 +264,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import run
-
     return run(
         _main,
         None if argv is None else list(argv),

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from rich.console import Console
+from rich.table import Table
+
+from .cli import run as run_tool
 from .errors import ConfigError, Problem
+from .weights import atomic_path, atomic_write
 
 # (metrics.json key, column title); a column appears when some run has the value
 METRICS = (
@@ -45,6 +53,7 @@ METRICS = (
 MAXIMIZED = ("val_accuracy", "best_val_accuracy", "tokens_per_s")
 # (key, column title): peak memory, shown when some run recorded it; rss_growth_mb = peak - start
 MEMORY = (("peak_rss_mb", "peak RSS MiB"), ("rss_growth_mb", "RSS growth MiB"), ("peak_gpu_mb", "peak GPU MiB"))
+TRAILING = (("tokens_per_s", "tokens/s"), ("wall_s", "wall s"))  # columns after the metrics: means only
 SKIP_DIRS = {".hydra", ".submitit", "checkpoints", "model", "tensorboard", "__pycache__"}
 
 
@@ -69,8 +78,6 @@ class Run:
 
 
 def _yaml(path: Path) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError):
@@ -179,9 +186,6 @@ def _sweep_settings(hydra_cfg: dict, whole_sweep: bool) -> tuple[list[str], Opti
     """(swept keys, expected number of jobs, Optuna's direction) from the ``hydra`` node of the
     sweep's multirun.yaml (``whole_sweep``) or, where the sweeper writes none (Optuna), of a job's
     .hydra/hydra.yaml (whose task overrides are that job's values: no sweep syntax in them)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     task = list((hydra_cfg.get("overrides") or {}).get("task") or []) if whole_sweep else []
     sweeper = hydra_cfg.get("sweeper") or {}
     target = str(sweeper.get("_target_", ""))
@@ -352,10 +356,6 @@ def _fmt(stat: Optional[tuple[float, Optional[float]]], digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-# columns after the metrics: means only (key, title)
-TRAILING = (("tokens_per_s", "tokens/s"), ("wall_s", "wall s"))
-
-
 def table_columns(sweep: Sweep, rows: list[Row]) -> list[tuple[str, str]]:
     """(key, title) of the metric columns that some row has (plus the sort metric, unless it is
     one of the trailing throughput, time and memory columns)."""
@@ -397,8 +397,6 @@ def table_text(sweep: Sweep, rows: list[Row]) -> tuple[list[str], list[list[str]
 
 
 def write_csv(sweep: Sweep, rows: list[Row], path: Path) -> None:
-    from .weights import atomic_write
-
     stats = [k for k, _ in (*table_columns(sweep, rows), *trailing_columns(rows))]
     out = io.StringIO()
     writer = csv.writer(out)
@@ -455,8 +453,6 @@ def _is_swept(override: str, sweep: Sweep) -> bool:
 
 
 def write_markdown(sweep: Sweep, rows: list[Row], path: Path, figure: Optional[Path]) -> None:
-    from .weights import atomic_write
-
     header, cells = table_text(sweep, rows)
     done = sum(r.status == "completed" for r in sweep.runs)
     lines = [
@@ -485,9 +481,6 @@ def write_markdown(sweep: Sweep, rows: list[Row], path: Path, figure: Optional[P
 
 
 def print_table(sweep: Sweep, rows: list[Row], console: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console(width=None if sys.stdout.isatty() else 200)  # a log file keeps whole cells
     header, cells = table_text(sweep, rows)
     table = Table(title=f"{sweep.path} (sorted by {sweep.metric}, {'max' if sweep.maximize else 'min'})")
@@ -521,10 +514,8 @@ def _band(runs: list[Run], key: str) -> Optional[tuple[list[int], list[float], l
 def write_figure(sweep: Sweep, rows: list[Row], path: Path) -> bool:
     """report.png: a panel per validation metric (curves) and the sort metric as bars. False when
     no run has logged a validation yet (no figure written)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .weights import atomic_path
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # late: matplotlib takes ~1 s; only the figure needs it
+    from matplotlib.figure import Figure  # late: matplotlib takes ~1 s; only the figure needs it
 
     keys = [k for k in ("val_loss", "val_accuracy") if any(_band(r.runs, k) for r in rows)]
     if not keys:
@@ -563,7 +554,7 @@ def write_figure(sweep: Sweep, rows: list[Row], path: Path) -> bool:
 
 
 def _palette(n: int) -> list[Any]:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # late: matplotlib takes ~1 s; only the figure needs it
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
@@ -600,9 +591,7 @@ def main_(argv: list[str]) -> int:
 
 def main() -> None:
     """Entry point of ``composer-report``."""
-    from .cli import run
-
-    sys.exit(run(main_))
+    sys.exit(run_tool(main_))
 
 
 if __name__ == "__main__":

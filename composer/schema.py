@@ -16,17 +16,19 @@ depend on its ``type``, and may change per layer).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import components  # noqa: F401  (registers the built-in components)
+
+from .contract.options import Checker, check_probability, did_you_mean, inherit, option  # noqa: F401 (re-exported)
+from .contract.registry import FAMILIES
 from .errors import ConfigError, Problem
-from .registry import FAMILIES
 
 log = logging.getLogger("composer")
 
@@ -34,55 +36,6 @@ MISSING_MARK = "???"  # OmegaConf's mark for a mandatory value
 COMPONENT_SLOTS = ("block", "attention", "ffn", "norm", "position", "head")
 LAYER_SLOTS = ("block", "attention", "ffn", "norm", "position")
 _CHECKPOINT_RE = re.compile(r"^(none|every_layer|every_(\d+)|attention|ffn)$")
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
-    """A dataclass field with a one-line ``help`` and optional ``choices`` / ``min`` / ``max``
-    / ``family`` (the registry of a nested component) / ``inherit`` (null takes this model field)."""
-    kwargs: dict[str, Any] = {"metadata": {"help": help, **meta}}
-    if isinstance(default, (list, dict)):
-        kwargs["default_factory"] = lambda d=default: type(d)(d)
-    elif default is not dataclasses.MISSING:
-        kwargs["default"] = default
-    return field(**kwargs)
-
-
-class Checker:
-    """Collects problems under a config path; passed to each config's ``resolve`` hook."""
-
-    def __init__(self, path: str, problems: list[Problem]):
-        self.path = path
-        self.problems = problems
-
-    def at(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, message: str, fix: str = "") -> None:
-        self.problems.append(Problem(self.at(name), message, fix))
-
-    def missing(self, name: str, message: str, fix: str = "") -> None:
-        self.problems.append(Problem(self.at(name), message, fix, missing=True))
-
-    def warn(self, name: str, message: str) -> None:
-        log.warning("%s: %s", self.at(name), message)
-
-    def child(self, name: str) -> Checker:
-        return Checker(self.at(name), self.problems)
-
-
-def check_probability(cfg: Any, name: str, check: Checker) -> None:
-    """A dropout-like option must lie in [0, 1) (inherited values were checked where they came from)."""
-    value = getattr(cfg, name)
-    if value is not None and name not in cfg.__dict__.get("_inherited", ()) and not 0.0 <= value < 1.0:
-        check.fail(name, f"{value} is outside [0, 1)", "use a probability like 0.1")
-
-
-def inherit(cfg: Any, name: str, value: Any) -> None:
-    """Set ``cfg.name = value`` if it is None, remembering it was inherited (saved as null)."""
-    if getattr(cfg, name) is None:
-        setattr(cfg, name, value)
-        inherited = cfg.__dict__.setdefault("_inherited", set())
-        inherited.add(name)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -108,41 +61,57 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapp
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            trial: list[Problem] = []
-            out = _convert(arg, value, path, trial, meta)
-            if not trial:
-                return out
-            if out is not None:  # the right type with a bad value (range, choices): say that
-                problems.extend(trial)
-                return out
-        problems.append(
-            Problem(
-                path,
-                f"expected {_type_name(tp)}, got {value!r}",
-                f"set {path.rsplit('.', 1)[-1]} to a {_type_name(tp)}",
-            )
-        )
-        return None
+        return _convert_union(tp, value, path, problems, meta)
     if value is None:
         problems.append(Problem(path, "must not be null", f"set it to a {_type_name(tp)}"))
         return None
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            problems.append(Problem(path, f"expected a list, got {value!r}", "write it as [a, b, ...]"))
-            return None
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_convert(item, v, f"{path}[{i}]", problems, {}) for i, v in enumerate(value)]
+        return _convert_list(tp, value, path, problems)
     if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            problems.append(Problem(path, f"expected a mapping, got {value!r}", "write it as {key: value}"))
-            return None
-        return dict(value)
+        return _convert_mapping(value, path, problems)
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, path, problems)
+    return _convert_scalar(tp, value, path, problems, meta)
+
+
+def _convert_union(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapping) -> Any:
+    """``value`` as the first member of union ``tp`` that takes it (null where the union allows it)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in (a for a in args if a is not type(None)):
+        trial: list[Problem] = []
+        out = _convert(arg, value, path, trial, meta)
+        if not trial:
+            return out
+        if out is not None:  # the right type with a bad value (range, choices): say that
+            problems.extend(trial)
+            return out
+    hint = f"set {path.rsplit('.', 1)[-1]} to a {_type_name(tp)}"
+    problems.append(Problem(path, f"expected {_type_name(tp)}, got {value!r}", hint))
+    return None
+
+
+def _convert_list(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
+    """A list or tuple ``value`` as a list, each item converted to the item type of ``tp``."""
+    if not isinstance(value, (list, tuple)):
+        problems.append(Problem(path, f"expected a list, got {value!r}", "write it as [a, b, ...]"))
+        return None
+    (item,) = typing.get_args(tp) or (Any,)
+    return [_convert(item, v, f"{path}[{i}]", problems, {}) for i, v in enumerate(value)]
+
+
+def _convert_mapping(value: Any, path: str, problems: list[Problem]) -> Any:
+    """A mapping ``value`` as a dict (its values unchecked)."""
+    if not isinstance(value, Mapping):
+        problems.append(Problem(path, f"expected a mapping, got {value!r}", "write it as {key: value}"))
+        return None
+    return dict(value)
+
+
+def _convert_scalar(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapping) -> Any:
+    """A bool, int (an integral float too), float (an int too) or str ``value``, any value for another type;
+    then checked against the option's choices and bounds in ``meta``."""
     ok = True
     if tp is bool:
         ok = isinstance(value, bool)
@@ -156,18 +125,18 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapp
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
-        problems.append(
-            Problem(
-                path,
-                f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
-                f"set it to a {_type_name(tp)}",
-            )
-        )
+        name = _type_name(tp)
+        problems.append(Problem(path, f"expected {name}, got {type(value).__name__} {value!r}", f"set it to a {name}"))
         return None
+    _check_choices_and_bounds(value, path, problems, meta)
+    return value
+
+
+def _check_choices_and_bounds(value: Any, path: str, problems: list[Problem], meta: Mapping) -> None:
+    """Problems for a ``value`` outside ``meta``'s choices, below its min or above its max."""
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(value, choices)
         problems.append(
             Problem(
                 path,
@@ -180,13 +149,11 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapp
         problems.append(Problem(path, f"{value!r} is below the minimum {lo}", f"use a value >= {lo}"))
     if hi is not None and value > hi:
         problems.append(Problem(path, f"{value!r} is above the maximum {hi}", f"use a value <= {hi}"))
-    return value
 
 
 def _unknown_key(path: str, key: str, known: Iterable[str], what: str) -> Problem:
     known = sorted(known)
-    close = difflib.get_close_matches(str(key), known, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = did_you_mean(key, known)
     return Problem(
         f"{path}.{key}" if path else str(key), f"unknown option of {what}", f"{hint}valid options: {', '.join(known)}"
     )
@@ -207,39 +174,40 @@ def build_dataclass(cls: type, data: Any, path: str, problems: list[Problem]) ->
         sub = f"{path}.{name}" if path else name
         family = f.metadata.get("family")
         if name not in data or data[name] == MISSING_MARK:
-            if family and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                values[name] = build_component(family, default, sub, problems)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 what = f.metadata.get("help", "")
                 problems.append(
                     Problem(sub, "is required", f"set {sub}" + (f" ({what})" if what else ""), missing=True)
                 )
+            elif family:
+                values[name] = build_component(family, _default(f), sub, problems)
             continue
-        before = len(problems)
-        if family:
-            values[name] = build_component(family, data[name], sub, problems)
-        else:
-            values[name] = _convert(hints[name], data[name], sub, problems, f.metadata)
-        if len(problems) > before:  # keep checking the rest against a plausible value
-            if family:
-                values[name] = None
-            elif f.default is not dataclasses.MISSING:
-                values[name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                values[name] = f.default_factory()
+        values[name] = _field_value(f, family, hints[name], data[name], sub, problems)
     try:
         return cls(**values)
     except TypeError:  # a required field missing: already reported; build a placeholder
         obj = object.__new__(cls)
         for f in dataclasses.fields(cls):
-            default = (
-                f.default
-                if f.default is not dataclasses.MISSING
-                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            )
-            object.__setattr__(obj, f.name, values.get(f.name, default))
+            object.__setattr__(obj, f.name, values.get(f.name, _default(f)))
         return obj
+
+
+def _default(f: dataclasses.Field, otherwise: Any = None) -> Any:
+    """Field ``f``'s default (a fresh one from its factory), else ``otherwise``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return otherwise
+
+
+def _field_value(f: dataclasses.Field, family: Any, tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
+    """Field ``f``'s value from ``value``: a ``family`` component's config, else ``value`` converted to ``tp``."""
+    before = len(problems)
+    out = build_component(family, value, path, problems) if family else _convert(tp, value, path, problems, f.metadata)
+    if len(problems) > before:  # keep checking the rest against a plausible value
+        out = None if family else _default(f, out)
+    return out
 
 
 def _describe(cls: type, data: Mapping) -> str:
@@ -511,26 +479,19 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 
 def _plain(raw: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
+    """A DictConfig / ListConfig as plain data with interpolations resolved (ConfigError if one fails)."""
+    if not type(raw).__module__.startswith("omegaconf"):
         return raw
-    if isinstance(raw, (DictConfig, ListConfig)):
-        from omegaconf.errors import OmegaConfBaseException
+    from omegaconf import OmegaConf  # late: only an OmegaConf object needs it (and then it is imported already)
+    from omegaconf.errors import OmegaConfBaseException  # late: as above
 
-        try:
-            return OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(
-                [
-                    Problem(
-                        str(getattr(exc, "full_key", "") or "model"),
-                        f"cannot resolve interpolation ({exc.msg if hasattr(exc, 'msg') else exc})",
-                        "fix the ${...} reference",
-                    )
-                ]
-            ) from None
-    return raw
+    try:
+        return OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as exc:
+        where = str(getattr(exc, "full_key", "") or "model")
+        raise ConfigError(
+            [Problem(where, f"cannot resolve interpolation ({getattr(exc, 'msg', exc)})", "fix the ${...} reference")]
+        ) from None
 
 
 def _check_model(cfg: ModelConfig, check: Checker, sizes_ok: bool = True) -> None:
@@ -586,43 +547,52 @@ def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
                 Problem(path, "overrides no component", f"add one of {', '.join(LAYER_SLOTS)} next to select")
             )
         entries.append((idx, given, path))
-    specs = []
     resolved: dict[str, Any] = {}
-    for layer in range(cfg.num_layers):
-        comps = {s: getattr(cfg, s) for s in LAYER_SLOTS}
-        data: dict[str, Any] = {}
-        source: dict[str, str] = {}
-        for idx, given, path in entries:
-            if layer not in idx:
-                continue
-            for slot, value in given.items():
-                base = data.get(slot, config_to_dict(comps[slot]) or {})
-                data[slot] = _merge_override(slot, base, value)
-                source[slot] = f"{path}.{slot}"
-        for slot, merged in data.items():
-            key = f"{slot}|{source[slot]}|{merged!r}"
-            if key not in resolved:
-                sub_problems: list[Problem] = []
-                comp = build_component(slot, merged, source[slot], sub_problems)
-                if getattr(comp, "model_wide_only", False):
-                    sub_problems.append(
-                        Problem(
-                            f"{source[slot]}.type",
-                            f"'{comp.type}' cannot differ per layer",
-                            f"set model.{slot}: {comp.type} for the whole model instead",
-                        )
-                    )
-                if comp is not None and not sub_problems:
-                    _resolve_component(comp, cfg, Checker(source[slot], sub_problems))
-                problems.extend(p for p in sub_problems if p not in problems)
-                resolved[key] = comp
-            comps[slot] = resolved[key]
-        spec = LayerSpec(index=layer, **comps)
-        slot = "attention" if "attention" in source else "position" if "position" in source else None
-        check_layer = getattr(spec.position, "check_layer", None)  # e.g. rope vs this layer's head_dim
-        found = check_layer(spec) if slot and check_layer is not None and spec.attention is not None else None
-        if found:
-            problems.append(Problem(source[slot], *found))
-        specs.append(spec)
+    specs = [_layer_spec(cfg, layer, entries, resolved, problems) for layer in range(cfg.num_layers)]
     if len(problems) == n_before:
         cfg._layer_specs = specs
+
+
+def _layer_spec(cfg: ModelConfig, layer: int, entries: list, resolved: dict, problems: list[Problem]) -> LayerSpec:
+    """Layer ``layer``: the model's components with the overrides selecting it merged in (each distinct
+    merge built once, kept in ``resolved``), checked against each other."""
+    comps = {s: getattr(cfg, s) for s in LAYER_SLOTS}
+    data: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for idx, given, path in entries:
+        if layer not in idx:
+            continue
+        for slot, value in given.items():
+            base = data.get(slot, config_to_dict(comps[slot]) or {})
+            data[slot] = _merge_override(slot, base, value)
+            source[slot] = f"{path}.{slot}"
+    for slot, merged in data.items():
+        key = f"{slot}|{source[slot]}|{merged!r}"
+        if key not in resolved:
+            resolved[key] = _layer_component(cfg, slot, merged, source[slot], problems)
+        comps[slot] = resolved[key]
+    spec = LayerSpec(index=layer, **comps)
+    slot = "attention" if "attention" in source else "position" if "position" in source else None
+    check_layer = getattr(spec.position, "check_layer", None)  # e.g. rope vs this layer's head_dim
+    found = check_layer(spec) if slot and check_layer is not None and spec.attention is not None else None
+    if found:
+        problems.append(Problem(source[slot], *found))
+    return spec
+
+
+def _layer_component(cfg: ModelConfig, slot: str, merged: Any, path: str, problems: list[Problem]) -> Any:
+    """The ``slot`` component a layer override merges to, built and resolved; new problems appended."""
+    sub_problems: list[Problem] = []
+    comp = build_component(slot, merged, path, sub_problems)
+    if getattr(comp, "model_wide_only", False):
+        sub_problems.append(
+            Problem(
+                f"{path}.type",
+                f"'{comp.type}' cannot differ per layer",
+                f"set model.{slot}: {comp.type} for the whole model instead",
+            )
+        )
+    if comp is not None and not sub_problems:
+        _resolve_component(comp, cfg, Checker(path, sub_problems))
+    problems.extend(p for p in sub_problems if p not in problems)
+    return comp

@@ -1,11 +1,15 @@
-"""The record of a run: ``metrics.json`` (written atomically) and the closing summary table.
+"""The record of a run: :class:`RunRecord`, written as ``metrics.json`` (atomically), and the closing
+summary table.
 
-metrics.json keys: ``status`` ("completed" | "failed"), ``error`` (message or null),
-``val_loss`` / ``val_ppl`` / ``val_accuracy`` (last validation), ``best_val_loss`` /
-``best_val_accuracy``, ``params``, ``tokens``, ``tokens_per_s``, ``wall_s``, ``steps``,
-``overrides`` (the command-line overrides), ``history`` (every validation: step and metrics),
-``checkpoint_last`` / ``checkpoint_best`` / ``model_dir`` (paths), ``sample``, and the run's
-``model``, ``task``, ``metric``, ``precision``, ``world_size``, ``seed``.
+metrics.json keys: ``status`` ("running" | "completed" | "failed"), ``error`` (message or null),
+``overrides`` (the command-line overrides), ``seed``, ``run_dir``, ``cpu_threads``, ``start_rss_mb``;
+the run's ``model``, ``params``, ``task``, ``metric``, ``seq_len``, ``batch_size``, ``precision``,
+``world_size``; ``steps``, ``history`` (every validation: step and metrics), ``val_loss`` /
+``val_ppl`` / ``val_accuracy`` (last validation), ``best_val_loss`` / ``best_val_accuracy``,
+``tokens``, ``tokens_per_s``, ``checkpoint_last`` / ``checkpoint_best`` (with checkpoints on),
+``peak_rss_mb`` / ``peak_gpu_mb``; ``model_dir`` and ``sample`` (completed runs), ``error_type``
+(failed runs), ``wall_s``. A key the run did not get to is left out (a run that failed while
+reading its data has no ``steps``); a value it reached without one is null.
 """
 
 from __future__ import annotations
@@ -13,14 +17,84 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from .contract.options import IGNORE_INDEX
 from .weights import atomic_write
 
-IGNORE_INDEX = -100
+
+class _Unset:
+    """The value of a :class:`RunRecord` field the run has not reached (false, like a missing key)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass
+class RunRecord:
+    """One run's metrics.json, filled in by the run as it gets there (fields in the file's order).
+
+    Fields left UNSET are not written; ``None`` is written as null.
+    """
+
+    status: str = "running"  # running | completed | failed
+    error: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    seed: Any = None
+    run_dir: str = UNSET
+    # set up: the thread count and the resident set the run starts from (MiB)
+    cpu_threads: Optional[int] = UNSET
+    start_rss_mb: Optional[float] = UNSET
+    # built: the model, the data and the trainer
+    model: str = UNSET
+    params: int = UNSET
+    task: str = UNSET
+    metric: Optional[str] = UNSET
+    seq_len: int = UNSET
+    batch_size: int = UNSET
+    precision: str = UNSET
+    world_size: int = UNSET
+    # trained (also after a failure during fit)
+    steps: int = UNSET
+    history: list[dict[str, float]] = UNSET
+    val_loss: Optional[float] = UNSET
+    val_ppl: Optional[float] = UNSET
+    val_accuracy: Optional[float] = UNSET
+    best_val_loss: Optional[float] = UNSET
+    best_val_accuracy: Optional[float] = UNSET
+    tokens: int = UNSET
+    tokens_per_s: float = UNSET
+    checkpoint_last: Optional[str] = UNSET  # with callbacks.checkpoint enabled
+    checkpoint_best: Optional[str] = UNSET
+    peak_rss_mb: Optional[float] = UNSET
+    peak_gpu_mb: Optional[float] = UNSET
+    # finished
+    model_dir: str = UNSET  # completed runs
+    sample: Optional[str] = UNSET  # completed runs
+    error_type: str = UNSET  # failed runs: the exception's class name
+    wall_s: float = UNSET
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields the run reached, in metrics.json's order (values as the run set them)."""
+        return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) is not UNSET}
+
+    def fail(self, exc: BaseException, wall_s: float) -> None:
+        """Record ``exc`` as the reason the run failed."""
+        self.status, self.error = "failed", str(exc) or type(exc).__name__
+        self.error_type, self.wall_s = type(exc).__name__, wall_s
 
 
 def _clean(value: Any) -> Any:
@@ -38,11 +112,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_metrics(run_dir: Path, record: Mapping[str, Any]) -> Path:
-    """Write ``run_dir/metrics.json`` atomically; returns its path."""
+def write_metrics(run_dir: Path, record: RunRecord) -> Path:
+    """Write ``run_dir/metrics.json`` atomically (JSON-safe: non-finite numbers as null); returns its path."""
     path = Path(run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(_clean(dict(record)), indent=2) + "\n")
+    atomic_write(path, json.dumps(_clean(record.to_dict()), indent=2) + "\n")
     return path
 
 
@@ -138,22 +212,18 @@ def path_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def print_summary(record: Mapping[str, Any], console: Optional[Any] = None) -> None:
+def print_summary(record: RunRecord, console: Optional[Any] = None) -> None:
     """The closing rich table."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     console = console or Console()
-    status = record.get("status", "completed")
-    table = Table(title=f"composer-train: {status}", show_header=False, title_justify="left")
+    values = record.to_dict()
+    table = Table(title=f"composer-train: {record.status}", show_header=False, title_justify="left")
     table.add_column("", style="bold")
     table.add_column("", overflow="fold")
-    for label, value in summary_rows(record):
+    for label, value in summary_rows(values):
         table.add_row(label, escape(value))  # values are plain text, not rich markup
     console.print(table)
-    for label, path in path_rows(record):
+    for label, path in path_rows(values):
         console.print(f"[bold]{label}:[/bold] {escape(path)}", soft_wrap=True, highlight=False)
 
 
-__all__ = ["answer_sample", "path_rows", "print_summary", "summary_rows", "write_metrics"]
+__all__ = ["UNSET", "RunRecord", "answer_sample", "path_rows", "print_summary", "summary_rows", "write_metrics"]

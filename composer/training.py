@@ -1,6 +1,6 @@
 """From a validated training config to a Lightning Trainer: strategy, callbacks, loggers.
 
-    problems = check_training_config(cfg)            # every trainer / callbacks / logger problem
+    problems = check_trainer(cfg.trainer) + check_callbacks(cfg.callbacks) + check_logger(cfg.logger)
     trainer, parts = build_trainer(cfg, run_dir, model, data)
 
 ``trainer.val_check_interval`` counts optimizer steps (like ``max_steps``); it is handed to
@@ -12,7 +12,7 @@ Any other Lightning ``Trainer`` argument may be added as ``+trainer.<name>=...``
 
 from __future__ import annotations
 
-import difflib
+import importlib.util
 import inspect
 import os
 from collections.abc import Mapping
@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .callbacks import (
@@ -35,6 +37,8 @@ from .callbacks import (
     ValidateAtEnd,
 )
 from .checkpoint_io import AtomicCheckpointIO
+from .config import to_container
+from .contract.options import did_you_mean, is_int, is_number
 from .errors import ConfigError, Problem
 from .model import ComposedModel
 
@@ -54,35 +58,40 @@ RESERVED = {
     "enable_progress_bar": "callbacks.progress_bar",
 }
 PROGRESS_BARS = ("rich", "tqdm", "none")
-
-
-def _int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+# the fix of a trainer step count that is not an integer >= 1 (others: "use an integer >= 1")
+STEP_FIXES = {
+    "val_check_interval": "validate every N optimizer steps, e.g. trainer.val_check_interval=100",
+    "max_steps": "train for N optimizer steps, e.g. trainer.max_steps=1000",
+}
 
 
 def check_trainer(t: Mapping[str, Any]) -> list[Problem]:
     """Every problem of the ``trainer`` config."""
-    from lightning.pytorch.strategies import StrategyRegistry
+    return _trainer_keys(t) + _trainer_choices(t) + _trainer_numbers(t)
 
+
+def _trainer_keys(t: Mapping[str, Any]) -> list[Problem]:
+    """Keys composer sets itself, and keys that are not Trainer arguments."""
     problems: list[Problem] = []
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for key in t:
         if key in RESERVED:
             problems.append(Problem(f"trainer.{key}", "is set by composer", f"use {RESERVED[key]} instead"))
         elif key not in allowed and key not in OWN_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(allowed | OWN_KEYS), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
             problems.append(
                 Problem(
                     f"trainer.{key}",
                     "is not a Lightning Trainer argument",
-                    f"{hint}see https://lightning.ai/docs/pytorch/stable/common/trainer.html",
+                    f"{did_you_mean(key, sorted(allowed | OWN_KEYS))}"
+                    "see https://lightning.ai/docs/pytorch/stable/common/trainer.html",
                 )
             )
+    return problems
+
+
+def _trainer_choices(t: Mapping[str, Any]) -> list[Problem]:
+    """``precision``, ``accelerator`` and ``strategy``: one of the known names."""
+    problems: list[Problem] = []
     if t.get("precision") not in PRECISIONS:
         problems.append(
             Problem(
@@ -100,17 +109,22 @@ def check_trainer(t: Mapping[str, Any]) -> list[Problem]:
     strategy = t.get("strategy", "auto")
     strategies = ["auto", *StrategyRegistry.available_strategies()]
     if strategy not in strategies:
-        close = difflib.get_close_matches(str(strategy), strategies, n=1)
         problems.append(
             Problem(
                 "trainer.strategy",
                 f"{strategy!r} is not a Lightning strategy",
-                (f"did you mean '{close[0]}'? " if close else "") + "use trainer=ddp, trainer=fsdp "
+                did_you_mean(strategy, strategies) + "use trainer=ddp, trainer=fsdp "
                 "or one of: auto, ddp, ddp_spawn, fsdp, deepspeed",
             )
         )
+    return problems
+
+
+def _trainer_numbers(t: Mapping[str, Any]) -> list[Problem]:
+    """Device and step counts, clipping, validation batches, CPU threads, strategy options."""
+    problems: list[Problem] = []
     devices = t.get("devices", 1)
-    count_ok = _int(devices) and (devices >= 1 or devices == -1)
+    count_ok = is_int(devices) and (devices >= 1 or devices == -1)
     if not (count_ok or isinstance(devices, (list, str))):
         problems.append(
             Problem(
@@ -121,15 +135,14 @@ def check_trainer(t: Mapping[str, Any]) -> list[Problem]:
         )
     for key in ("max_steps", "val_check_interval", "accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
         value = t.get(key, 1)
-        if not _int(value) or value < 1:
-            fix = {
-                "val_check_interval": "validate every N optimizer steps, e.g. trainer.val_check_interval=100",
-                "max_steps": "train for N optimizer steps, e.g. trainer.max_steps=1000",
-            }
-            fix = fix.get(key, "use an integer >= 1")
-            problems.append(Problem(f"trainer.{key}", f"{value!r} must be an integer >= 1", fix))
+        if not is_int(value) or value < 1:
+            problems.append(
+                Problem(
+                    f"trainer.{key}", f"{value!r} must be an integer >= 1", STEP_FIXES.get(key, "use an integer >= 1")
+                )
+            )
     clip = t.get("gradient_clip_val")
-    if clip is not None and (not _num(clip) or clip < 0):
+    if clip is not None and (not is_number(clip) or clip < 0):
         problems.append(
             Problem(
                 "trainer.gradient_clip_val",
@@ -138,7 +151,7 @@ def check_trainer(t: Mapping[str, Any]) -> list[Problem]:
             )
         )
     limit = t.get("limit_val_batches")
-    if limit is not None and (not _num(limit) or limit < 0):
+    if limit is not None and (not is_number(limit) or limit < 0):
         problems.append(
             Problem(
                 "trainer.limit_val_batches",
@@ -147,7 +160,7 @@ def check_trainer(t: Mapping[str, Any]) -> list[Problem]:
             )
         )
     threads = t.get("cpu_threads", "auto")
-    if threads not in ("auto", None) and (not _int(threads) or threads < 1):
+    if threads not in ("auto", None) and (not is_int(threads) or threads < 1):
         problems.append(
             Problem(
                 "trainer.cpu_threads",
@@ -178,7 +191,7 @@ def check_callbacks(c: Mapping[str, Any]) -> list[Problem]:
         )
     ckpt = c.get("checkpoint") or {}
     every = ckpt.get("every_n_train_steps")
-    if every is not None and (not _int(every) or every < 1):
+    if every is not None and (not is_int(every) or every < 1):
         problems.append(
             Problem(
                 "callbacks.checkpoint.every_n_train_steps",
@@ -187,7 +200,7 @@ def check_callbacks(c: Mapping[str, Any]) -> list[Problem]:
             )
         )
     top_k = ckpt.get("save_top_k", 1)
-    if not _int(top_k) or top_k < -1:
+    if not is_int(top_k) or top_k < -1:
         problems.append(
             Problem(
                 "callbacks.checkpoint.save_top_k",
@@ -205,7 +218,7 @@ def check_callbacks(c: Mapping[str, Any]) -> list[Problem]:
                     "e.g. callbacks.early_stopping={patience: 3}",
                 )
             )
-        elif not _int(early.get("patience", 3)) or early.get("patience", 3) < 1:
+        elif not is_int(early.get("patience", 3)) or early.get("patience", 3) < 1:
             problems.append(
                 Problem(
                     "callbacks.early_stopping.patience",
@@ -227,24 +240,19 @@ def check_logger(lg: Mapping[str, Any]) -> list[Problem]:
                     "use logger=csv or logger=tensorboard",
                 )
             )
-    if lg.get("tensorboard"):
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            problems.append(
-                Problem(
-                    "logger.tensorboard",
-                    "needs the tensorboard package",
-                    "pip install 'transformer-composer[tensorboard]' or use logger=csv",
-                )
+    if lg.get("tensorboard") and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        problems.append(
+            Problem(
+                "logger.tensorboard",
+                "needs the tensorboard package",
+                "pip install 'transformer-composer[tensorboard]' or use logger=csv",
             )
+        )
     return problems
 
 
 def check_precision_for_device(t: Mapping[str, Any]) -> list[Problem]:
     """What the CPU cannot do: float16 AMP (Lightning would silently switch to bf16-mixed) and FSDP."""
-    import torch
-
     accelerator = t.get("accelerator", "auto")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     problems = []
@@ -274,8 +282,6 @@ def cpu_threads(setting: Any, accelerator: str = "auto") -> Optional[int]:
     Busy cores make extra OpenMP threads wait on each other: on a loaded 2-core machine a small
     model trains several times slower with 2 threads than with 1.
     """
-    import torch
-
     if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
         return None
     if setting is None:
@@ -310,16 +316,12 @@ def build_strategy(t: Mapping[str, Any], model: ComposedModel) -> Any:
     name = t.get("strategy", "auto")
     opts = dict(t.get("strategy_options") or {})
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
         blocks = block_classes(model)
         if opts.pop("activation_checkpointing", False):
             model.set_gradient_checkpointing("none")  # the strategy recomputes whole blocks instead
             opts["activation_checkpointing_policy"] = blocks
         return FSDPStrategy(auto_wrap_policy=blocks, **opts)
     if name.startswith("ddp") and opts:
-        from lightning.pytorch.strategies import DDPStrategy
-
         start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}.get(name, "popen")
         return DDPStrategy(start_method=start, **opts)
     return name
@@ -392,9 +394,7 @@ def build_callbacks(
 def build_trainer(
     cfg: Any, run_dir: Path, model: ComposedModel, data: Any, flops_per_token: Optional[float] = None
 ) -> tuple[L.Trainer, TrainerParts]:
-    """The Trainer for ``cfg`` (already validated) writing into ``run_dir``."""
-    from .config import to_container
-
+    """The Trainer for ``cfg`` (already validated; a DictConfig or plain data) writing into ``run_dir``."""
     cfg = to_container(cfg)
     t = dict(cfg["trainer"])
     callbacks, parts = build_callbacks(cfg["callbacks"], run_dir, data, flops_per_token, t["precision"])

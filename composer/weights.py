@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError, InvalidParameter, Problem
@@ -138,35 +140,68 @@ def read_header(path: Union[str, Path]) -> Header:
     not overlapping, covering the data section exactly). Raises CheckpointError.
     """
     path = Path(path)
+    raw, size, n = _read_header_bytes(path)
+    header, metadata = _parse_header(path, raw)
+    data_size = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    problems: list[str] = []
+    for name, entry in header.items():
+        info = _tensor_info(name, entry, data_size, problems)
+        if info is not None:
+            tensors[name] = info
+    if not problems:
+        _check_layout(tensors, data_size, problems)
+    if problems:
+        raise CheckpointError(f"{path} is corrupt (truncated or damaged): " + "; ".join(problems))
+    return Header(path, tensors, metadata)
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, int, int]:
+    """The header's raw bytes, the file's size and the header's length ``n``: the file's start checked (not
+    empty, not a pickle), then ``n`` (within MAX_HEADER_BYTES and the file) before anything more is read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(9)
-            if size == 0:
-                raise CheckpointError(
-                    f"{path} is empty (0 bytes): the file was not written completely; save the model again"
-                )
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path} is truncated ({size} bytes): too short for a safetensors header")
-            zipped = prefix.startswith(b"PK\x03\x04")  # torch.save's zip archive
-            pickled = prefix[0] == 0x80 and 2 <= prefix[1] <= 5  # a raw pickle (protocol 2-5)
-            if (zipped or pickled) and prefix[8:9] != b"{":  # a safetensors header is a JSON object
-                raise CheckpointError(pickle_hint(path))
+            _check_prefix(path, prefix, size)
             (n,) = struct.unpack("<Q", prefix[:8])
             f.seek(8)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(
-                    f"{path}: header length {n:,} bytes exceeds the limit of "
-                    f"{MAX_HEADER_BYTES:,}; the file is corrupt or not a safetensors file"
-                )
-            if n > size - 8:
-                raise CheckpointError(
-                    f"{path} is truncated or corrupt: its header claims {n:,} bytes but the file "
-                    f"has only {size - 8:,} after the length field"
-                )
+            _check_header_length(path, n, size)
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return raw, size, n
+
+
+def _check_prefix(path: Path, prefix: bytes, size: int) -> None:
+    """Refuse an empty file, one too short for the length field, and a pickle (torch.save's zip or a raw
+    pickle), judged by the file's first 9 bytes ``prefix``."""
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely; save the model again")
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path} is truncated ({size} bytes): too short for a safetensors header")
+    zipped = prefix.startswith(b"PK\x03\x04")  # torch.save's zip archive
+    pickled = prefix[0] == 0x80 and 2 <= prefix[1] <= 5  # a raw pickle (protocol 2-5)
+    if (zipped or pickled) and prefix[8:9] != b"{":  # a safetensors header is a JSON object
+        raise CheckpointError(pickle_hint(path))
+
+
+def _check_header_length(path: Path, n: int, size: int) -> None:
+    """Refuse a header length ``n`` over MAX_HEADER_BYTES or past the end of a file of ``size`` bytes."""
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path}: header length {n:,} bytes exceeds the limit of "
+            f"{MAX_HEADER_BYTES:,}; the file is corrupt or not a safetensors file"
+        )
+    if n > size - 8:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: its header claims {n:,} bytes but the file "
+            f"has only {size - 8:,} after the length field"
+        )
+
+
+def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """The header's tensor entries (a JSON object) and its ``__metadata__`` (strings to strings)."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -178,28 +213,23 @@ def read_header(path: Union[str, Path]) -> Header:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: the header's __metadata__ must map strings to strings")
-    data_size = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    problems: list[str] = []
-    for name, entry in header.items():
-        info = _tensor_info(name, entry, data_size, problems)
-        if info is not None:
-            tensors[name] = info
-    if not problems:
-        cursor = 0
-        for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
-            if info.start != cursor:
-                problems.append(
-                    f"{name}: data starts at byte {info.start}, expected {cursor} "
-                    f"({'overlapping' if info.start < cursor else 'a gap before it'})"
-                )
-                break
-            cursor = info.end
-        if not problems and cursor != data_size:
-            problems.append(f"the tensors cover {cursor:,} bytes of data but the file holds {data_size:,}")
-    if problems:
-        raise CheckpointError(f"{path} is corrupt (truncated or damaged): " + "; ".join(problems))
-    return Header(path, tensors, metadata)
+    return header, metadata
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_size: int, problems: list[str]) -> None:
+    """The tensors' data, in offset order, must follow each other with no gap or overlap and fill the
+    ``data_size`` bytes of the data section exactly; the first problem appended."""
+    cursor = 0
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != cursor:
+            problems.append(
+                f"{name}: data starts at byte {info.start}, expected {cursor} "
+                f"({'overlapping' if info.start < cursor else 'a gap before it'})"
+            )
+            return
+        cursor = info.end
+    if cursor != data_size:
+        problems.append(f"the tensors cover {cursor:,} bytes of data but the file holds {data_size:,}")
 
 
 def _tensor_info(name: str, entry: Any, data_size: int, problems: list[str]) -> Optional[TensorInfo]:
@@ -273,8 +303,6 @@ def write_safetensors(
     """Write ``tensors`` as ``model.safetensors`` or, past ``max_shard_size``, as shards plus an
     index (the Hugging Face layout). Stale weight files of the other layout are removed after the
     new ones are in place. Returns the written files."""
-    from safetensors.torch import save_file
-
     limit = parse_size(max_shard_size)
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -377,8 +405,6 @@ def check_tensors(
 
 def open_safetensors(path: Path, device: str) -> Any:
     """safetensors' memory-mapped reader, its errors turned into CheckpointError."""
-    from safetensors import safe_open
-
     try:
         return safe_open(str(path), framework="pt", device=device)
     except Exception as exc:  # SafetensorError and OSError from the Rust side

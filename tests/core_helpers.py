@@ -14,7 +14,7 @@ import torch
 from conftest import small_model_dict
 from torch import Tensor
 
-from components.protocols import AttentionInputs
+from composer.contract import LayerInputs
 from composer.registry import FAMILIES
 
 # Options a component cannot be built without (its config fields that have no default).
@@ -73,9 +73,19 @@ def ids(batch: int, length: int, vocab: int = 64, seed: int = 0) -> Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def inputs_for(batch: int, length: int) -> AttentionInputs:
-    """Per-forward attention inputs for an unpadded batch starting at position 0."""
-    return AttentionInputs(position_ids=torch.arange(length).expand(batch, length))
+def inputs_for(
+    batch: int,
+    length: int,
+    position: Any = None,
+    key_valid: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> LayerInputs:
+    """One layer's inputs for a direct call of a block or an attention: positions from 0 (or
+    ``position_ids``), the rotary tables of ``position`` (the layer's position encoding module, as the
+    model would pass them), padding ``key_valid`` [B, T]."""
+    position_ids = torch.arange(length).expand(batch, length) if position_ids is None else position_ids
+    rotation = position.rotation(position_ids) if position is not None else None
+    return LayerInputs(position_ids=position_ids, key_valid=key_valid, rotation=rotation, position=position)
 
 
 # ----------------------------------------------------------------------------- reference maths

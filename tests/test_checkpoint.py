@@ -217,7 +217,7 @@ def test_failed_save_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch)
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("composer.weights.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         compose(small_model_dict(**LLAMA_LIKE), seed=99).save_pretrained(out)
     assert (out / "model.safetensors").read_bytes() == before

@@ -90,7 +90,7 @@ def test_component_keeps_bf16(pair):
     assert torch.isfinite(out.logits.float()).all()
     hidden = torch.randn(B, T, 32, dtype=torch.bfloat16)
     layer = model.layers[0]
-    y, _, _ = layer(hidden, inputs_for(B, T))
+    y, _, _ = layer(hidden, inputs_for(B, T, model.layer_position(0)))
     assert y.dtype == torch.bfloat16, f"{family} {name!r}: the block returned {y.dtype} for bf16 input"
 
 
@@ -120,7 +120,7 @@ def test_non_causal_attention_sees_future_tokens(position):
 def _attention(attention: dict, position: str = "none", **model) -> tuple:
     cfg = small_model_dict(attention=attention, position=component(position), num_layers=1, **model)
     m = compose(cfg, seed=0)
-    return m.layers[0].attn, m.config.layer(0).position
+    return m.layers[0].attn, m.config.layer(0).position, m.layer_position(0)
 
 
 ATTENTION_OPTIONS = [
@@ -141,25 +141,23 @@ def test_attention_matches_explicit_reference(attention, options, position):
     options = dict(options)
     if attention == "gqa":
         options["num_kv_heads"] = 2 if options.get("num_heads", 4) == 4 else 1
-    attn, pos = _attention(attention_cfg(attention, window=3, **options), position)
+    attn, pos, module = _attention(attention_cfg(attention, window=3, **options), position)
     with torch.no_grad():
         for p in attn.parameters():  # non-trivial norm weights and biases
             p.add_(torch.randn_like(p) * 0.1)
     x = torch.randn(B, 8, 32, generator=torch.Generator().manual_seed(1))
-    y, present = attn(x, inputs_for(B, 8))
+    y, present = attn(x, inputs_for(B, 8, module))
     assert present is None
     torch.testing.assert_close(y, reference_attention(attn, x, pos), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", BUILTIN_ATTENTIONS)
 def test_attention_with_padding_matches_reference(attention):
-    attn, pos = _attention(attention_cfg(attention, window=3), "rope")
+    attn, pos, module = _attention(attention_cfg(attention, window=3), "rope")
     x = torch.randn(B, 8, 32)
     key_valid = torch.ones(B, 8, dtype=torch.bool)
     key_valid[0, :3] = False  # left padding on row 0
-    inputs = inputs_for(B, 8)
-    inputs.key_valid = key_valid
-    y, _ = attn(x, inputs)
+    y, _ = attn(x, inputs_for(B, 8, module, key_valid=key_valid))
     ref = reference_attention(attn, x, pos, key_valid)
     torch.testing.assert_close(y[:, 3:], ref[:, 3:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y[1], ref[1], rtol=1e-4, atol=1e-5)
@@ -225,7 +223,7 @@ def test_sliding_window_shorter_than_length_is_local():
     torch.testing.assert_close(a[:, :3], b[:, :3], rtol=1e-5, atol=1e-5)  # within the window: same
     assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-3
     # and each token sees exactly its last 3 tokens: changing a token 3 back changes nothing
-    attn, pos = _attention({"type": "sliding_window", "window": 3})
+    attn, _, _ = _attention({"type": "sliding_window", "window": 3})
     h = torch.randn(1, T, 32)
     y, _ = attn(h, inputs_for(1, T))
     h2 = h.clone()
@@ -241,9 +239,7 @@ def _rope(**options):
 
 
 def _rotate(rope, x: torch.Tensor, position: int) -> torch.Tensor:
-    inputs = inputs_for(1, 1)
-    inputs.position_ids = torch.tensor([[position]])
-    return rope.rotate(x, x, inputs)[0]
+    return rope.rotate(x, x, inputs_for(1, 1, position_ids=torch.tensor([[position]])))[0]
 
 
 @pytest.mark.parametrize(
@@ -277,8 +273,7 @@ def test_rope_matches_complex_rotation_formula():
     for fraction in (1.0, 0.5):
         rope = _rope(theta=100.0, rotary_fraction=fraction)
         x = torch.randn(2, 4, 6, 8)
-        inputs = inputs_for(2, 6)
-        inputs.position_ids = torch.arange(3, 9).expand(2, 6)
+        inputs = inputs_for(2, 6, position_ids=torch.arange(3, 9).expand(2, 6))
         got = rope.rotate(x, x, inputs)[0]
         want = rope_reference(x, inputs.position_ids, 100.0, int(8 * fraction))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -589,7 +584,7 @@ def _block(name: str, **options):
 
 
 def _call_attn(layer, x):
-    return layer.attn(x, inputs_for(*x.shape[:2]))[0]
+    return layer.attn(x, inputs_for(*x.shape[:2]))[0]  # the blocks' tests use no position encoding
 
 
 BLOCK_FORMULAS = {

@@ -120,7 +120,7 @@ def test_factory_rejects_unknown_names_and_keys():
         build_datamodule({"name": "nope"}, seed=0)
     with pytest.raises(ConfigError) as err:
         build_datamodule({"name": "recall", "num_pair": 4}, seed=0)
-    assert "data.num_pair" in str(err.value) and "did you mean data.num_pairs" in str(err.value)
+    assert "data.num_pair" in str(err.value) and "did you mean 'num_pairs'" in str(err.value)
 
 
 @pytest.mark.parametrize("name", sorted(DATAMODULES))

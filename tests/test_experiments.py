@@ -11,7 +11,8 @@ import yaml
 from composer.config import load_config, to_container
 from composer.errors import ConfigError
 from composer.model import compose
-from composer.train import check_config, experiments_dir, with_experiments
+from composer.train import experiments_dir, with_experiments
+from composer.train_config import check_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments" / "experiment").glob("*.yaml"))

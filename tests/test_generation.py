@@ -92,11 +92,11 @@ def test_cache_allocated_once_rolling_for_windows(monkeypatch):
         caches.append((batch_size, capacity, cache))
         return cache
 
-    def no_growth(self, needed):
+    def no_growth(self, size, rolling):
         raise AssertionError("the cache grew during generation")
 
     monkeypatch.setattr(model, "allocate_cache", spy)
-    monkeypatch.setattr(KVCache, "_grow", no_growth)
+    monkeypatch.setattr(KVCache, "_resize", no_growth)
     out = generate(model, prompts(3, 7), 16)
     assert out.shape == (3, 23)
     assert len(caches) == 1

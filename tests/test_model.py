@@ -392,27 +392,38 @@ def test_set_gradient_checkpointing():
     assert model.config.gradient_checkpointing == "every_2", "a refused mode leaves the model as it was"
 
 
-def test_checkpointed_regions_get_every_input_but_a_fresh_memo():
-    # run_with_own_memo rebuilds AttentionInputs field by field (torch 2.11 cannot compile
-    # dataclasses.replace there): a field added to AttentionInputs must not be dropped on the way.
+def test_shared_per_forward_work_is_done_once_and_handed_to_layers_immutable(monkeypatch):
+    """Rotary tables once per position encoding, the attention's kernel choice, mask and cache slots
+    once per kind of attention, per forward; each layer receives them in an immutable LayerInputs (so a
+    recomputed, checkpointed region cannot write into state outside it)."""
     import dataclasses
 
-    from components.protocols import AttentionInputs, run_with_own_memo
+    from components.attention import SelfAttention
+    from components.position import Rope
+    from composer.contract import LayerInputs
 
-    values = {
-        "position_ids": torch.arange(3)[None],
-        "key_valid": torch.ones(1, 3, dtype=torch.bool),
-        "past_length": 5,
-        "cache_position": torch.arange(2),
-        "memo": {"mask": 1},
-    }
-    assert {f.name for f in dataclasses.fields(AttentionInputs)} == set(values), "a new field: add it here"
-    given = AttentionInputs(**values)
-    seen = []
-    out = run_with_own_memo(lambda hidden, inputs, extra: seen.append((hidden, inputs, extra)) or "out", "h", given, 7)
-    assert out == "out"
-    ((hidden, inputs, extra),) = seen
-    assert (hidden, extra) == ("h", 7)
-    for name in ("position_ids", "key_valid", "past_length", "cache_position"):
-        assert getattr(inputs, name) is getattr(given, name), name
-    assert inputs.memo == {} and inputs.memo is not given.memo
+    raw = small_model_dict(
+        num_layers=4,
+        position={"type": "rope"},
+        layers=[{"select": [1, 3], "attention": {"type": "sliding_window", "window": 4}}],
+    )
+    model = compose(raw, seed=0)
+    rotations, prepares, seen = [], [], []
+    rotation, prepare = Rope.rotation, SelfAttention.prepare
+    monkeypatch.setattr(Rope, "rotation", lambda self, *a: rotations.append(1) or rotation(self, *a))
+    monkeypatch.setattr(
+        SelfAttention, "prepare", lambda self, *a, **k: prepares.append(self.window) or prepare(self, *a, **k)
+    )
+    forward = SelfAttention.forward
+    monkeypatch.setattr(
+        SelfAttention, "forward", lambda self, h, inputs, *a: seen.append(inputs) or forward(self, h, inputs, *a)
+    )
+    mask = torch.ones(2, 6)
+    mask[0, :2] = 0
+    model(ids(2, 6), attention_mask=mask)
+    assert len(rotations) == 1 and sorted(prepares, key=str) == [4, None]
+    assert len(seen) == 4 and seen[0].prepared is seen[2].prepared and seen[1].prepared is seen[3].prepared
+    assert seen[0].prepared is not seen[1].prepared and seen[0].rotation is seen[1].rotation
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seen[0].key_valid = None
+    assert isinstance(seen[0], LayerInputs) and seen[0].key_valid.shape == (2, 6)

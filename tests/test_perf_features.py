@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
-import components.attention as attention
+import components.kernels as kernels
 import components.linear_cross_entropy as linear_cross_entropy
 from composer import compose, generation
 from composer.callbacks import LearningRate, NanGuard, Throughput, ValidateAtEnd
@@ -193,7 +193,7 @@ def test_training_step_uses_the_fused_loss_and_a_plain_call_does_not():
 
 
 def test_fused_loss_asks_autocast_only_of_device_types_it_knows():
-    compute_dtype, known = linear_cross_entropy._compute_dtype, linear_cross_entropy.AUTOCAST_DEVICES
+    compute_dtype, known = linear_cross_entropy.compute_dtype, linear_cross_entropy.AUTOCAST_DEVICES
     assert {"cpu", "cuda"} <= known and "meta" not in known
     assert compute_dtype(torch.empty(2, device="meta")) == torch.float32  # torch.is_autocast_enabled("meta") raises
     assert compute_dtype(torch.empty(2)) == torch.float32
@@ -233,9 +233,9 @@ def test_fused_loss_under_bf16_autocast_matches_the_unfused_one():
 def test_grouped_heads_go_to_sdpa_uncopied_only_where_a_fused_kernel_reads_them(
     device_type, dtype, masked, head_dim, reads
 ):
-    if not attention.SDPA_HAS_GQA:
+    if not kernels.SDPA_HAS_GQA:
         reads = False
-    assert attention.sdpa_reads_grouped_heads(device_type, dtype, masked, head_dim) is reads
+    assert kernels.sdpa_reads_grouped_heads(device_type, dtype, masked, head_dim) is reads
 
 
 @pytest.mark.parametrize("position", ["learned", "alibi"])  # alibi: a per-head float bias for a mask
@@ -259,9 +259,9 @@ def test_gqa_reads_kv_heads_uncopied_folds_queries_or_repeats_kv_with_the_same_r
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     grouped, grouped_padded = run(), run(attention_mask=padded)
-    if attention.SDPA_HAS_GQA:  # the CPU's kernel reads grouped heads, masked or not
+    if kernels.SDPA_HAS_GQA:  # the CPU's kernel reads grouped heads, masked or not
         assert seen == [(4, 2, 2, T, True)] * 2
-    monkeypatch.setattr(attention, "sdpa_reads_grouped_heads", lambda *args: False)  # as CUDA in float32
+    monkeypatch.setattr(kernels, "sdpa_reads_grouped_heads", lambda *args: False)  # as CUDA in float32
     folded_padded = run(attention_mask=padded)
     assert seen == [(2, 2, 2, 2 * T, False)] * 2  # two query heads per K/V head, as rows; K/V not copied
     repeated = run()
@@ -281,13 +281,13 @@ def test_gqa_decoding_with_folded_queries_gives_the_same_tokens(monkeypatch):
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, :4] = 0
     want = [model.generate(x, 8, attention_mask=mask), model.generate(x, 8)]
-    monkeypatch.setattr(attention, "sdpa_reads_grouped_heads", lambda *args: False)  # decode steps fold queries
+    monkeypatch.setattr(kernels, "sdpa_reads_grouped_heads", lambda *args: False)  # decode steps fold queries
     assert torch.equal(model.generate(x, 8, attention_mask=mask), want[0])
     assert torch.equal(model.generate(x, 8), want[1])
 
 
 def test_folded_and_repeated_gqa_trace_as_one_graph(monkeypatch):
-    monkeypatch.setattr(attention, "sdpa_reads_grouped_heads", lambda *args: False)  # CUDA's fallbacks
+    monkeypatch.setattr(kernels, "sdpa_reads_grouped_heads", lambda *args: False)  # CUDA's fallbacks
     model = lm(tie_embeddings=False, attention={"type": "gqa", "num_kv_heads": 2}, position={"type": "rope"}).eval()
     x = ids(seed=4)
     mask = torch.ones(B, T, dtype=torch.long)
@@ -423,12 +423,12 @@ def window_models(**attention):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_flex_window_kernel_matches_sdpa_with_a_mask(causal):
+def test_flex_window_kernel_matches_sdpa_with_a_mask(causal, monkeypatch):
     sdpa, flex = window_models(causal=causal)
     x = ids(t=20)
     calls = []
-    real = flex.layers[0].attn._flex
-    flex.layers[0].attn._flex = lambda *a: calls.append(1) or real(*a)
+    real = kernels.flex_attention
+    monkeypatch.setattr(kernels, "flex_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():  # FlexAttention runs on CPUs without gradients only
         torch.testing.assert_close(flex(x).logits, sdpa(x).logits, rtol=1e-5, atol=1e-5)
     assert calls, "the flex path ran"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import components.attention as attention
+import components.kernels as kernels
 from composer import ConfigError, compose, load_config
 from composer.plan import plan, training_flops_per_token
 from tests.conftest import small_model_dict
@@ -137,7 +137,7 @@ def test_grouped_heads_repeated_for_sdpa_are_planned_where_they_are_repeated():
         return plan(config, batch_size=b, seq_len=t, precision=precision, device=device).memory.activations
 
     repeated = b * t * 2 * (2 * h * d) * 4  # 2 layers x K and V for every query head, float32
-    if attention.SDPA_HAS_GQA:  # CUDA in float32 repeats (the flash kernel, which reads groups, needs 16 bits)
+    if kernels.SDPA_HAS_GQA:  # CUDA in float32 repeats (the flash kernel, which reads groups, needs 16 bits)
         assert activations(gqa, "32-true", "cuda") - activations(gqa, "32-true", "cpu") == repeated
         assert activations(gqa, "bf16-mixed", "cuda") == activations(gqa, "bf16-mixed", "cpu")
     for device in ("cpu", "cuda"):  # multi-head attention has nothing to repeat
@@ -146,7 +146,7 @@ def test_grouped_heads_repeated_for_sdpa_are_planned_where_they_are_repeated():
     flex, masked = small_model_dict(attention=window), small_model_dict(attention={**window, "kernel": "sdpa"})
     # on CUDA a window runs FlexAttention, which reads grouped heads; with kernel: sdpa it is a mask: q is folded
     assert activations(flex, "32-true", "cuda") == activations(flex, "32-true", "cpu")
-    if attention.SDPA_HAS_GQA:
+    if kernels.SDPA_HAS_GQA:
         folded = b * t * 2 * (h * d) * 4
         assert activations(masked, "32-true", "cuda") - activations(masked, "32-true", "cpu") == folded
 

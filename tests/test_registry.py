@@ -151,7 +151,7 @@ def test_plugin_not_fitting_the_interface_is_refused(clean_registry, plugin, mis
         compose(raw, device="meta")
     text = str(info.value)
     assert missing in text and f"broken_attention.{plugin} does not implement the attention interface" in text
-    assert info.value.problems[0].path.startswith("model.") and "components/protocols.py" in text
+    assert info.value.problems[0].path.startswith("model.") and "composer/contract/protocols.py" in text
 
 
 def test_plugin_parameters_without_initialisation_are_refused(clean_registry):

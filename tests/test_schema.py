@@ -365,8 +365,8 @@ def test_per_layer_overrides_change_the_built_layer():
     assert plain.attn.num_kv_heads == 4 and changed.attn.num_kv_heads == 2 and changed.attn.q_norm is not None
     assert type(plain.ffn) is MLP and type(changed.ffn) is GatedMLP and changed.ffn.intermediate_size == 48
     assert type(plain.attn_norm) is LayerNorm and type(changed.attn_norm) is RMSNorm and changed.attn_norm.eps == 1e-3
-    assert changed.attn.position is not model.position and changed.attn.position.cfg.theta == 100.0
-    assert plain.attn.position is model.position and type(model.layers[2]) is PreNormBlock
+    assert model.layer_position(1) is not model.position and model.layer_position(1).cfg.theta == 100.0
+    assert model.layer_position(0) is model.position and type(model.layers[2]) is PreNormBlock
     assert model.state_dict()["layers.1.attn.qkv.weight"].shape == ((4 + 2 * 2) * 8, 32)
     out = model(torch.randint(0, 64, (2, 6)))
     assert out.logits.shape == (2, 6, 64)

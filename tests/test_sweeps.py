@@ -274,3 +274,26 @@ def test_ddp_jobs_need_a_launcher_whose_command_lightning_can_rerun():
     )  # SLURM starts every rank itself
     check_launcher(OmegaConf.create({"strategy": "ddp", "devices": [3]}), OmegaConf.create(joblib))
     check_launcher(OmegaConf.create({"strategy": "auto", "devices": 2}), OmegaConf.create(local))
+
+
+def test_a_job_that_fails_before_its_run_is_recorded_as_failed(tmp_path, capsys):
+    """A sweep job stopped before train() (e.g. by check_launcher) still gets a metrics.json: status,
+    error, overrides, seed and error_type, as composer-report reads them; an existing one is kept."""
+    from types import SimpleNamespace
+
+    from composer.errors import ConfigError
+    from composer.train import _job_failed
+
+    hc = SimpleNamespace(job=SimpleNamespace(num=3), runtime=SimpleNamespace(output_dir=str(tmp_path)))
+    _job_failed(ConfigError("no launcher"), hc, ["seed=2"], 2)
+    assert "error in job 3 (seed=2)" in capsys.readouterr().err
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record == {
+        "status": "failed",
+        "error": "invalid configuration: no launcher",
+        "overrides": ["seed=2"],
+        "seed": 2,
+        "error_type": "ConfigError",
+    }
+    _job_failed(ValueError("later"), hc, ["seed=2"], 2)  # train() wrote its own record: left alone
+    assert json.loads((tmp_path / "metrics.json").read_text()) == record

@@ -75,9 +75,9 @@ class Repeat(Dataset):
 
 
 def run_inprocess(run_dir: Path, *overrides: str, console=None) -> dict:
-    """``composer.train.train`` on the composed config (no Hydra app, no subprocess)."""
+    """``composer.run.train`` on the composed config (no Hydra app, no subprocess)."""
     from composer.config import load_config
-    from composer.train import train
+    from composer.run import train
 
     overrides = [*TINY, *overrides]
     return train(load_config(overrides), run_dir, overrides, console=console)

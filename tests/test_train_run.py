@@ -1,4 +1,4 @@
-"""Whole training runs in-process (composer.train.train): exact resume, gradient checkpointing,
+"""Whole training runs in-process (composer.run.train): exact resume, gradient checkpointing,
 NaN guard, init_from, early stopping, TensorBoard."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
 
 def test_init_from_starts_from_the_saved_weights_and_config(tmp_path):
     from composer.config import load_config
-    from composer.train import prepare
+    from composer.run import prepare
 
     first = run_inprocess(tmp_path / "first", "model.hidden_size=48", "model.num_heads=3")
     saved = ComposedModel.from_pretrained(tmp_path / "first" / "model")
@@ -119,7 +119,7 @@ def test_compile_runs_the_model_under_torch_compile(tmp_path):
     """compile=true wraps the model in place (inductor; only built here); a run with the
     aot_eager backend goes through dynamo and AOT autograd and matches the eager run."""
     from composer.config import load_config
-    from composer.train import prepare
+    from composer.run import prepare
 
     prepared = prepare(load_config([*TINY, "compile=true"]), TINY)
     assert prepared.model._compiled_call_impl is not None

@@ -3,6 +3,7 @@ checkpoints, config validation, vocabulary / head / init_from rules, sweep pre-c
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import small_model_dict
-from test_train_helpers import cli_env
+from test_train_helpers import TINY, cli_env
 
 from composer.callbacks import peak_flops
 from composer.checkpoint_io import AtomicCheckpointIO
@@ -23,7 +24,10 @@ from composer.config import load_config, to_container
 from composer.errors import ConfigError
 from composer.model import compose
 from composer.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
-from composer.train import _sweep_jobs, check_config, fit_model_to_data, init_from_config, precheck
+from composer.schema import resolve_model_config
+from composer.summary import RunRecord, write_metrics
+from composer.train import _sweep_jobs, precheck
+from composer.train_config import check_config, fit_model_to_data, init_from_config
 from composer.training import block_classes, build_strategy, check_trainer
 
 
@@ -181,6 +185,20 @@ def test_config_problems_all_reported_with_their_keys():
     assert "did you mean 'max_epochs'" in text
 
 
+def test_non_finite_numbers_fail_validation():
+    """inf and nan are floats but no setting: clipping, validation batches, lr and min_lr reject them."""
+    cfg = load_config(
+        ["trainer.gradient_clip_val=inf", "trainer.limit_val_batches=nan", "optim.lr=nan", "scheduler.min_lr=-inf"]
+    )
+    assert math.isinf(cfg.trainer.gradient_clip_val) and math.isnan(cfg.optim.lr)  # Hydra reads them as floats
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    paths = {p.path for p in info.value.problems}
+    assert {"trainer.gradient_clip_val", "trainer.limit_val_batches", "optim.lr", "scheduler.min_lr"} <= paths
+    assert "inf must be a number >= 0 or null" in str(info.value)
+    check_config(load_config(["trainer.gradient_clip_val=1.0", "trainer.limit_val_batches=0.5", "optim.lr=1e-3"]))
+
+
 def test_reserved_trainer_keys_point_to_their_config_group():
     problems = check_trainer({"precision": "32-true", "callbacks": [], "max_steps": 5})
     assert any(p.path == "trainer.callbacks" and "callbacks.*" in p.fix for p in problems)
@@ -220,24 +238,24 @@ def _data(**kw):
 
 
 def test_vocab_follows_the_data_unless_forced():
-    raw = to_container(load_config([]).model)
-    out = fit_model_to_data(raw, _data(), {"tokenizer": "char"}, user_keys=set())
-    assert out["vocab_size"] == 65
-    big = fit_model_to_data({**raw, "vocab_size": 100}, _data(), {"tokenizer": "char"}, user_keys={"vocab_size"})
-    assert big["vocab_size"] == 100
+    base = resolve_model_config(load_config([]).model)
+    out = fit_model_to_data(base, _data(), {"tokenizer": "char"}, user_keys=set())
+    assert out.vocab_size == 65
+    big = fit_model_to_data(base.replace(vocab_size=100), _data(), {"tokenizer": "char"}, user_keys={"vocab_size"})
+    assert big.vocab_size == 100
     with pytest.raises(ConfigError) as info:
-        fit_model_to_data({**raw, "vocab_size": 10}, _data(), {"tokenizer": "char"}, user_keys={"vocab_size"})
+        fit_model_to_data(base.replace(vocab_size=10), _data(), {"tokenizer": "char"}, user_keys={"vocab_size"})
     assert "model.vocab_size" in str(info.value) and "data.tokenizer=char" in str(info.value)
 
 
 def test_classification_data_needs_a_classification_head():
-    lm = to_container(load_config([]).model)
+    lm = resolve_model_config(load_config([]).model)
     data = _data(task="classification", num_classes=3)
     with pytest.raises(ConfigError, match="model/head=classification.*model=bert_tiny"):
         fit_model_to_data(lm, data, {}, user_keys=set())
-    bert = to_container(load_config(["model=bert_tiny"]).model)
+    bert = resolve_model_config(load_config(["model=bert_tiny"]).model)
     out = fit_model_to_data(bert, data, {}, user_keys=set())
-    assert out["head"]["num_classes"] == 3 and out["head"]["type"] == "classification"
+    assert out.head.num_classes == 3 and out.head.type == "classification"
     compose(out, device="meta")
     with pytest.raises(ConfigError, match="model.head.*language modelling"):
         fit_model_to_data(bert, _data(), {}, user_keys=set())
@@ -251,7 +269,75 @@ def test_init_from_override_that_changes_a_shape_is_named():
     text = str(info.value)
     assert "model.hidden_size" in text and "init_from=runs/x/model" in text and "model.dropout" not in text
     merged = init_from_config(saved, cfg.model, {"dropout"}, "runs/x/model")
-    assert merged["dropout"] == 0.1 and merged["hidden_size"] == saved.hidden_size
+    assert merged.dropout == 0.1 and merged.hidden_size == saved.hidden_size
+
+
+def _count_builds(monkeypatch, module) -> list:
+    """The ``device`` of every ``compose`` call made through ``module`` from now on."""
+    builds, real = [], module.compose
+
+    def counting(config, *args, **kwargs):
+        builds.append(kwargs.get("device"))
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(module, "compose", counting)
+    return builds
+
+
+def test_init_from_builds_the_saved_and_the_merged_model_once(monkeypatch):
+    import composer.train_config
+
+    builds = _count_builds(monkeypatch, composer.train_config)
+    saved = compose(small_model_dict(), device="meta").config  # hidden 32 = 4 heads x 8
+    assert init_from_config(saved, load_config([]).model, set(), "x") is saved and builds == []
+    merged = init_from_config(
+        saved, load_config(["model.dropout=0.1", "model.init_std=0.01"]).model, {"dropout", "init_std"}, "x"
+    )
+    assert (merged.dropout, merged.init_std, merged.hidden_size) == (0.1, 0.01, 32)
+    assert builds == ["meta", "meta"]  # the saved and the merged model, nothing per override
+    builds.clear()
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        init_from_config(saved, load_config(["model.hidden_size=64"]).model, {"hidden_size"}, "x")
+    assert builds == ["meta"] * 3  # shapes differ: then each override alone, to name it
+    # 8 heads x 4 keeps every shape although head_dim=4 alone would not: the merged config decides
+    cfg = load_config(["model.num_heads=8", "model.attention.head_dim=4"]).model
+    merged = init_from_config(saved, cfg, {"num_heads", "attention.head_dim"}, "x")
+    assert (merged.num_heads, merged.attention.head_dim) == (8, 4)
+    # 8 heads x 8 changes the attention's shapes although neither override does alone
+    cfg = load_config(["model.num_heads=8", "model.attention.head_dim=8"]).model
+    with pytest.raises(ConfigError, match="model.attention.head_dim, model.num_heads: together change"):
+        init_from_config(saved, cfg, {"num_heads", "attention.head_dim"}, "x")
+
+
+def test_prepare_builds_the_model_once(monkeypatch):
+    """No meta model beside the real one: compose validates the final config before allocating."""
+    import composer.run
+    import composer.train_config
+
+    builds = _count_builds(monkeypatch, composer.run)
+    config_builds = _count_builds(monkeypatch, composer.train_config)
+    prepared = composer.run.prepare(load_config(TINY), TINY)
+    assert builds == [None] and config_builds == []
+    assert prepared.model.config.vocab_size == 16  # fitted to the data (data.vocab_size=16)
+    assert prepared.config["trainer"]["max_steps"] == 6  # the validated config, as plain data
+
+
+# ----------------------------------------------------------------------------- the run record
+def test_run_record_writes_the_fields_the_run_reached(tmp_path):
+    """metrics.json holds the fields the run got to (in the record's order), nulls for values it
+    reached without one; non-finite numbers are written as null."""
+    record = RunRecord(overrides=["seed=1"], seed=1, run_dir=str(tmp_path))
+    assert list(record.to_dict()) == ["status", "error", "overrides", "seed", "run_dir"]
+    assert not record.steps  # not reached: false, like a missing key
+    record.steps, record.val_loss, record.val_ppl = 3, float("inf"), None
+    record.fail(ValueError("boom"), wall_s=1.5)
+    written = json.loads(write_metrics(tmp_path, record).read_text())
+    assert list(written) == [
+        "status", "error", "overrides", "seed", "run_dir", "steps", "val_loss", "val_ppl", "error_type", "wall_s"
+    ]  # fmt: skip
+    assert written["status"] == "failed" and written["error"] == "boom" and written["error_type"] == "ValueError"
+    assert written["val_loss"] is None and written["val_ppl"] is None and written["steps"] == 3
+    assert record.to_dict()["val_loss"] == float("inf")  # the record itself keeps the value
 
 
 # ----------------------------------------------------------------------------- command line pre-checks
@@ -350,7 +436,7 @@ def test_ranks_started_by_torchrun_or_slurm_do_not_write_hydra_folders(monkeypat
 
 PEAK_SCRIPT = textwrap.dedent("""
     import torch
-    from composer.train import _peak_memory, _proc_status_mb, _reset_peak_memory
+    from composer.memory import peak_memory, proc_status_mb, reset_peak_memory
     torch.set_num_threads(1)
 
     def train(rows):
@@ -362,13 +448,13 @@ PEAK_SCRIPT = textwrap.dedent("""
             opt.zero_grad()
 
     train(64)  # pages in the library code the steps run (file-backed: no trim returns them) before the base
-    _reset_peak_memory()
-    base = _proc_status_mb("VmRSS")
+    reset_peak_memory()
+    base = proc_status_mb("VmRSS")
     train(8192)  # a first "run": training steps whose buffers glibc keeps after they are freed
-    first_peak = _peak_memory()["peak_rss_mb"]
-    freed = _proc_status_mb("VmRSS")
-    start = _reset_peak_memory()  # what a sweep's next run does first
-    print(base, first_peak, freed, start, _peak_memory()["peak_rss_mb"])
+    first_peak = peak_memory()["peak_rss_mb"]
+    freed = proc_status_mb("VmRSS")
+    start = reset_peak_memory()  # what a sweep's next run does first
+    print(base, first_peak, freed, start, peak_memory()["peak_rss_mb"])
 """)
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from ..errors import ComposerError
+from ..errors import ComposerError, ConfigError, Problem
 
 
 def run(
@@ -46,3 +47,14 @@ def take_config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return dirs, rest
+
+
+def parse_value(
+    key: str, text: str, kind: Callable[[str], Any], what: str, header: str = "invalid configuration"
+) -> Any:
+    """``kind(text)`` for the ``key=text`` argument of a tool; a ConfigError ``key: 'text' is not <what>``
+    (fix: ``write key=<what>``) when ``kind`` raises ValueError."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ConfigError([Problem(key, f"{text!r} is not {what}", f"write {key}=<{what}>")], header=header) from None

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import sys
 
+from ..catalogue import component_yaml, render
 from ..errors import ConfigError, Problem
 from ..registry import FAMILIES
 from . import run
 
 
 def main_(argv: list[str]) -> int:
-    from ..catalogue import component_yaml, render
-
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0

@@ -18,7 +18,10 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import load_tokenizer
 from ..errors import InvalidParameter, Problem
+from ..hf import export_hf, import_hf
+from ..model import ComposedModel
 from ..weights import atomic_write
 from . import run
 
@@ -31,6 +34,13 @@ def _parser(prog: str, source: str, target: str, help_text: str) -> argparse.Arg
     p.add_argument("target", help=target)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (default 5GB)")
+    p.add_argument(
+        "--trust-plugin",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="let the checkpoint's config name components of this package by import path (repeatable)",
+    )
     return p
 
 
@@ -56,8 +66,6 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 def import_main(argv: list[str]) -> int:
-    from ..hf import import_hf
-
     args = _args(
         _parser(
             "composer-import",
@@ -77,9 +85,6 @@ def import_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    from ..checkpoint import from_pretrained, load_tokenizer
-    from ..hf import export_hf
-
     args = _args(
         _parser(
             "composer-export",
@@ -89,7 +94,7 @@ def export_main(argv: list[str]) -> int:
         ),
         argv,
     )
-    model = from_pretrained(args.source, dtype=_dtype(args.dtype))
+    model = ComposedModel.from_pretrained(args.source, dtype=_dtype(args.dtype), trust_plugins=args.trust_plugin)
     export_hf(model, args.target, tokenizer=load_tokenizer(args.source), max_shard_size=args.max_shard_size)
     print(f"exported {model.config.name or 'model'} ({model.num_parameters():,} parameters) to {args.target}")
     return 0

@@ -17,6 +17,7 @@ Options (key=value):
   device=auto              auto (cuda if available) | cpu | cuda | cuda:1 ...
   dtype=null               load weights as float32 | bfloat16 | float16 (null: as saved)
   echo=true                print the prompt before the continuation
+  trust_plugin=PKG[,PKG]   let the checkpoint's config name components of these packages by import path
 
 Prints the prompt and the continuation (ids separated by spaces without a tokenizer). Errors
 print a message and exit 2 (full traceback with HYDRA_FULL_ERROR=1).
@@ -24,16 +25,21 @@ print a message and exit 2 (full traceback with HYDRA_FULL_ERROR=1).
 
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+import torch
+
+from ..checkpoint import load_tokenizer
+from ..contract.options import did_you_mean
 from ..errors import ConfigError, Problem
-from . import run
+from ..model import ComposedModel, target_device
+from . import parse_value, run
 
 USAGE = __doc__
+HEADER = "invalid composer-generate arguments"
 OPTIONS = (
     "ckpt",
     "prompt",
@@ -50,6 +56,7 @@ OPTIONS = (
     "device",
     "dtype",
     "echo",
+    "trust_plugin",
 )
 SAMPLING = ("temperature", "top_k", "top_p")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -66,13 +73,13 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         if not eq:
             problems.append(Problem(arg, "expected key=value", f"e.g. prompt={arg!r} or ckpt={arg}"))
         elif key not in OPTIONS:
-            close = difflib.get_close_matches(key, OPTIONS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(Problem(key, "unknown option", f"{hint}options: {', '.join(OPTIONS)}"))
+            problems.append(
+                Problem(key, "unknown option", f"{did_you_mean(key, OPTIONS)}options: {', '.join(OPTIONS)}")
+            )
         else:
             opts[key] = value
     if problems:
-        raise ConfigError(problems, header="invalid composer-generate arguments")
+        raise ConfigError(problems, header=HEADER)
     return opts
 
 
@@ -80,13 +87,7 @@ def _typed(opts: dict[str, str], key: str, kind: Callable[[str], Any], default: 
     text = opts.get(key)
     if text is None or text.strip().lower() in NULL:
         return default
-    try:
-        return kind(text.strip())
-    except ValueError:
-        raise ConfigError(
-            [Problem(key, f"{text!r} is not {what}", f"write {key}=<{what}>")],
-            header="invalid composer-generate arguments",
-        ) from None
+    return parse_value(key, text, kind, what, header=HEADER)
 
 
 def _bool(text: str) -> bool:
@@ -103,17 +104,12 @@ def _ids(text: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- loading
-def load(ckpt: Optional[str], device: str, dtype: Optional[str]) -> tuple[Any, Any]:
+def load(ckpt: Optional[str], device: str, dtype: Optional[str], trust: str = "") -> tuple[Any, Any]:
     """The model and the tokenizer (or None) saved in ``ckpt``."""
-    import torch
-
-    from ..checkpoint import load_tokenizer
-    from ..model import ComposedModel, target_device
-
     if not ckpt:
         raise ConfigError(
             [Problem("ckpt", "is required", "pass ckpt=<folder written by save_pretrained>")],
-            header="invalid composer-generate arguments",
+            header=HEADER,
         )
     path = Path(ckpt).expanduser()
     if not path.exists():
@@ -125,15 +121,16 @@ def load(ckpt: Optional[str], device: str, dtype: Optional[str]) -> tuple[Any, A
                     "pass the folder written by model.save_pretrained (or composer-train)",
                 )
             ],
-            header="invalid composer-generate arguments",
+            header=HEADER,
         )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch_device = target_device(device)
     except ConfigError as exc:
-        raise ConfigError(exc.problems, header="invalid composer-generate arguments") from None
-    model = ComposedModel.from_pretrained(path, device=torch_device, dtype=getattr(torch, dtype) if dtype else None)
+        raise ConfigError(exc.problems, header=HEADER) from None
+    trusted = [t.strip() for t in trust.split(",") if t.strip()]
+    model = ComposedModel.from_pretrained(path, device=torch_device, dtype=dtype, trust_plugins=trusted)
     return model, load_tokenizer(path)
 
 
@@ -155,7 +152,7 @@ def _eos(text: Optional[str], tokenizer: Any) -> Optional[list[int]]:
                     "pass ids (eos_token_id=2 or 2,7) or a token text of the vocabulary",
                 )
             ],
-            header="invalid composer-generate arguments",
+            header=HEADER,
         )
     return [token_id]
 
@@ -226,18 +223,18 @@ def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
     if "prompt" in opts and "prompt_ids" in opts:
         raise ConfigError(
             [Problem("prompt_ids", "given together with prompt", "pass either prompt or prompt_ids")],
-            header="invalid composer-generate arguments",
+            header=HEADER,
         )
     if "prompt" not in opts and "prompt_ids" not in opts:
         raise ConfigError(
             [Problem("prompt", "is required", 'pass prompt="some text" (or prompt_ids=1,2,3)')],
-            header="invalid composer-generate arguments",
+            header=HEADER,
         )
     dtype = _typed(opts, "dtype", str, None, "a dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(
             [Problem("dtype", f"{dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")],
-            header="invalid composer-generate arguments",
+            header=HEADER,
         )
     settings = dict(
         max_new_tokens=_typed(opts, "max_new_tokens", int, 64, "an integer"),
@@ -253,7 +250,7 @@ def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
     echo = _typed(opts, "echo", _bool, True, "true or false")
     prompt_ids = _typed(opts, "prompt_ids", _ids, None, "comma-separated integers")
 
-    model, tokenizer = load(opts.get("ckpt"), opts.get("device", "auto"), dtype)
+    model, tokenizer = load(opts.get("ckpt"), opts.get("device", "auto"), dtype, opts.get("trust_plugin", ""))
     if prompt_ids is None:
         if tokenizer is None:
             raise ConfigError(
@@ -265,18 +262,15 @@ def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
                         "model.save_pretrained(dir, tokenizer=tok)",
                     )
                 ],
-                header="invalid composer-generate arguments",
+                header=HEADER,
             )
         prompt_ids = tokenizer.encode(opts["prompt"]).ids
     if not prompt_ids:
         raise ConfigError(
             [Problem("prompt", "encodes to no tokens", "pass a non-empty prompt")],
-            header="invalid composer-generate arguments",
+            header=HEADER,
         )
     eos = _eos(opts.get("eos_token_id"), tokenizer)
-
-    import torch
-
     printer = (
         TextPrinter(tokenizer, prompt_ids, out, echo) if tokenizer is not None else IdPrinter(prompt_ids, out, echo)
     )

@@ -10,33 +10,24 @@ from __future__ import annotations
 import sys
 
 from ..config import load_config, split_overrides
-from ..errors import ConfigError, Problem
-from . import run, take_config_dirs
+from ..plan import plan, render
+from . import parse_value, run, take_config_dirs
 
 OPTIONS = ("batch_size", "seq_len", "precision", "checkpointing", "fused_attention", "device")
 USAGE = __doc__
-
-
-def _int(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError([Problem(name, f"{value!r} is not an integer", f"write {name}=<integer>")]) from None
 
 
 def main_(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    from ..plan import plan, render
-
     dirs, argv = take_config_dirs(argv)
     opts, overrides = split_overrides(argv, OPTIONS)
     cfg = load_config(overrides, config_dirs=dirs)
     report = plan(
         cfg.model,
-        batch_size=_int("batch_size", opts.get("batch_size", "1")),
-        seq_len=_int("seq_len", opts["seq_len"]) if "seq_len" in opts else None,
+        batch_size=parse_value("batch_size", opts.get("batch_size", "1"), int, "an integer"),
+        seq_len=parse_value("seq_len", opts["seq_len"], int, "an integer") if "seq_len" in opts else None,
         precision=opts.get("precision", "bf16-mixed"),
         checkpointing=opts.get("checkpointing"),
         fused_attention=opts.get("fused_attention", "true").lower() in ("1", "true", "yes"),

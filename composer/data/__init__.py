@@ -14,14 +14,14 @@ that only read or write files (``composer-prepare``) start quickly.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from ..config import to_container
+from ..contract.options import IGNORE_INDEX, did_you_mean
 from ..errors import ConfigError, Problem
-from .util import IGNORE_INDEX
 
 # data=<name> -> (module, class)
 DATAMODULES: dict[str, tuple[str, str]] = {
@@ -68,8 +68,7 @@ def build_datamodule(cfg_data: Any, *, seed: int, model_max_positions: Optional[
     problems = []
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f"did you mean data.{close[0]}? " if close else ""
+            hint = did_you_mean(key, known)
             problems.append(
                 Problem(f"data.{key}", f"not an option of data={name}", f"{hint}options: {', '.join(known)}")
             )
@@ -79,16 +78,14 @@ def build_datamodule(cfg_data: Any, *, seed: int, model_max_positions: Optional[
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    given = type(cfg).__name__
+    cfg = to_container(cfg)
     if not isinstance(cfg, Mapping):
         raise ConfigError(
             [
                 Problem(
                     "data",
-                    f"expected a mapping, got {type(cfg).__name__}",
+                    f"expected a mapping, got {given}",
                     "select a data config: data=recall | text | tokens | classification",
                 )
             ]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..contract.options import is_int
 from ..errors import ConfigError, DataError
 from .common import DataModule, pad_sequences
 from .sources import read_text_file
@@ -55,7 +56,7 @@ def read_jsonl(path: Path, key: str = "data.path") -> list[Row]:
         text, label = obj["text"], obj["label"]
         if not isinstance(text, str) or not text:
             raise DataError(f'{where}: "text" must be a non-empty string, got {text!r:.40}; fix or remove the line')
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
+        if not (is_int(label) or isinstance(label, str)):
             raise DataError(
                 f'{where}: "label" must be an integer class id or a string name, got {label!r:.40}; fix the line'
             )

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ..contract.options import IGNORE_INDEX, is_int
 from ..errors import ConfigError, Problem
 from .common import DataModule
-from .util import IGNORE_INDEX, check_positive, rng_for, stream_problems
+from .util import check_positive, rng_for, stream_problems
 
 FILLER = 0
 
@@ -157,7 +158,7 @@ def _shape_problems(vocab_size: int, num_pairs: int, num_queries: int, seq_len: 
                 "use data.num_queries <= data.num_pairs (each key is asked at most once)",
             )
         )
-    if isinstance(seq_len, int) and not isinstance(seq_len, bool) and 2 * (num_pairs + num_queries) > seq_len:
+    if is_int(seq_len) and 2 * (num_pairs + num_queries) > seq_len:
         problems.append(
             Problem(
                 "data.seq_len",

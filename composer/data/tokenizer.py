@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..contract.options import is_int
 from ..errors import ConfigError, DataError, Problem
 from .util import atomic_write_bytes
 
@@ -87,9 +88,7 @@ def check_tokenizer_options(kind: str, bpe_vocab_size: int) -> list[Problem]:
     problems = []
     if kind not in KINDS:
         problems.append(Problem("data.tokenizer", f"unknown tokenizer {kind!r}", f"use one of {', '.join(KINDS)}"))
-    if kind == "bpe" and (
-        isinstance(bpe_vocab_size, bool) or not isinstance(bpe_vocab_size, int) or bpe_vocab_size < 257
-    ):
+    if kind == "bpe" and (not is_int(bpe_vocab_size) or bpe_vocab_size < 257):
         problems.append(
             Problem(
                 "data.bpe_vocab_size",

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from ..contract.options import IGNORE_INDEX, is_int, is_number
 from ..errors import Problem
 
-IGNORE_INDEX = -100  # labels with this value do not count in the loss
+__all__ = ["IGNORE_INDEX"]  # re-exported: the data modules' label padding
 
 
 def rng_for(seed: int, *stream: int) -> np.random.Generator:
@@ -25,14 +26,14 @@ def check_positive(values: dict[str, Any]) -> list[Problem]:
     return [
         Problem(f"data.{k}", f"{v!r} must be a positive integer", "set it to an integer >= 1")
         for k, v in values.items()
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1
+        if not is_int(v) or v < 1
     ]
 
 
 def stream_problems(seq_len: Any, batch_size: Any, num_workers: Any) -> list[Problem]:
     """Problems with the options every data module has."""
     problems = check_positive({"seq_len": seq_len, "batch_size": batch_size})
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    if not is_int(num_workers) or num_workers < 0:
         problems.append(
             Problem(
                 "data.num_workers",
@@ -50,7 +51,7 @@ def missing_path(path: Any, key: str = "data.path") -> list[Problem]:
 
 
 def check_fraction(value: Any, key: str = "val_fraction") -> list[Problem]:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+    ok = is_number(value) and 0 < value < 1
     return (
         []
         if ok

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..contract.options import IGNORE_INDEX
 from ..errors import DataError
 from .tokenfiles import TokenFile
-from .util import IGNORE_INDEX, rng_for
+from .util import rng_for
 
 Tokens = Union[np.ndarray, TokenFile]
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, ModelError, Problem
+from ..model import compose, target_device
 from ..schema import resolve_model_config
 from ..weights import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -93,8 +94,6 @@ def import_hf(directory: Union[str, Path], device: Any = None, dtype: Optional[t
     dtype:     cast to this dtype (default: the checkpoint's)
     Raises ConfigError for an unsupported model_type / option, CheckpointError for bad weights.
     """
-    from ..model import compose, target_device
-
     dev = str(target_device(device))
     folder = Path(directory)
     c = read_hf_config(folder)
@@ -130,34 +129,14 @@ def _plan(
     """Match every tensor of ``model`` to Hugging Face names; check presence, shapes and dtypes
     (no data read); one CheckpointError listing every problem."""
     expected = unique_state(model)
-    plan, used, missing, lines = [], set(), [], []
-
-    def locate(name: str) -> Optional[str]:
-        if name in found:
-            return name
-        bare = name[len(family.prefix) :] if family.prefix and name.startswith(family.prefix) else None
-        return bare if bare in found else None
-
-    mapped = set()
+    plan, used, missing, lines, mapped = [], set(), [], [], set()
     for rule in family.table(model.config.num_layers):
         if rule.ours not in expected:
             continue
         mapped.add(rule.ours)
         attn = _attention_of(model, rule.ours)
-        names = []
-        for theirs, want in zip(rule.theirs, to_theirs(rule, expected[rule.ours], attn), strict=True):
-            name = locate(theirs)
-            if name is None:
-                missing.append(theirs)
-                continue
-            used.add(name)
-            names.append(name)
-            info = found[name][0]
-            if info.shape != tuple(want.shape):
-                lines.append(f"{name}: shape {list(info.shape)}, config.json implies {list(want.shape)}")
-            if not info.torch_dtype.is_floating_point:
-                lines.append(f"{name}: dtype {info.dtype}, expected a floating-point dtype")
-        plan.append((rule, names, attn))
+        wanted = to_theirs(rule, expected[rule.ours], attn)
+        plan.append((rule, _match_rule(family, found, rule, wanted, used, missing, lines), attn))
     unmapped = [k for k in expected if k not in mapped]
     if unmapped:  # a table gap: report rather than leave weights uninitialised
         lines.append(f"no {family.name} mapping for: {', '.join(unmapped)}")
@@ -166,6 +145,48 @@ def _plan(
         for n in found
         if n not in used and not family.ignored(n) and not (model.tied and n.endswith("lm_head.weight"))
     ]
+    _raise_mismatches(where, lines, missing, extra)
+    return plan
+
+
+def _locate(family: Family, found: dict[str, tuple[TensorInfo, Path]], name: str) -> Optional[str]:
+    """The checkpoint's name for Hugging Face tensor ``name``: as is, or without the family's prefix (None:
+    neither is there)."""
+    if name in found:
+        return name
+    bare = name[len(family.prefix) :] if family.prefix and name.startswith(family.prefix) else None
+    return bare if bare in found else None
+
+
+def _match_rule(
+    family: Family,
+    found: dict[str, tuple[TensorInfo, Path]],
+    rule: Rule,
+    wanted: list[Tensor],
+    used: set[str],
+    missing: list[str],
+    lines: list[str],
+) -> list[str]:
+    """The checkpoint names of ``rule``'s Hugging Face tensors (``wanted``: their expected values, by shape);
+    each absent one added to ``missing``, each found one to ``used``, shape and dtype problems to ``lines``."""
+    names = []
+    for theirs, want in zip(rule.theirs, wanted, strict=True):
+        name = _locate(family, found, theirs)
+        if name is None:
+            missing.append(theirs)
+            continue
+        used.add(name)
+        names.append(name)
+        info = found[name][0]
+        if info.shape != tuple(want.shape):
+            lines.append(f"{name}: shape {list(info.shape)}, config.json implies {list(want.shape)}")
+        if not info.torch_dtype.is_floating_point:
+            lines.append(f"{name}: dtype {info.dtype}, expected a floating-point dtype")
+    return names
+
+
+def _raise_mismatches(where: str, lines: list[str], missing: list[str], extra: list[str]) -> None:
+    """One CheckpointError listing missing tensors, then unexpected ones, then ``lines``; nothing if none."""
     if missing:
         lines.insert(0, f"missing tensors: {', '.join(missing)}")
     if extra:
@@ -173,7 +194,6 @@ def _plan(
     if lines:
         body = "\n".join(f"  - {line}" for line in lines)
         raise CheckpointError(f"the weights in {where} do not match its config.json ({len(lines)} problems):\n{body}")
-    return plan
 
 
 # ----------------------------------------------------------------------------- export

@@ -41,3 +41,24 @@ class _Gate(nn.Module):
     def __init__(self, heads: int):
         super().__init__()
         self.gate = nn.Parameter(torch.ones(heads))  # [H]; on the meta device this value is never kept
+
+
+class ReturnsList(MyAttention):
+    """Its forward returns a list instead of (output, cache)."""
+
+    def forward(self, hidden, inputs, past_key_value=None, use_cache=False):
+        return [hidden]
+
+
+class FailsInForward(MyAttention):
+    """Its forward raises something other than a composer error."""
+
+    def forward(self, hidden, inputs, past_key_value=None, use_cache=False):
+        raise ZeroDivisionError("division by zero inside the plugin")
+
+
+class FailsInInit(MyAttention):
+    """Its constructor raises a ValueError."""
+
+    def __init__(self, cfg, ctx):
+        raise ValueError("the plugin's own check failed")
