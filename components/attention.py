@@ -56,13 +56,17 @@ from composer.contract import (
 class AttentionConfig(ComponentConfig):
     """Multi-head self-attention: every query head has its own key/value head."""
 
-    num_heads: Optional[int] = option(None, help="query heads (null: model.num_heads)", min=1)
-    head_dim: Optional[int] = option(None, help="dims per head (null: hidden_size / num_heads)", min=1)
+    num_heads: Optional[int] = option(None, help="query heads (null: model.num_heads)", min=1, bound="num_heads")
+    head_dim: Optional[int] = option(
+        None, help="dims per head (null: hidden_size / num_heads)", min=1, bound="head_dim"
+    )
     bias: bool = option(False, help="bias on the query/key/value projection")
     out_bias: Optional[bool] = option(None, help="bias on the output projection (null: same as bias)")
     qk_norm: bool = option(False, help="RMS-normalize queries and keys per head before attending")
-    softmax_scale: Optional[float] = option(None, help="score scale (null: 1/sqrt(head_dim))")
-    logit_softcap: Optional[float] = option(None, help="cap scores with c*tanh(s/c) (Gemma 2: 50)")
+    softmax_scale: Optional[float] = option(None, help="score scale (null: 1/sqrt(head_dim); at most 1e4)", max=1e4)
+    logit_softcap: Optional[float] = option(
+        None, help="cap scores with c*tanh(s/c) (Gemma 2: 50; at most 1e4)", max=1e4
+    )
     dropout: Optional[float] = option(None, help="attention-probability dropout (null: model.dropout)")
     causal: bool = option(True, help="attend only to earlier tokens (false for encoders)")
 
@@ -104,7 +108,9 @@ class MQAConfig(AttentionConfig):
 class GQAConfig(AttentionConfig):
     """Grouped-query attention: groups of query heads share a key/value head."""
 
-    num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads / 2)", min=1)
+    num_kv_heads: Optional[int] = option(
+        None, help="key/value heads, dividing num_heads (null: num_heads / 2)", min=1, bound="num_heads"
+    )
 
     def kv_heads(self) -> int:
         return self.num_kv_heads

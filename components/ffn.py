@@ -55,7 +55,9 @@ def _check_common(cfg, model, check) -> None:
 class MLPConfig(ComponentConfig):
     """Two-layer MLP with an activation in between."""
 
-    intermediate_size: Optional[int] = option(None, help="hidden width (null: 4 * hidden_size)", min=1)
+    intermediate_size: Optional[int] = option(
+        None, help="hidden width (null: 4 * hidden_size)", min=1, bound="intermediate_size"
+    )
     activation: str = option("gelu", help="gelu | gelu_tanh | relu | silu | relu2", choices=tuple(ACTIVATIONS))
     bias: bool = option(True, help="biases on both projections")
     dropout: Optional[float] = option(None, help="dropout on the output (null: model.dropout)")
@@ -88,9 +90,9 @@ class GatedConfig(ComponentConfig):
     """Gated linear unit: silu(gate) * up (SwiGLU)."""
 
     intermediate_size: Optional[int] = option(
-        None, help="hidden width (null: 8/3 * hidden_size rounded up to multiple_of)", min=1
+        None, help="hidden width (null: 8/3 * hidden_size rounded up to multiple_of)", min=1, bound="intermediate_size"
     )
-    multiple_of: int = option(256, help="rounding of the default intermediate_size", min=1)
+    multiple_of: int = option(256, help="rounding of the default intermediate_size", min=1, bound="intermediate_size")
     bias: bool = option(False, help="biases on the projections")
     dropout: Optional[float] = option(None, help="dropout on the output (null: model.dropout)")
 

@@ -35,7 +35,9 @@ class LMHeadConfig(ComponentConfig):
     """Next-token logits; weight tied to the input embedding when model.tie_embeddings is true."""
 
     bias: bool = option(False, help="learn a per-token logit bias")
-    logit_softcap: Optional[float] = option(None, help="cap logits with c*tanh(x/c) (Gemma 2: 30)")
+    logit_softcap: Optional[float] = option(
+        None, help="cap logits with c*tanh(x/c) (Gemma 2: 30; at most 1e4)", max=1e4
+    )
     fused_loss: bool = option(
         True,
         help="the training step's loss straight from the hidden states, chunk by chunk, without "
@@ -170,7 +172,7 @@ def next_token_targets(labels: Tensor) -> Tensor:
 class ClassificationHeadConfig(ComponentConfig):
     """Sequence classification: pool the hidden states, then a linear layer to class logits."""
 
-    num_classes: int = option(help="number of classes", min=2)
+    num_classes: int = option(help="number of classes", min=2, bound="num_classes")
     pooling: str = option(
         "last", help="last | mean | first (token whose state is classified)", choices=("last", "mean", "first")
     )

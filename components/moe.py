@@ -31,8 +31,8 @@ from composer.contract import (
 class MoEConfig(ComponentConfig):
     """Top-k routed mixture of feed-forward experts with a load-balancing loss."""
 
-    num_experts: int = option(8, help="experts per layer", min=1)
-    top_k: int = option(2, help="experts each token is sent to", min=1)
+    num_experts: int = option(8, help="experts per layer", min=1, bound="num_experts")
+    top_k: int = option(2, help="experts each token is sent to", min=1, bound="num_experts")
     expert: dict = option({"type": "swiglu"}, help="the expert's ffn config ({type: swiglu, ...})", family="ffn")
     aux_loss_weight: float = option(0.01, help="scale of the load-balancing loss", min=0.0)
     normalize_top_k: bool = option(True, help="renormalise the chosen experts' probabilities to sum to 1")

@@ -48,9 +48,11 @@ from .weights import (
     Header,
     TensorInfo,
     atomic_write,
+    check_output_folder,
     check_tensors,
     expected_tensors,
     index_files,
+    json_loads,
     materialize,
     open_safetensors,
     parse_size,
@@ -85,11 +87,14 @@ def save_pretrained(
     directory: Union[str, Path],
     tokenizer: Any = None,
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to ``directory`` (created if needed): weights, config.json, tokenizer.json.
 
     tokenizer:      a ``tokenizers.Tokenizer`` (or anything with ``to_str()``), saved as tokenizer.json
     max_shard_size: bytes or a string like "5GB"; larger checkpoints are sharded with an index
+    overwrite:      replace a different checkpoint already in ``directory`` (a re-save of the same model
+                    architecture, e.g. after more training, needs no flag)
     Returns the directory.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves as the model itself
@@ -97,6 +102,7 @@ def save_pretrained(
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a folder; save_pretrained writes a folder")
+    check_output_folder(directory, overwrite=overwrite, replaceable=lambda d: _holds(d, model))
     if tokenizer is not None and not callable(getattr(tokenizer, "to_str", None)):
         raise ModelError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
     _check_describes(model)
@@ -108,6 +114,15 @@ def save_pretrained(
     if tokenizer is not None:
         atomic_write(directory / TOKENIZER_NAME, tokenizer.to_str())
     return directory
+
+
+def _holds(directory: Path, model: nn.Module) -> bool:
+    """Whether ``directory`` holds a composer checkpoint of this same model architecture."""
+    try:
+        doc = json_loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("library") == "composer" and doc.get("model") == model.config.to_dict()
 
 
 def _check_describes(model: nn.Module) -> None:
@@ -256,13 +271,13 @@ def _locate(path: Union[str, Path]) -> _Checkpoint:
     if path.is_dir() and beside.is_file() or in_header is None and beside.is_file():
         source = str(beside)
         try:
-            doc = json.loads(beside.read_text())
+            doc = json_loads(beside.read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{beside} is not valid JSON ({exc})") from None
     elif in_header is not None:
         source = f"{in_header.path} (header metadata)"
         try:
-            doc = json.loads(in_header.metadata[METADATA_KEY])
+            doc = json_loads(in_header.metadata[METADATA_KEY])
         except ValueError as exc:
             raise CheckpointError(f"{source}: '{METADATA_KEY}' is not valid JSON ({exc})") from None
     else:

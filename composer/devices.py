@@ -67,3 +67,33 @@ def target_dtype(dtype: Any, argument: str = "dtype") -> Optional[torch.dtype]:
             )
         ]
     )
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors on ``device``: CUDA's free memory, a Linux host's MemAvailable; None
+    where this process cannot tell (then nothing is refused)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_fits(needed: int, device: torch.device, what: str) -> None:
+    """InvalidParameter stating both numbers when ``needed`` bytes do not fit in what ``device`` has free."""
+    free = available_bytes(device)
+    if free is not None and needed > free:
+        raise InvalidParameter(
+            [
+                Problem(
+                    "model",
+                    f"{what}: {needed / 2**30:,.2f} GiB needed on {device}, {free / 2**30:,.2f} GiB free",
+                    "use a smaller model (or dtype), another device, or device='meta' to inspect it without allocating",
+                )
+            ]
+        )

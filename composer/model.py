@@ -32,7 +32,7 @@ from components.kv_cache import Cache, KVCache
 from .checkpoint import PretrainedMixin
 from .contract import LayerInputs, member
 from .contract.protocols import RESIDUAL_MARK, BuildContext, block_norm_names
-from .devices import target_device, target_dtype
+from .devices import check_fits, target_device, target_dtype
 from .dry_run import dry_forward
 from .errors import ConfigError, ModelError, Problem
 from .generation import GenerationMixin
@@ -278,6 +278,7 @@ class ComposedModel(PretrainedMixin, GenerationMixin, nn.Module):
         static = past_key_values is not None and past_key_values.static
         past = past_key_values.length if past_key_values is not None and not static else 0
         self._check(input_ids, attention_mask, labels, position_ids, past, static)
+        labels = labels.long() if labels is not None else None  # int32 labels are fine; the losses take int64
         if use_cache and past_key_values is None:
             past_key_values = self.allocate_cache(*input_ids.shape)
         shared = self._shared_inputs(input_ids, attention_mask, position_ids, past_key_values, past)
@@ -454,6 +455,8 @@ def compose(
         model.to(dtype=dtype)
     if device.type == "meta":
         return model
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    check_fits(sum(t.numel() * t.element_size() for t in tensors), device, "the model's weights")
     model.to_empty(device=device)
     model.tie_weights()
     left = model.init_weights(seed)

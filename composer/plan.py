@@ -34,12 +34,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from .contract import Cost, CostCall, NotPlanned, cost_of, member, param_count
+from .contract import Cost, CostCall, NotPlanned, cost_of, did_you_mean, member, param_count
 from .errors import ConfigError, Problem
 from .model import ComposedModel, build_on_meta
 from .schema import ModelConfig, resolve_model_config
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+DEVICES = ("cuda", "cpu", "mps", "xpu")  # the device types a plan is made for (kernels are chosen per type)
 GiB = 1024**3
 
 
@@ -193,9 +194,17 @@ def training_flops_per_token(config: Any, seq_len: int) -> float:
 
 
 def _check_arguments(
-    cfg: ModelConfig, batch_size: Any, seq_len: int, precision: str, checkpointing: Optional[str]
+    cfg: ModelConfig, batch_size: Any, seq_len: int, precision: str, checkpointing: Optional[str], device: str = "cuda"
 ) -> ModelConfig:
     problems = []
+    if device not in DEVICES:
+        problems.append(
+            Problem(
+                "device",
+                f"{device!r} is not a device type a plan is made for",
+                f"{did_you_mean(device, DEVICES)}use one of {', '.join(DEVICES)}",
+            )
+        )
     if precision not in PRECISIONS:
         problems.append(
             Problem("precision", f"{precision!r} is not a precision", f"use one of {', '.join(PRECISIONS)}")
@@ -234,7 +243,7 @@ def plan(
     fused loss's automatic chunk."""
     cfg = config if isinstance(config, ModelConfig) else resolve_model_config(config)
     seq_len = cfg.max_position_embeddings if seq_len is None else seq_len
-    cfg = _check_arguments(cfg, batch_size, seq_len, precision, checkpointing)
+    cfg = _check_arguments(cfg, batch_size, seq_len, precision, checkpointing, device)
     wb, gb, ob, a, r = _bytes(precision)
     call = CostCall(seq_len, batch_size, a, r, device, fused_attention)
     model = _skeleton(cfg)

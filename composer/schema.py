@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import types
-import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,241 +26,24 @@ import components  # noqa: F401  (registers the built-in components)
 
 from .contract.options import Checker, check_probability, did_you_mean, inherit, option  # noqa: F401 (re-exported)
 from .contract.registry import FAMILIES
+from .conversion import (  # noqa: F401  (re-exported: the conversion's names were schema's)
+    MISSING_MARK,
+    SIZE_LIMITS,
+    _convert,
+    _type_name,
+    build_component,
+    build_dataclass,
+    check_limits,
+    normalize_component,
+    size_limits,
+)
 from .errors import ConfigError, Problem
 
 log = logging.getLogger("composer")
 
-MISSING_MARK = "???"  # OmegaConf's mark for a mandatory value
 COMPONENT_SLOTS = ("block", "attention", "ffn", "norm", "position", "head")
 LAYER_SLOTS = ("block", "attention", "ffn", "norm", "position")
 _CHECKPOINT_RE = re.compile(r"^(none|every_layer|every_(\d+)|attention|ffn)$")
-
-
-# --------------------------------------------------------------------------- conversion
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        inner = " | ".join(_type_name(a) for a in args)
-        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin in (dict, Mapping):
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapping) -> Any:
-    """``value`` checked (and lightly coerced) against type ``tp``; problems appended."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        return _convert_union(tp, value, path, problems, meta)
-    if value is None:
-        problems.append(Problem(path, "must not be null", f"set it to a {_type_name(tp)}"))
-        return None
-    if origin in (list, tuple) or tp in (list, tuple):
-        return _convert_list(tp, value, path, problems)
-    if origin in (dict, Mapping) or tp is dict:
-        return _convert_mapping(value, path, problems)
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, path, problems)
-    return _convert_scalar(tp, value, path, problems, meta)
-
-
-def _convert_union(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapping) -> Any:
-    """``value`` as the first member of union ``tp`` that takes it (null where the union allows it)."""
-    args = typing.get_args(tp)
-    if value is None and type(None) in args:
-        return None
-    for arg in (a for a in args if a is not type(None)):
-        trial: list[Problem] = []
-        out = _convert(arg, value, path, trial, meta)
-        if not trial:
-            return out
-        if out is not None:  # the right type with a bad value (range, choices): say that
-            problems.extend(trial)
-            return out
-    hint = f"set {path.rsplit('.', 1)[-1]} to a {_type_name(tp)}"
-    problems.append(Problem(path, f"expected {_type_name(tp)}, got {value!r}", hint))
-    return None
-
-
-def _convert_list(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
-    """A list or tuple ``value`` as a list, each item converted to the item type of ``tp``."""
-    if not isinstance(value, (list, tuple)):
-        problems.append(Problem(path, f"expected a list, got {value!r}", "write it as [a, b, ...]"))
-        return None
-    (item,) = typing.get_args(tp) or (Any,)
-    return [_convert(item, v, f"{path}[{i}]", problems, {}) for i, v in enumerate(value)]
-
-
-def _convert_mapping(value: Any, path: str, problems: list[Problem]) -> Any:
-    """A mapping ``value`` as a dict (its values unchecked)."""
-    if not isinstance(value, Mapping):
-        problems.append(Problem(path, f"expected a mapping, got {value!r}", "write it as {key: value}"))
-        return None
-    return dict(value)
-
-
-def _convert_scalar(tp: Any, value: Any, path: str, problems: list[Problem], meta: Mapping) -> Any:
-    """A bool, int (an integral float too), float (an int too) or str ``value``, any value for another type;
-    then checked against the option's choices and bounds in ``meta``."""
-    ok = True
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    if not ok:
-        name = _type_name(tp)
-        problems.append(Problem(path, f"expected {name}, got {type(value).__name__} {value!r}", f"set it to a {name}"))
-        return None
-    _check_choices_and_bounds(value, path, problems, meta)
-    return value
-
-
-def _check_choices_and_bounds(value: Any, path: str, problems: list[Problem], meta: Mapping) -> None:
-    """Problems for a ``value`` outside ``meta``'s choices, below its min or above its max."""
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        hint = did_you_mean(value, choices)
-        problems.append(
-            Problem(
-                path,
-                f"{value!r} is not one of {', '.join(map(str, choices))}",
-                f"{hint}use one of {', '.join(map(str, choices))}",
-            )
-        )
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo:
-        problems.append(Problem(path, f"{value!r} is below the minimum {lo}", f"use a value >= {lo}"))
-    if hi is not None and value > hi:
-        problems.append(Problem(path, f"{value!r} is above the maximum {hi}", f"use a value <= {hi}"))
-
-
-def _unknown_key(path: str, key: str, known: Iterable[str], what: str) -> Problem:
-    known = sorted(known)
-    hint = did_you_mean(key, known)
-    return Problem(
-        f"{path}.{key}" if path else str(key), f"unknown option of {what}", f"{hint}valid options: {', '.join(known)}"
-    )
-
-
-def build_dataclass(cls: type, data: Any, path: str, problems: list[Problem]) -> Any:
-    """An instance of dataclass ``cls`` from mapping ``data``; every problem appended."""
-    if not isinstance(data, Mapping):
-        problems.append(Problem(path, f"expected a mapping, got {data!r}", "write it as {key: value}"))
-        data = {}
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            problems.append(_unknown_key(path, key, fields, _describe(cls, data)))
-    values: dict[str, Any] = {}
-    for name, f in fields.items():
-        sub = f"{path}.{name}" if path else name
-        family = f.metadata.get("family")
-        if name not in data or data[name] == MISSING_MARK:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                what = f.metadata.get("help", "")
-                problems.append(
-                    Problem(sub, "is required", f"set {sub}" + (f" ({what})" if what else ""), missing=True)
-                )
-            elif family:
-                values[name] = build_component(family, _default(f), sub, problems)
-            continue
-        values[name] = _field_value(f, family, hints[name], data[name], sub, problems)
-    try:
-        return cls(**values)
-    except TypeError:  # a required field missing: already reported; build a placeholder
-        obj = object.__new__(cls)
-        for f in dataclasses.fields(cls):
-            object.__setattr__(obj, f.name, values.get(f.name, _default(f)))
-        return obj
-
-
-def _default(f: dataclasses.Field, otherwise: Any = None) -> Any:
-    """Field ``f``'s default (a fresh one from its factory), else ``otherwise``."""
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return otherwise
-
-
-def _field_value(f: dataclasses.Field, family: Any, tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
-    """Field ``f``'s value from ``value``: a ``family`` component's config, else ``value`` converted to ``tp``."""
-    before = len(problems)
-    out = build_component(family, value, path, problems) if family else _convert(tp, value, path, problems, f.metadata)
-    if len(problems) > before:  # keep checking the rest against a plausible value
-        out = None if family else _default(f, out)
-    return out
-
-
-def _describe(cls: type, data: Mapping) -> str:
-    kind = data.get("type") if isinstance(data, Mapping) else None
-    return f"'{kind}'" if kind else cls.__name__
-
-
-def normalize_component(value: Any) -> Any:
-    """``"rmsnorm"`` -> ``{"type": "rmsnorm"}``; mappings are copied; other values kept."""
-    if isinstance(value, str):
-        return {"type": value}
-    if isinstance(value, Mapping):
-        return dict(value)
-    return value
-
-
-def build_component(family: str, value: Any, path: str, problems: list[Problem]) -> Any:
-    """The typed config of the ``family`` component named by ``value['type']``."""
-    data = normalize_component(value)
-    if not isinstance(data, Mapping):
-        problems.append(
-            Problem(
-                path,
-                f"expected a {family} type name or a mapping with 'type', got {value!r}",
-                f"write {path}: {{type: <name>, ...}}",
-            )
-        )
-        return None
-    kind = data.get("type")
-    if not kind or kind == MISSING_MARK:
-        names = ", ".join(FAMILIES[family].names())
-        problems.append(Problem(f"{path}.type", f"no {family} type given", f"set it to one of: {names}", missing=True))
-        return None
-    try:
-        entry = FAMILIES[family].get(kind, f"{path}.type")
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        return None
-    return build_dataclass(entry.config, _drop_untouched_defaults(family, entry, data), path, problems)
-
-
-def _drop_untouched_defaults(family: str, entry: Any, data: Mapping) -> Mapping:
-    """Options the new type does not have, left at another built-in type's default, are leftovers
-    of a type switch (``model.attention.type=my_pkg.Attn`` over a preset's ``mha`` group) and are
-    dropped; an option the user actually set stays and is reported as unknown."""
-    known = {f.name for f in dataclasses.fields(entry.config)}
-    extra = [k for k in data if k not in known]
-    if not extra:
-        return data
-    defaults: dict[str, set] = {}
-    for other in FAMILIES[family].entries():
-        for f in dataclasses.fields(other.config):
-            if f.default is not dataclasses.MISSING:
-                defaults.setdefault(f.name, set()).add(repr(f.default))
-    return {k: v for k, v in data.items() if k in known or repr(v) not in defaults.get(k, ())}
 
 
 # --------------------------------------------------------------------------- the model schema
@@ -295,11 +76,13 @@ class LayerSpec:
 class ModelConfig:
     """A whole model: sizes, one config per component family, and per-layer overrides."""
 
-    vocab_size: int = option(help="vocabulary size (rows of the embedding)", min=1)
-    hidden_size: int = option(help="width of the residual stream", min=1)
-    num_layers: int = option(help="number of blocks", min=1)
-    num_heads: int = option(help="attention heads (default for every layer)", min=1)
-    max_position_embeddings: int = option(help="longest sequence the model accepts", min=1)
+    vocab_size: int = option(help="vocabulary size (rows of the embedding)", min=1, bound="vocab_size")
+    hidden_size: int = option(help="width of the residual stream", min=1, bound="hidden_size")
+    num_layers: int = option(help="number of blocks", min=1, bound="num_layers")
+    num_heads: int = option(help="attention heads (default for every layer)", min=1, bound="num_heads")
+    max_position_embeddings: int = option(
+        help="longest sequence the model accepts", min=1, bound="max_position_embeddings"
+    )
     dropout: float = option(0.0, help="sets every dropout whose own value is null", min=0.0)
     block: Any = option("pre_norm", help="block wiring", family="block")
     attention: Any = option("mha", help="sequence mixer", family="attention")
@@ -310,15 +93,20 @@ class ModelConfig:
     tie_embeddings: bool = option(True, help="share the language-model head's weight with the input embedding")
     embedding_norm: bool = option(False, help="normalize the embeddings (BERT-style post-norm models)")
     layers: list = option([], help="per-layer overrides: [{select: '1::2', attention: {...}}, ...]")
-    init_std: float = option(0.02, help="std of the normal initialization", min=0.0)
+    init_std: float = option(0.02, help="std of the normal initialization (at most 1)", min=0.0, max=1.0)
     gradient_checkpointing: str = option(
         "none", help="none | every_layer | every_<k> | attention | ffn (recompute to save memory)"
     )
-    pad_vocab_to_multiple_of: int = option(1, help="pad embedding rows to a multiple (padding logits masked)", min=1)
+    pad_vocab_to_multiple_of: int = option(
+        1, help="pad embedding rows to a multiple (padding logits masked)", min=1, bound="vocab_size"
+    )
     check_inputs_on_accelerator: bool = option(
         False, help="check token ids are in range on GPUs too (costs a host sync per forward)"
     )
     name: str = option("", help="preset name, for display")
+    limits: dict = option(
+        {}, help="raise a documented size limit for a real model that needs it: {hidden_size: 131072}"
+    )
 
     def __post_init__(self) -> None:
         self._layer_specs: list[LayerSpec] = []
@@ -451,6 +239,14 @@ def resolve_model_config(raw: Any, path: str = "model") -> ModelConfig:
                 )
             ]
         )
+    with size_limits(check_limits(raw.get("limits"), f"{path}.limits", problems)):
+        cfg = _resolve(raw, path, problems)
+    if problems:
+        raise ConfigError.of(_dedupe(problems))
+    return cfg
+
+
+def _resolve(raw: Mapping, path: str, problems: list[Problem]) -> ModelConfig:
     cfg = build_dataclass(ModelConfig, raw, path, problems)
     if not isinstance(cfg, ModelConfig) or "_layer_specs" not in cfg.__dict__:
         cfg.__dict__["_layer_specs"] = []
@@ -464,8 +260,6 @@ def resolve_model_config(raw: Any, path: str = "model") -> ModelConfig:
         for slot in COMPONENT_SLOTS:
             _resolve_component(getattr(cfg, slot), cfg, check.child(slot))
         _resolve_layers(cfg, check)
-    if problems:
-        raise ConfigError.of(_dedupe(problems))
     return cfg
 
 

@@ -203,8 +203,8 @@ def _check_header_length(path: Path, n: int, size: int) -> None:
 def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     """The header's tensor entries (a JSON object) and its ``__metadata__`` (strings to strings)."""
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json_loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: the safetensors header is not valid JSON ({exc}); the file is corrupt or not a safetensors file"
         ) from None
@@ -340,11 +340,83 @@ def write_safetensors(
     return written
 
 
+# ----------------------------------------------------------------------------- output folders
+OUTPUT_NAMES = ("config.json", "tokenizer.json", "generation_config.json", INDEX_NAME)  # + *.safetensors
+
+
+def _ours(path: Path) -> bool:
+    return path.name in OUTPUT_NAMES or path.suffix == ".safetensors"
+
+
+def _overlap(target: Path, source: Path) -> Optional[str]:
+    if target == source:
+        return "is the source folder"
+    if source in target.parents:
+        return f"is inside the source folder {source}"
+    if target in source.parents:
+        return f"contains the source {source}"
+    return None
+
+
+def check_output_folder(
+    target: Union[str, Path],
+    sources: tuple = (),
+    overwrite: bool = False,
+    replaceable: Any = None,
+    option: str = "overwrite=True",
+) -> Path:
+    """Refuse to write a checkpoint into ``target`` where that could lose data: never over or around a
+    ``source`` (whatever ``overwrite`` says), and not over files of another checkpoint unless ``overwrite``
+    (``replaceable(target)`` True: the folder holds this same model, e.g. a re-save after training).
+    Files that are not a checkpoint's (notes, logs) are never touched."""
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a folder; a checkpoint is written as a folder")
+    resolved = target.resolve()
+    for source in sources:
+        why = _overlap(resolved, Path(source).expanduser().resolve())
+        if why:
+            raise CheckpointError(
+                f"the output folder {target} {why}; writing there would overwrite the model being "
+                "read. Write to another folder"
+            )
+    existing = sorted(p.name for p in target.iterdir() if _ours(p)) if target.is_dir() else []
+    if existing and not overwrite and not (replaceable is not None and replaceable(target)):
+        raise CheckpointError(
+            f"{target} already holds a checkpoint ({', '.join(existing[:4])}); refusing to "
+            f"overwrite it. Write to an empty folder, or pass {option} to replace it"
+        )
+    return target
+
+
 # ----------------------------------------------------------------------------- reading
+MAX_JSON_DEPTH = 64  # nesting of any JSON document read (configs, headers, indexes): real ones use < 10
+
+
+def json_loads(text: Any) -> Any:
+    """``json.loads`` with the nesting bounded: ValueError for a document nested deeper than MAX_JSON_DEPTH
+    (which would otherwise overflow the parser's or a later reader's recursion)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
 def index_files(index: Path) -> list[Path]:
     """The shard files a ``model.safetensors.index.json`` names (each must exist beside it)."""
     try:
-        data = json.loads(index.read_text())
+        data = json_loads(index.read_text())
     except (OSError, ValueError):
         data = None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None

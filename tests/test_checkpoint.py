@@ -219,7 +219,7 @@ def test_failed_save_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch)
 
     monkeypatch.setattr("composer.weights.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        compose(small_model_dict(**LLAMA_LIKE), seed=99).save_pretrained(out)
+        compose(small_model_dict(**LLAMA_LIKE), seed=99).save_pretrained(out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 

@@ -191,3 +191,222 @@ def test_the_command_lines_take_the_trust_opt_in(tmp_path, monkeypatch, capsys):
         ]
     ) in (0, None)
     assert capsys.readouterr().out.strip()
+
+
+# ----------------------------------------------------------------------------- data loss
+EXPORTABLE = dict(
+    position={"type": "rope"},
+    norm={"type": "rmsnorm"},
+    tie_embeddings=False,
+    ffn={"type": "swiglu", "intermediate_size": 48},
+)  # a Llama: it has a Hugging Face equivalent
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = compose(small_model_dict(**EXPORTABLE), seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def _files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_export_into_its_own_source_is_refused_even_with_overwrite(saved, where, capsys):
+    from composer.cli import run
+    from composer.cli.convert import export_main
+
+    _, src = saved
+    before = _files(src)
+    target = src if where == "same" else src / "hf"
+    for extra in ([], ["--overwrite"]):
+        assert run(export_main, [str(src), str(target), *extra]) == 2
+        err = capsys.readouterr().err
+        assert ("is the source folder" if where == "same" else "is inside the source folder") in err
+        assert "Traceback" not in err
+    assert _files(src) == before and not (src / "hf").exists()
+
+
+def test_export_over_another_checkpoint_needs_overwrite(saved, tmp_path, capsys):
+    from composer.cli import run
+    from composer.cli.convert import export_main
+
+    _, src = saved
+    other = tmp_path / "other"
+    compose(small_model_dict(num_layers=1), seed=1).save_pretrained(other)
+    before = _files(other)
+    assert run(export_main, [str(src), str(other)]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err and _files(other) == before
+    assert run(export_main, [str(src), str(other), "--overwrite"]) == 0
+    assert json.loads((other / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_import_into_its_source_or_over_a_checkpoint_is_refused(saved, tmp_path, capsys):
+    from composer.cli import run
+    from composer.cli.convert import export_main, import_main
+
+    _, src = saved
+    hf = tmp_path / "hf"
+    assert run(export_main, [str(src), str(hf)]) == 0
+    before = _files(hf)
+    assert run(import_main, [str(hf), str(hf)]) == 2 and "is the source folder" in capsys.readouterr().err
+    assert run(import_main, [str(hf), str(src)]) == 2 and "already holds a checkpoint" in capsys.readouterr().err
+    assert _files(hf) == before
+
+
+def test_save_pretrained_keeps_another_checkpoint_unless_asked(saved):
+    model, folder = saved
+    before = _files(folder)
+    other = compose(small_model_dict(num_layers=1), seed=1)
+    with pytest.raises(CheckpointError, match=r"already holds a checkpoint .* overwrite=True"):
+        other.save_pretrained(folder)
+    assert _files(folder) == before
+    model.save_pretrained(folder)  # the same architecture (more training, say): no flag needed
+    other.save_pretrained(folder, overwrite=True)
+    assert ComposedModel.from_pretrained(folder).config.num_layers == 1
+    (folder / "notes.txt").write_text("mine")
+    other.save_pretrained(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine", "files that are not a checkpoint's are never touched"
+
+
+# ----------------------------------------------------------------------------- foreign configs
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    from composer.hf import export_hf
+
+    folder = tmp_path_factory.mktemp("hf")
+    model = compose(
+        small_model_dict(
+            position={"type": "rope"},
+            norm={"type": "rmsnorm"},
+            ffn={"type": "swiglu", "intermediate_size": 48},
+            tie_embeddings=False,
+        ),
+        seed=0,
+    )
+    export_hf(model, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("tie_word_embeddings", "false", r"config.json:tie_word_embeddings: expected bool, got str 'false'"),
+        ("rms_norm_eps", "abc", r"config.json:rms_norm_eps: expected float, got str 'abc'"),
+        ("rms_norm_eps", float("nan"), r"config.json:rms_norm_eps: nan is not a finite number"),
+        ("sliding_window", "big", r"config.json:sliding_window: expected int, got str 'big'"),
+        ("num_hidden_layers", "two", r"config.json:num_hidden_layers: expected int, got str 'two'"),
+        ("num_hidden_layers", 2.5, r"config.json:num_hidden_layers: expected int, got float 2.5"),
+        ("num_hidden_layers", 200_000, r"config.json:num_hidden_layers: 200,000 is above the size limit 1,024"),
+        ("num_attention_heads", 0, r"config.json:num_attention_heads: 0 is below the minimum 1"),
+        ("vocab_size", 2**62, r"config.json:vocab_size: .* is above the size limit"),
+    ],
+)
+def test_values_of_a_hugging_face_config_are_typed_like_yaml(hf_folder, tmp_path, key, value, match):
+    import shutil
+
+    from composer import ConfigError
+    from composer.hf import import_hf
+
+    folder = tmp_path / "bad"
+    shutil.copytree(hf_folder, folder)
+    doc = json.loads((folder / "config.json").read_text())
+    doc[key] = value
+    (folder / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=match):
+        import_hf(folder)
+
+
+@pytest.mark.parametrize("where", ["config.json", "index", "hf"])
+def test_deeply_nested_json_is_a_checkpoint_error_naming_the_file(saved, hf_folder, tmp_path, where):
+    from composer.hf import import_hf
+
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    if where == "config.json":
+        (saved[1] / "config.json").write_text(deep)
+        load, path = (lambda: ComposedModel.from_pretrained(saved[1])), saved[1] / "config.json"
+    elif where == "index":
+        (saved[1] / "model.safetensors.index.json").write_text(deep)
+        load, path = (lambda: ComposedModel.from_pretrained(saved[1])), saved[1] / "model.safetensors.index.json"
+    else:
+        import shutil
+
+        shutil.copytree(hf_folder, tmp_path / "hf")
+        (tmp_path / "hf" / "config.json").write_text(deep)
+        load, path = (lambda: import_hf(tmp_path / "hf")), tmp_path / "hf" / "config.json"
+    with pytest.raises(CheckpointError, match="nested deeper than 64|not a valid shard index") as info:
+        load()
+    assert str(path) in str(info.value)
+
+
+def test_a_safetensors_header_nested_too_deep_is_refused(tmp_path):
+    import struct
+
+    from composer import weights
+
+    header = ('{"__metadata__": {"x": "y"}, "t": ' + "[" * 3000 + "]" * 3000 + "}").encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the safetensors header is not valid JSON .*nested"):
+        weights.read_header(path)
+
+
+# ----------------------------------------------------------------------------- sizes and numbers
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"num_layers": 200_000}, r"model.num_layers: 200,000 is above the size limit 1,024 .*limits.num_layers"),
+        ({"hidden_size": 1e9}, r"model.hidden_size: 1,000,000,000 is above the size limit"),
+        ({"vocab_size": 2**62}, r"model.vocab_size: .* is above the size limit 4,194,304"),
+        ({"head": {"type": "classification", "num_classes": 10**12}}, r"model.head.num_classes: .* size limit"),
+        ({"ffn": {"type": "mlp", "intermediate_size": 2**30}}, r"model.ffn.intermediate_size: .* size limit"),
+        ({"limits": {"hidden_sise": 10}}, r"model.limits.hidden_sise: is not a size limit.*did you mean 'hidden_size'"),
+    ],
+)
+def test_sizes_are_bounded_before_anything_is_built(changes, match):
+    with pytest.raises(InvalidParameter, match=match):
+        compose(small_model_dict(**changes), device="meta")
+
+
+def test_a_size_limit_can_be_raised_by_the_config():
+    model = compose(
+        small_model_dict(num_layers=1100, hidden_size=8, num_heads=2, limits={"num_layers": 2048}), device="meta"
+    )
+    assert len(model.layers) == 1100
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"init_std": float("nan")},
+        {"dropout": float("inf")},
+        {"norm": {"type": "layernorm", "eps": float("nan")}},
+        {"position": {"type": "rope", "theta": float("inf")}},
+        {"attention": {"type": "mha", "softmax_scale": float("nan")}},
+        {"attention": {"type": "mha", "logit_softcap": float("inf")}},
+        {"position": {"type": "alibi", "max_bias": float("nan")}},
+        {"ffn": {"type": "moe", "aux_loss_weight": float("inf"), "expert": {"type": "mlp"}}},
+        {"position": {"type": "rope", "scaling": "linear", "scaling_factor": float("nan")}},
+    ],
+)
+def test_non_finite_floats_fail_validation(changes):
+    with pytest.raises(InvalidParameter, match=r"is not a finite number"):
+        compose(small_model_dict(**changes), device="meta")
+
+
+def test_a_build_that_does_not_fit_states_both_numbers(monkeypatch):
+    from composer import devices
+
+    monkeypatch.setattr(devices, "available_bytes", lambda device: 1024**2)
+    with pytest.raises(InvalidParameter, match=r"the model's weights: 0\.\d+ GiB needed on cpu, 0\.00 GiB free"):
+        compose(small_model_dict(hidden_size=256, num_heads=4))
+    assert compose(small_model_dict(hidden_size=256, num_heads=4), device="meta")  # meta allocates nothing
+
+
+def test_plan_refuses_an_unknown_device_type():
+    from composer.plan import plan
+
+    with pytest.raises(InvalidParameter, match=r"device: 'tpu' is not a device type .* did you mean 'xpu'"):
+        plan(small_model_dict(), device="tpu")

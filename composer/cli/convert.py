@@ -22,7 +22,7 @@ from ..checkpoint import load_tokenizer
 from ..errors import InvalidParameter, Problem
 from ..hf import export_hf, import_hf
 from ..model import ComposedModel
-from ..weights import atomic_write
+from ..weights import atomic_write, check_output_folder
 from . import run
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,6 +34,9 @@ def _parser(prog: str, source: str, target: str, help_text: str) -> argparse.Arg
     p.add_argument("target", help=target)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (default 5GB)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint already in the output folder (never the source)"
+    )
     p.add_argument(
         "--trust-plugin",
         action="append",
@@ -75,8 +78,9 @@ def import_main(argv: list[str]) -> int:
         ),
         argv,
     )
+    check_output_folder(args.target, (args.source,), args.overwrite, option="--overwrite")
     model = import_hf(args.source, dtype=_dtype(args.dtype))
-    model.save_pretrained(args.target, max_shard_size=args.max_shard_size)
+    model.save_pretrained(args.target, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     tokenizer = Path(args.source) / "tokenizer.json"
     if tokenizer.is_file():
         atomic_write(Path(args.target) / "tokenizer.json", tokenizer.read_bytes())
@@ -95,7 +99,15 @@ def export_main(argv: list[str]) -> int:
         argv,
     )
     model = ComposedModel.from_pretrained(args.source, dtype=_dtype(args.dtype), trust_plugins=args.trust_plugin)
-    export_hf(model, args.target, tokenizer=load_tokenizer(args.source), max_shard_size=args.max_shard_size)
+    check_output_folder(args.target, (args.source,), args.overwrite, option="--overwrite")
+    export_hf(
+        model,
+        args.target,
+        tokenizer=load_tokenizer(args.source),
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        sources=(args.source,),
+    )
     print(f"exported {model.config.name or 'model'} ({model.num_parameters():,} parameters) to {args.target}")
     return 0
 

@@ -29,6 +29,7 @@ from ..weights import (
     WEIGHTS_NAME,
     TensorInfo,
     atomic_write,
+    check_output_folder,
     index_files,
     materialize,
     open_safetensors,
@@ -295,10 +296,14 @@ def export_hf(
     directory: Union[str, Path],
     tokenizer: Any = None,
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    sources: tuple = (),
 ) -> Path:
     """Write ``model`` as a Hugging Face folder (config.json + safetensors [+ tokenizer.json]) that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Raises ConfigError naming the
-    component that has no equivalent. Returns the folder."""
+    component that has no equivalent. Refuses a folder that holds a checkpoint unless ``overwrite``, and
+    one that is, contains or lies inside any of ``sources`` (the checkpoint it was read from) always.
+    Returns the folder."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     cfg = model.config
     family, model_type = choose_family(cfg)
@@ -330,7 +335,7 @@ def export_hf(
         "torch_dtype": dtype,
         "dtype": dtype,
     }
-    folder = Path(directory)
+    folder = check_output_folder(directory, sources, overwrite, option="overwrite=True (--overwrite)")
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, folder, max_shard_size, {"format": "pt"})
     atomic_write(folder / "config.json", json.dumps(hf, indent=2) + "\n")

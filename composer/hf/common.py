@@ -10,7 +10,6 @@ Shapes: C hidden, H query heads, Hkv key/value heads, D head dim, I intermediate
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..conversion import convert
 from ..errors import CheckpointError, ConfigError, MissingParameter, Problem
 from ..schema import ModelConfig, config_to_dict
+from ..weights import json_loads
 
 
 # ----------------------------------------------------------------------------- the mapping table
@@ -91,8 +92,24 @@ def to_theirs(rule: Rule, t: Tensor, attn: Optional[nn.Module]) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- reading config.json
+SIZE_KEYS = {  # Hugging Face size keys -> the size limit of the option they become (composer.conversion)
+    "hidden_size": "hidden_size",
+    "n_embd": "hidden_size",
+    "vocab_size": "vocab_size",
+    "num_hidden_layers": "num_layers",
+    "n_layer": "num_layers",
+    "num_attention_heads": "num_heads",
+    "n_head": "num_heads",
+    "max_position_embeddings": "max_position_embeddings",
+    "n_positions": "max_position_embeddings",
+    "intermediate_size": "intermediate_size",
+}
+
+
 class HFConfig:
-    """A Hugging Face config.json with typed access; problems are collected by key."""
+    """A Hugging Face config.json with typed access: every value read goes through the same typed conversion
+    as YAML options (``composer.conversion.convert``: a string is not a bool, 2.5 not an int, sizes are
+    bounded, floats finite), and problems are collected by file and key."""
 
     def __init__(self, data: Mapping[str, Any], path: str):
         self.data, self.path = dict(data), path
@@ -102,14 +119,29 @@ class HFConfig:
     def model_type(self) -> str:
         return str(self.data.get("model_type"))
 
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.data.get(key)
-        return default if value is None else value
+    def _typed(self, key: str, value: Any, kind: Any, placeholder: Any, meta: dict) -> Any:
+        if kind is None:
+            return value
+        found: list[Problem] = []
+        out = convert(kind, value, f"{self.path}:{key}", found, **meta)
+        self.problems += found
+        return placeholder if found else out
 
-    def need(self, key: str, *aliases: str) -> Any:
+    def get(self, key: str, default: Any = None, kind: Any = None, **meta: Any) -> Any:
+        """``key``'s value (``default`` when absent or null), converted to ``kind`` (int, float, bool, str;
+        None: as it is) under the option rules ``meta`` (min=, bound=, ...)."""
+        value = self.data.get(key)
+        return default if value is None else self._typed(key, value, kind, default, meta)
+
+    def need(self, key: str, *aliases: str, kind: Any = int, **meta: Any) -> Any:
+        """A required size (the first of ``key`` and its ``aliases`` present), converted to ``kind``: >= 1 and
+        within the size limit of the model option it becomes."""
+        meta.setdefault("min", 1)
+        if key in SIZE_KEYS:
+            meta.setdefault("bound", SIZE_KEYS[key])
         for k in (key, *aliases):
             if self.data.get(k) is not None:
-                return self.data[k]
+                return self._typed(k, self.data[k], kind, 1, meta)
         self.problems.append(Problem(f"{self.path}:{key}", "is required", f"set {key} in config.json", missing=True))
         return 1
 
@@ -139,7 +171,7 @@ def read_hf_config(folder: Path) -> HFConfig:
             ]
         )
     try:
-        data = json.loads(path.read_text())
+        data = json_loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or "model_type" not in data:
@@ -175,7 +207,7 @@ ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "s
 
 
 def activation(c: HFConfig, key: str, default: str) -> str:
-    name = c.get(key, default)
+    name = c.get(key, default, str)
     if name not in ACT_FROM_HF:
         c.fail(key, f"activation {name!r} is not supported", f"supported: {', '.join(ACT_FROM_HF)}")
         return "gelu"
@@ -210,21 +242,32 @@ def rope_from_hf(
         params, legacy = {}, {}
     merged = {**legacy, **params}
     kind = merged.get("rope_type") or merged.get("type") or "default"
-    theta = merged.get("rope_theta", c.get(theta_key, 10000.0))
-    fraction = merged.get("partial_rotary_factor", c.get(fraction_key, default_fraction))
-    out: dict[str, Any] = {"type": "rope", "theta": float(theta), "rotary_fraction": float(fraction)}
+    theta = (
+        c._typed("rope_theta", merged["rope_theta"], float, 10000.0, {})
+        if "rope_theta" in merged
+        else c.get(theta_key, 10000.0, float)
+    )
+    fraction = merged.get("partial_rotary_factor", c.get(fraction_key, default_fraction, float))
+    fraction = c._typed("partial_rotary_factor", fraction, float, default_fraction, {})
+    out: dict[str, Any] = {"type": "rope", "theta": theta, "rotary_fraction": fraction}
     key = "rope_parameters.rope_type" if "rope_parameters" in c.data else "rope_scaling.rope_type"
     if kind not in ROPE_TYPES:
         c.fail(key, f"rope type {kind!r} is not supported", f"supported: {', '.join(ROPE_TYPES)}")
     elif kind != "default":
         if merged.get("factor") is None:
             c.fail(key.replace("rope_type", "factor"), f"{kind} rope scaling needs a factor", "set factor")
-        out.update(scaling=kind, scaling_factor=float(merged.get("factor") or 1.0))
+        out.update(scaling=kind, scaling_factor=c._typed("factor", merged.get("factor") or 1.0, float, 1.0, {}))
     if kind == "llama3":
         out.update(
-            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+            low_freq_factor=c._typed("low_freq_factor", merged.get("low_freq_factor", 1.0), float, 1.0, {}),
+            high_freq_factor=c._typed("high_freq_factor", merged.get("high_freq_factor", 4.0), float, 4.0, {}),
+            original_max_position_embeddings=c._typed(
+                "original_max_position_embeddings",
+                merged.get("original_max_position_embeddings", 8192),
+                int,
+                8192,
+                {"min": 1, "bound": "max_position_embeddings"},
+            ),
         )
     return out
 

@@ -34,37 +34,37 @@ RULES = (
 
 def to_composer(c: HFConfig) -> dict[str, Any]:
     hidden = c.need("n_embd", "hidden_size")
-    if c.get("scale_attn_by_inverse_layer_idx", False):
+    if c.get("scale_attn_by_inverse_layer_idx", False, bool):
         c.fail("scale_attn_by_inverse_layer_idx", "is not supported", "only models trained with it false import")
-    if c.get("add_cross_attention", False):
+    if c.get("add_cross_attention", False, bool):
         c.fail("add_cross_attention", "cross-attention is not supported", "import a decoder-only GPT-2")
-    resid = float(c.get("resid_pdrop", 0.1))
+    resid = c.get("resid_pdrop", 0.1, float)
     return {
         "vocab_size": c.need("vocab_size"),
         "hidden_size": hidden,
         "num_layers": c.need("n_layer", "num_hidden_layers"),
         "num_heads": c.need("n_head", "num_attention_heads"),
         "max_position_embeddings": c.need("n_positions", "max_position_embeddings"),
-        "dropout": float(c.get("embd_pdrop", 0.1)),
+        "dropout": c.get("embd_pdrop", 0.1, float),
         "block": {"type": "pre_norm", "dropout": resid},
         "attention": {
             "type": "mha",
             "bias": True,
-            "dropout": float(c.get("attn_pdrop", 0.1)),
-            "softmax_scale": None if c.get("scale_attn_weights", True) else 1.0,
+            "dropout": c.get("attn_pdrop", 0.1, float),
+            "softmax_scale": None if c.get("scale_attn_weights", True, bool) else 1.0,
         },
         "ffn": {
             "type": "mlp",
-            "intermediate_size": c.get("n_inner", 4 * hidden),
+            "intermediate_size": c.get("n_inner", 4 * hidden, int, min=1, bound="intermediate_size"),
             "bias": True,
             "dropout": 0.0,
             "activation": activation(c, "activation_function", "gelu_new"),
         },
-        "norm": {"type": "layernorm", "eps": float(c.get("layer_norm_epsilon", 1e-5))},
+        "norm": {"type": "layernorm", "eps": c.get("layer_norm_epsilon", 1e-5, float, min=0.0)},
         "position": {"type": "learned"},
         "head": {"type": "lm"},
-        "tie_embeddings": bool(c.get("tie_word_embeddings", True)),
-        "init_std": float(c.get("initializer_range", 0.02)),
+        "tie_embeddings": c.get("tie_word_embeddings", True, bool),
+        "init_std": c.get("initializer_range", 0.02, float, min=0.0),
         "name": "gpt2",
     }
 

@@ -33,7 +33,7 @@ RULES = (
 
 
 def to_composer(c: HFConfig) -> dict[str, Any]:
-    bias = bool(c.get("attention_bias", True))
+    bias = c.get("attention_bias", True, bool)
     hidden = c.need("hidden_size")
     return {
         "vocab_size": c.need("vocab_size"),
@@ -43,22 +43,22 @@ def to_composer(c: HFConfig) -> dict[str, Any]:
         "max_position_embeddings": c.need("max_position_embeddings"),
         "dropout": 0.0,
         "block": {
-            "type": "parallel" if c.get("use_parallel_residual", True) else "pre_norm",
-            "dropout": float(c.get("hidden_dropout", 0.0)),
+            "type": "parallel" if c.get("use_parallel_residual", True, bool) else "pre_norm",
+            "dropout": c.get("hidden_dropout", 0.0, float),
         },
-        "attention": {"type": "mha", "bias": bias, "out_bias": bias, "dropout": float(c.get("attention_dropout", 0.0))},
+        "attention": {"type": "mha", "bias": bias, "out_bias": bias, "dropout": c.get("attention_dropout", 0.0, float)},
         "ffn": {
             "type": "mlp",
-            "intermediate_size": c.get("intermediate_size", 4 * hidden),
+            "intermediate_size": c.get("intermediate_size", 4 * hidden, int, min=1, bound="intermediate_size"),
             "bias": True,
             "activation": activation(c, "hidden_act", "gelu"),
             "dropout": 0.0,
         },
-        "norm": {"type": "layernorm", "eps": float(c.get("layer_norm_eps", 1e-5))},
+        "norm": {"type": "layernorm", "eps": c.get("layer_norm_eps", 1e-5, float, min=0.0)},
         "position": rope_from_hf(c, theta_key="rotary_emb_base", fraction_key="rotary_pct", default_fraction=0.25),
         "head": {"type": "lm"},
-        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
-        "init_std": float(c.get("initializer_range", 0.02)),
+        "tie_embeddings": c.get("tie_word_embeddings", False, bool),
+        "init_std": c.get("initializer_range", 0.02, float, min=0.0),
         "name": "gpt_neox",
     }
 

@@ -57,15 +57,15 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 def _layer_types(c: HFConfig, num_layers: int) -> list[str]:
     """Which layers use the sliding window (Mistral: all when sliding_window is set)."""
-    window = c.get("sliding_window")
+    window = c.get("sliding_window", None, int, min=1, bound="max_position_embeddings")
     if c.model_type == "mistral":
         return [SLIDING if window is not None else FULL] * num_layers
     if c.model_type == "qwen2":
         given = c.get("layer_types")
         if isinstance(given, list) and len(given) == num_layers:
             return [SLIDING if t == SLIDING and window is not None else FULL for t in given]
-        on = c.get("use_sliding_window", False) and window is not None
-        first = c.get("max_window_layers", num_layers)
+        on = c.get("use_sliding_window", False, bool) and window is not None
+        first = c.get("max_window_layers", num_layers, int, min=0)
         return [SLIDING if on and i >= first else FULL for i in range(num_layers)]
     return [FULL] * num_layers
 
@@ -74,21 +74,22 @@ def to_composer(c: HFConfig) -> dict[str, Any]:
     kind = c.model_type
     hidden, heads = c.need("hidden_size"), c.need("num_attention_heads")
     layers, max_pos = c.need("num_hidden_layers"), c.need("max_position_embeddings")
-    kv_heads = c.get("num_key_value_heads", heads)
-    if c.get("hidden_act", "silu") not in ("silu", "swish"):
+    kv_heads = c.get("num_key_value_heads", heads, int, min=1, bound="num_heads")
+    if c.get("hidden_act", "silu", str) not in ("silu", "swish"):
         c.fail("hidden_act", f"{c.get('hidden_act')!r} is not supported for {kind}", "SwiGLU here uses silu")
-    bias = c.get("attention_bias", False) if kind == "llama" else kind == "qwen2"
-    out_bias = c.get("attention_bias", False) if kind == "llama" else False
+    bias = c.get("attention_bias", False, bool) if kind == "llama" else kind == "qwen2"
+    out_bias = c.get("attention_bias", False, bool) if kind == "llama" else False
     attention: dict[str, Any] = {
         **attention_from_heads(heads, kv_heads),
         "bias": bias,
         "out_bias": out_bias,
-        "dropout": float(c.get("attention_dropout", 0.0)),
+        "dropout": c.get("attention_dropout", 0.0, float),
     }
-    if c.get("head_dim") is not None and c.get("head_dim") != hidden // heads:
-        attention["head_dim"] = c.get("head_dim")
+    head_dim = c.get("head_dim", None, int, min=1, bound="head_dim")
+    if head_dim is not None and head_dim != hidden // heads:
+        attention["head_dim"] = head_dim
     types = _layer_types(c, layers)
-    window = c.get("sliding_window")
+    window = c.get("sliding_window", None, int, min=1, bound="max_position_embeddings")
     overrides: list[dict[str, Any]] = []
     if SLIDING in types and window < max_pos:
         sliding = {**attention, **attention_from_heads(heads, kv_heads, window)}
@@ -108,13 +109,13 @@ def to_composer(c: HFConfig) -> dict[str, Any]:
         "ffn": {
             "type": "swiglu",
             "intermediate_size": c.need("intermediate_size"),
-            "bias": bool(c.get("mlp_bias", False)),
+            "bias": c.get("mlp_bias", False, bool),
         },
-        "norm": {"type": "rmsnorm", "eps": float(c.get("rms_norm_eps", 1e-6))},
+        "norm": {"type": "rmsnorm", "eps": c.get("rms_norm_eps", 1e-6, float, min=0.0)},
         "position": rope_from_hf(c),
         "head": {"type": "lm"},
-        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
-        "init_std": float(c.get("initializer_range", 0.02)),
+        "tie_embeddings": c.get("tie_word_embeddings", False, bool),
+        "init_std": c.get("initializer_range", 0.02, float, min=0.0),
         "layers": overrides,
         "name": kind,
     }
