@@ -28,8 +28,16 @@ from . import run
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises (one message from the CLI wrapper) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:
+        usage = self.format_usage().strip().removeprefix("usage: ")
+        raise InvalidParameter([Problem("arguments", message, f"usage: {usage}")])
+
+
 def _parser(prog: str, source: str, target: str, help_text: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=help_text)
+    p = _Parser(prog=prog, description=help_text)
     p.add_argument("source", help=source)
     p.add_argument("target", help=target)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
@@ -48,20 +56,7 @@ def _parser(prog: str, source: str, target: str, help_text: str) -> argparse.Arg
 
 
 def _args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    try:
-        return p.parse_args(argv)
-    except SystemExit as exc:  # argparse printed the usage; bad usage is a configuration error
-        if exc.code in (0, None):
-            raise
-        raise InvalidParameter(
-            [
-                Problem(
-                    "arguments",
-                    " ".join(argv) or "(none)",
-                    f"usage: {p.format_usage().strip().removeprefix('usage: ')}",
-                )
-            ]
-        ) from None
+    return p.parse_args(argv)  # bad usage raises InvalidParameter (_Parser.error); --help exits 0
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
