@@ -1,6 +1,6 @@
 """Benchmark 4: greedy decoding tokens/s at batch 1 and 8, composed vs transformers' ``generate``.
 
-    python -m benchmarks.bench_decode [--device cuda] [--quick] [--no-compile]
+    python -m benchmarks.bench_decode [--device cuda] [--quick] [--no-compile] [--threads-only | --no-thread-rows]
 
 Same weights, greedy, the same prompt (16 random tokens) and the same number of new tokens for every
 contender; tokens/s counts new tokens (batch x new) per second of a whole ``generate`` call (prefill
@@ -8,19 +8,34 @@ included). Contenders: composed eager (dynamic KV cache), composed ``compile=Tru
 one-token step; CUDA graphs on CUDA), transformers eager (its dynamic cache), transformers with
 ``cache_implementation="static"`` and its compiled forward. CPU: the 4 x 384 gpt2 shape, float32, 64 new
 tokens. CUDA: GPT-2 124M in bf16, 128 new tokens.
+
+Threads (CPU): ``generate(threads="auto")`` against torch's default thread count and one thread, wall-clock
+new tokens/s at batch 1, for the char_text experiment's model (0.8M parameters, context 64, 200 new tokens:
+the README's command) and the CPU shape above, on the machine as found (its 1-minute load average is in
+the row) and with one CPU-bound process per core but one started by the benchmark. Not pinned to a core:
+run it without taskset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
 
 from benchmarks import harness
 from benchmarks.models import Shape, build_composed, build_hf
+from composer import compose, load_config
+from composer.generation_inputs import decode_threads
 
 PROMPT = 16
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, read before the harness sets one thread
 
 
 def hf_generate(hf: torch.nn.Module, ids: torch.Tensor, new: int, static: bool) -> torch.Tensor:
@@ -57,17 +72,86 @@ def contenders(
     return out
 
 
+# ----------------------------------------------------------------------------- threads
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """``count`` CPU-bound processes (started here, ended here) for the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(1.0 if procs else 0.0)  # running before the first timed call
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def char_text_model() -> torch.nn.Module:
+    """The char_text experiment's model (GPT-2 wiring, 4 x 128, context 64, learned positions), vocab 65."""
+    return compose(load_config(["experiment=char_text", "model.vocab_size=65"]).model, seed=0).eval()
+
+
+def thread_rows(args: Any, env: dict[str, Any], log: Callable[[str], None], composed: torch.nn.Module) -> list:
+    """new tokens/s of threads="auto", torch's default count and one thread (wall clock, batch 1)."""
+    device, before = torch.device("cpu"), torch.get_num_threads()
+    env = {**env, "device": env["device"].replace(f", {before} thread(s))", ", threads: see the row)")}
+    torch.set_num_threads(DEFAULT_THREADS)  # "auto" never uses more threads than torch is set to
+    cases = [("char_text model (0.8M parameters, context 64)", char_text_model(), 6, 16 if args.quick else 200)]
+    if not args.quick:
+        cases.append(("gpt2-shaped 4 x 384, vocab 50257", composed, PROMPT, 64))
+    spinners = max(1, (os.cpu_count() or 2) - 1)
+    found = "machine as found"
+    conditions = [(found, 0)] if args.quick else [(found, 0), (f"plus {spinners} CPU-bound process(es)", spinners)]
+    rounds = args.rounds or (1 if args.quick else 5)
+    rows = []
+    try:
+        for condition, count in conditions:
+            with busy_cores(count):
+                condition = f"{condition}, 1-min load {os.getloadavg()[0]:.1f} at the start"
+                for what, model, prompt, new in cases:
+                    ids = torch.randint(0, 60, (1, prompt), generator=torch.Generator().manual_seed(0))
+                    fns = {
+                        "auto": lambda m=model, i=ids, n=new: m.generate(i, n, threads="auto"),
+                        "torch_default": lambda m=model, i=ids, n=new: m.generate(i, n, threads=DEFAULT_THREADS),
+                        "one_thread": lambda m=model, i=ids, n=new: m.generate(i, n, threads=1),
+                    }
+                    picked = str(decode_threads("auto", model, 1, device))  # a one-token step; past the window:
+                    if prompt + new > model.config.max_position_embeddings:
+                        window = decode_threads("auto", model, 1, device, tokens=model.config.max_position_embeddings)
+                        picked += f" a token, {window} past the window"
+                    log(f"threads, {condition}, {what}: auto picks {picked} (torch default {DEFAULT_THREADS})")
+                    timings = harness.interleave(fns, rounds, device, warmup=1, log=log)
+                    speed = {n: new / statistics.median(t.wall) for n, t in timings.items()}
+                    bench = f"decode threads, {condition}: {what}, batch 1, {new} new tokens; wall clock"
+                    rows.append(harness.row(env, bench, f"new tokens/s, auto (threads: {picked})", speed["auto"]))
+                    rows.append(
+                        harness.row(
+                            env, bench, f"new tokens/s, torch default ({DEFAULT_THREADS})", speed["torch_default"]
+                        )
+                    )
+                    rows.append(harness.row(env, bench, "new tokens/s, 1 thread", speed["one_thread"]))
+                    best = max(speed["torch_default"], speed["one_thread"])
+                    rows.append(harness.row(env, bench, "auto / the faster of the two", speed["auto"] / best, 0.9))
+                    log(", ".join(f"{n} {v:,.0f} tok/s" for n, v in speed.items()))
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = harness.cli_args(__doc__.splitlines()[0], argv)
+    extra = [
+        ("--threads-only", {"action": "store_true", "help": "only the thread-count rows (CPU)"}),
+        ("--no-thread-rows", {"action": "store_true", "help": "skip the thread-count rows"}),
+    ]
+    args = harness.cli_args(__doc__.splitlines()[0], argv, extra)
     log, device, env = harness.start("decode", args)
     shape = Shape.from_args(args, device)
     cuda = device.type == "cuda"
     new = 8 if args.quick else 128 if cuda else 64
     rounds = args.rounds or (2 if args.quick else 5)
     dtype = torch.bfloat16 if cuda else torch.float32
-    composed = build_composed(shape, device)
-    hf = build_hf(composed)
-    composed, hf = composed.to(dtype).eval(), hf.to(dtype).eval()
+    composed = build_composed(shape, device).to(dtype).eval()
+    hf = None if args.threads_only else build_hf(composed).to(dtype).eval()
     log(f"{shape.describe()}, {dtype}, prompt {PROMPT} + {new} new tokens, {rounds} rounds on {env['device']}")
     rows: list[dict[str, str]] = []
     result: dict[str, Any] = {
@@ -78,7 +162,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "batches": {},
         "rows": rows,
     }
-    for batch in (1, 8):
+    for batch in () if args.threads_only else (1, 8):
         gen = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, shape.vocab_size, (batch, PROMPT), generator=gen).to(device)
         fns = contenders(composed, hf, ids, new, compiled=not args.no_compile, hf_compiled=not args.no_hf_compile)
@@ -128,6 +212,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         )
         log(f"batch {batch}: " + ", ".join(f"{n} {s['new_tokens_per_s']:,.0f} tok/s" for n, s in summary.items()))
         harness.save_partial("decode", result, args)  # after each batch size
+    if device.type == "cpu" and not args.no_thread_rows:
+        rows += thread_rows(args, env, log, composed)
     return harness.finish("decode", result, rows, args)
 
 

@@ -3,11 +3,23 @@
     ids = generate(model, prompt_ids, 32)                                     # greedy, [B, T + 32]
     ids = generate(model, prompt_ids, 32, do_sample=True, top_p=0.9, seed=0)  # nucleus sampling
     for tokens in stream_generate(model, prompt_ids, 32): ...                 # tokens [B], step by step
+    for piece in stream_text(model, tokenizer, "Once upon", 32): ...          # str pieces, as they decode
 
-One call allocates one cache per layer for prompt + max_new_tokens tokens (rolling for
-sliding-window layers), runs the prompt through the model once (prefill), then feeds one
+One call allocates one cache per layer for prompt + max_new_tokens tokens (at most the context;
+rolling for sliding-window layers), runs the prompt through the model once (prefill), then feeds one
 token per step. Nothing is concatenated per token: prompt and new tokens live in one output
 buffer, the padding mask in another.
+
+Past the context window (``context_overflow="crop"``, the default): once prompt and new tokens
+exceed ``max_position_embeddings`` (P), each further token is predicted from the last P tokens
+alone, re-encoded from scratch with positions 0..P-1 and no cache -- nanoGPT's crop, for every
+position encoding. It is the only continuation every encoding defines: a learned table has no
+position P, and a rotary / ALiBi / position-free model run over a sliding KV cache would attend to
+keys computed from contexts longer than any it was trained on (each cached key still carries what its
+token saw before the window moved). For rotary, ALiBi and none the restart at position 0 changes
+nothing (attention sees only distances), so this equals a fresh call on the cropped context token for
+token. Each token past the window costs one forward pass over P tokens. ``context_overflow="error"``
+refuses prompt + max_new_tokens > P instead. A prompt longer than P is kept whole in the output.
 
 Batches: prompts of different lengths are LEFT-padded, with ``attention_mask`` [B, T]
 (1 token, 0 padding); each row then decodes exactly as it would alone. Right-padded input
@@ -19,13 +31,17 @@ Stopping: with ``eos_token_id`` (one id or a list) a row is finished once it emi
 later positions hold ``pad_token_id`` (default: the first eos id), and decoding stops early
 when every row is finished, so the result may be shorter than T + max_new_tokens.
 
+Threads: on a CPU, ``threads="auto"`` (the default) runs a step with one intra-op thread when its work
+(parameters x rows x tokens) is small, else with one per idle core, never more than torch is set to
+(composer.generation_inputs ``decode_threads``): steps past the window (P tokens each) may get more
+than the one-token steps. torch's count is restored after the call.
+
 Shapes: B batch, T prompt length (padded), N new tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +53,18 @@ from torch import Tensor
 
 from .contract import is_int, member
 from .errors import ModelError
+from .generation_inputs import (
+    check_context,
+    check_flag,
+    check_ids,
+    check_model,
+    decode_threads,
+    left_pad,
+    make_generator,
+    thread_count,
+    token_ids,
+)
+from .generation_text import TextDecoder, encode_prompt
 from .sampling import (  # noqa: F401  (re-exported: generation's public names)
     SamplingSettings,
     apply_repetition_penalty,
@@ -45,148 +73,9 @@ from .sampling import (  # noqa: F401  (re-exported: generation's public names)
     top_p_filter,
 )
 
-log = logging.getLogger(__name__)
-
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 Streamer = Callable[[Tensor], Any]  # receives each step's new tokens [B]
-OVERFLOW_MODES = ("error", "truncate_left")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-# ----------------------------------------------------------------------------- inputs
-def _check_model(model: Any) -> None:
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(model, "allocate_cache"):
-        raise ModelError(f"generate needs a composer ComposedModel, got {type(model).__name__}")
-    head = getattr(getattr(cfg, "head", None), "type", "lm")
-    if head != "lm":
-        raise ModelError(f"generate needs a language-model head (head.type=lm); this model's head is {head!r}")
-    for i in range(cfg.num_layers):
-        if not getattr(cfg.layer(i).attention, "causal", True):
-            raise ModelError(
-                f"generate needs causal attention; model.layers[{i}].attention has causal=false "
-                "(an encoder); set attention.causal=true to decode with this model"
-            )
-
-
-def _check_ids(model: Any, input_ids: Any) -> Tensor:
-    if not isinstance(input_ids, Tensor):
-        raise ModelError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ModelError(
-            f"input_ids must be 2-D [batch, seq_len] with seq_len >= 1, got shape "
-            f"{tuple(input_ids.shape)}; add a batch dimension with input_ids.unsqueeze(0)"
-        )
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ModelError(f"input_ids must be an integer tensor, got {input_ids.dtype}; convert with input_ids.long()")
-    vocab = model.config.vocab_size
-    lo, hi = int(input_ids.min()), int(input_ids.max())  # one sync per call
-    if lo < 0 or hi >= vocab:
-        raise ModelError(
-            f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab}); "
-            "check the tokenizer matches the model's vocab_size"
-        )
-    return input_ids.long()
-
-
-def _token_ids(name: str, value: Any, vocab: int) -> Optional[list[int]]:
-    if value is None:
-        return None
-    ids = value.tolist() if isinstance(value, Tensor) else value
-    ids = [ids] if is_int(ids) else list(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else None
-    if not ids or not all(is_int(i) for i in ids):
-        raise ModelError(f"generate({name}={value!r}): expected a token id or a list of token ids")
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise ModelError(f"generate({name}={value!r}): id {bad[0]} is outside the vocabulary [0, {vocab})")
-    return ids
-
-
-def left_pad(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Validate a padding mask [B, T] and return (ids, mask) LEFT-padded: each row's tokens
-    end at the last column. Right-padded rows are moved (with a warning); a row with no token
-    or with padding between tokens is refused. An all-ones mask comes back as None."""
-    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-        raise ModelError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-    mask = attention_mask.to(input_ids.device)
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ModelError("attention_mask must hold only 0 (padding) and 1 (token)")
-    mask = mask.bool()
-    b, t = mask.shape
-    count = mask.sum(dim=1)  # [B] real tokens per row
-    if bool((count == 0).any()):
-        row = int((count == 0).nonzero()[0, 0])
-        raise ModelError(f"attention_mask row {row} has no tokens; every prompt needs at least one token")
-    if bool(count.eq(t).all()):
-        return input_ids, None
-    col = torch.arange(t, device=mask.device)
-    last = torch.where(mask, col, -1).amax(dim=1)  # [B] last token column
-    first = torch.where(mask, col, t).amin(dim=1)
-    if bool((last - first + 1 != count).any()):
-        row = int((last - first + 1 != count).nonzero()[0, 0])
-        raise ModelError(
-            f"attention_mask row {row} has padding between tokens; pad prompts on one side only "
-            "(left padding, e.g. tokenizer padding_side='left')"
-        )
-    shift = (t - 1) - last  # [B] trailing padding columns
-    if bool(shift.any()):
-        warnings.warn(
-            "generate: input is right-padded; converting to left padding (the returned ids are "
-            "left-padded). Pad on the left to avoid this copy.",
-            UserWarning,
-            stacklevel=4,
-        )
-        index = (col[None, :] - shift[:, None]) % t  # [B, T] roll each row right by its padding
-        input_ids, mask = input_ids.gather(1, index), mask.gather(1, index)
-    return input_ids, mask
-
-
-def _fit_context(
-    ids: Tensor, mask: Optional[Tensor], max_new_tokens: int, limit: int, prompt_overflow: str
-) -> tuple[Tensor, Optional[Tensor]]:
-    t = ids.shape[1]
-    if t + max_new_tokens <= limit:
-        return ids, mask
-    keep = limit - max_new_tokens
-    fix = (
-        f"shorten the prompt to at most {keep} tokens, lower max_new_tokens, or pass "
-        f"prompt_overflow='truncate_left' to keep only the last {keep} prompt tokens"
-    )
-    if keep < 1:
-        raise ModelError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
-            f"max_position_embeddings={limit}; use max_new_tokens <= {limit - 1}"
-        )
-    if prompt_overflow == "error":
-        raise ModelError(
-            f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} exceeds "
-            f"max_position_embeddings={limit}; {fix}"
-        )
-    log.warning(
-        "generate: prompt of %d tokens + max_new_tokens %d exceeds max_position_embeddings=%d; "
-        "keeping the last %d prompt tokens (prompt_overflow='truncate_left')",
-        t,
-        max_new_tokens,
-        limit,
-        keep,
-    )
-    ids = ids[:, -keep:]
-    if mask is not None:
-        mask = mask[:, -keep:]
-        if bool(mask.all()):
-            mask = None
-    return ids, mask
-
-
-def _generator(seed: Union[int, torch.Generator, None], device: torch.device) -> Optional[torch.Generator]:
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    if not is_int(seed):
-        raise ModelError(f"generate(seed={seed!r}): seed must be an integer or a torch.Generator")
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
 
 
 # ----------------------------------------------------------------------------- the decode loop
@@ -253,6 +142,8 @@ class _Decoder:
         self.length = t
         self.eos = None if eos is None else torch.tensor(eos, device=ids.device)
         self.pad_id = pad_id
+        self.limit = model.config.max_position_embeddings  # P: the context window
+        self.window_threads: Optional[int] = None  # torch's threads past the window (the caller restores them)
 
     def result(self) -> Tensor:
         return self.out[:, : self.length]
@@ -299,19 +190,31 @@ class _Decoder:
             real = torch.ones_like(ids, dtype=torch.float) if mask is None else mask.float()
             self.seen = torch.zeros(b, model.config.vocab_size, device=ids.device).scatter_add_(1, ids, real) > 0
         self.finished = torch.zeros(b, dtype=torch.bool, device=ids.device) if self.eos is not None else None
-        if static:  # positions as tensors; the cache keeps the prompt's padding
-            self.cache, self.step_fn = static_cache(model, b, t + self.max_new), compiled_step(self.compile_mode)
+        capacity = min(t + self.max_new, self.limit)  # past the window the cache is not used (crop)
+        self.cache = None  # a prompt longer than the window: every step re-encodes the last P tokens
+        if static and t <= self.limit:  # positions as tensors; the cache keeps the prompt's padding
+            self.cache, self.step_fn = static_cache(model, b, capacity), compiled_step(self.compile_mode)
             self.graphs = "cudagraphs" in self.compile_mode or self.compile_mode == "reduce-overhead"
             if self.position is None:
                 self.position = torch.full((1, 1), t, device=ids.device)
-        else:
-            self.cache = model.allocate_cache(b, t + self.max_new) if self.use_cache else None
+        elif self.use_cache and t <= self.limit:
+            self.cache = model.allocate_cache(b, capacity)
+
+    def _window_logits(self, n: int) -> Tensor:
+        """Logits of the last (at most P) of the ``n`` tokens so far, encoded from scratch without a cache:
+        positions restart at 0 for each row's first token in the window (nanoGPT's crop past the window)."""
+        start = max(0, n - self.limit)
+        if start and self.window_threads is not None:  # the first step past the window: P tokens a step
+            torch.set_num_threads(self.window_threads)
+            self.window_threads = None
+        mask = None if self.full_mask is None else self.full_mask[:, start:n]
+        return self.model(self.out[:, start:n], attention_mask=mask).logits
 
     def _logits(self, step: int, n: int, static: bool) -> Tensor:
         """The model's logits for step ``step`` with ``n`` tokens so far; advances the next positions."""
         model, mask, full_mask, cache = self.model, self.mask, self.full_mask, self.cache
-        if cache is None:  # recompute the whole sequence
-            return model(self.out[:, :n], attention_mask=None if mask is None else full_mask[:, :n]).logits
+        if cache is None or n > self.limit:  # no cache, or past the window: recompute (the last P tokens)
+            return self._window_logits(n)
         if step == 0:  # prefill (eager: prompt lengths vary)
             prompt_pos = None if not static or mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
             return model(
@@ -335,6 +238,23 @@ class _Decoder:
 
 
 # ----------------------------------------------------------------------------- public API
+DEFAULTS: dict[str, Any] = dict(  # generate's keyword arguments and their defaults (stream_generate takes them too)
+    do_sample=False,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    repetition_penalty=None,
+    eos_token_id=None,
+    attention_mask=None,
+    use_cache=True,
+    seed=None,
+    context_overflow="crop",
+    pad_token_id=None,
+    compile=False,
+    threads="auto",
+)
+
+
 @dataclass
 class _Request:
     ids: Tensor
@@ -346,46 +266,41 @@ class _Request:
     generator: Optional[torch.Generator]
     use_cache: bool
     compile_mode: Optional[str] = None
+    threads: Optional[int] = None  # intra-op threads for the call (None: torch's, untouched)
+    window_threads: Optional[int] = None  # ... from the first step past the context window
 
 
-def _prepare(
-    model: Any,
-    input_ids: Any,
-    max_new_tokens: Any,
-    do_sample: bool,
-    temperature: float,
-    top_k: Optional[int],
-    top_p: Optional[float],
-    repetition_penalty: Optional[float],
-    eos_token_id: Any,
-    pad_token_id: Optional[int],
-    attention_mask: Optional[Tensor],
-    use_cache: bool,
-    seed: Any,
-    prompt_overflow: str,
-    compile: Union[bool, str] = False,
-) -> _Request:
-    _check_model(model)
+def _prepare(model: Any, input_ids: Any, max_new_tokens: Any, **o: Any) -> _Request:
+    """Every argument checked (ModelError naming it), the prompt moved to the model's device and left-padded."""
+    check_model(model)
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ModelError(f"generate(max_new_tokens={max_new_tokens!r}): expected an integer >= 0")
-    if prompt_overflow not in OVERFLOW_MODES:
-        raise ModelError(f"generate(prompt_overflow={prompt_overflow!r}): use one of {', '.join(OVERFLOW_MODES)}")
-    settings = SamplingSettings(bool(do_sample), temperature, top_k, top_p, repetition_penalty)
+    settings = SamplingSettings(
+        check_flag("do_sample", o["do_sample"]), o["temperature"], o["top_k"], o["top_p"], o["repetition_penalty"]
+    )
     settings.check()
+    use_cache = check_flag("use_cache", o["use_cache"])
     device = model.embed.weight.device
-    ids = _check_ids(model, input_ids).to(device)
+    ids = check_ids(model, input_ids).to(device)
     vocab = model.config.vocab_size
-    eos = _token_ids("eos_token_id", eos_token_id, vocab)
-    pad = _token_ids("pad_token_id", pad_token_id, vocab)
+    eos = token_ids("eos_token_id", o["eos_token_id"], vocab)
+    pad = token_ids("pad_token_id", o["pad_token_id"], vocab)
     if pad is not None and len(pad) != 1:
-        raise ModelError(f"generate(pad_token_id={pad_token_id!r}): expected one token id")
+        raise ModelError(f"generate(pad_token_id={o['pad_token_id']!r}): expected one token id")
     pad_id = pad[0] if pad is not None else eos[0] if eos is not None else None
     mask = None
-    if attention_mask is not None:
-        ids, mask = left_pad(ids, attention_mask)
-    ids, mask = _fit_context(ids, mask, max_new_tokens, model.config.max_position_embeddings, prompt_overflow)
-    mode = _compile_mode(compile, bool(use_cache), device)
-    return _Request(ids, mask, max_new_tokens, settings, eos, pad_id, _generator(seed, device), bool(use_cache), mode)
+    if o["attention_mask"] is not None:
+        ids, mask = left_pad(ids, o["attention_mask"])
+    check_context(ids.shape[1], max_new_tokens, model.config.max_position_embeddings, o["context_overflow"])
+    mode = _compile_mode(o["compile"], use_cache, device)
+    limit, rows = model.config.max_position_embeddings, ids.shape[0]
+    threads = decode_threads(o["threads"], model, rows, device)
+    past = ids.shape[1] + max_new_tokens > limit  # steps past the window run the last P tokens each
+    window_threads = decode_threads(o["threads"], model, rows, device, tokens=limit) if past else None
+    generator = make_generator(o["seed"], device)
+    return _Request(
+        ids, mask, max_new_tokens, settings, eos, pad_id, generator, use_cache, mode, threads, window_threads
+    )
 
 
 def _compile_mode(compile: Any, use_cache: bool, device: torch.device) -> Optional[str]:
@@ -405,9 +320,11 @@ def _compile_mode(compile: Any, use_cache: bool, device: torch.device) -> Option
 
 def _decoder(model: Any, r: _Request, rows: Optional[slice] = None) -> _Decoder:
     ids, mask = (r.ids, r.mask) if rows is None else (r.ids[rows], None if r.mask is None else r.mask[rows])
-    return _Decoder(
+    decoder = _Decoder(
         model, ids, mask, r.max_new_tokens, r.settings, r.eos, r.pad_id, r.generator, r.use_cache, r.compile_mode
     )
+    decoder.window_threads = r.window_threads
+    return decoder
 
 
 def _decode_rows(model: Any, r: _Request, rows: slice, streamer: Optional[Streamer], streamed: list[bool]) -> Tensor:
@@ -459,7 +376,8 @@ def _generate(model: Any, r: _Request, streamer: Optional[Streamer]) -> Tensor:
     try:
         if r.max_new_tokens == 0:
             return r.ids.clone()
-        return _run_split(model, r, slice(0, r.ids.shape[0]), streamer, [False])
+        with thread_count(r.threads):
+            return _run_split(model, r, slice(0, r.ids.shape[0]), streamer, [False])
     finally:
         model.train(was_training)
 
@@ -478,29 +396,37 @@ def generate(
     use_cache: bool = True,
     seed: Union[int, torch.Generator, None] = None,
     streamer: Optional[Streamer] = None,
-    prompt_overflow: str = "error",
+    context_overflow: str = "crop",
     pad_token_id: Optional[int] = None,
     compile: Union[bool, str] = False,
+    threads: Union[str, int, None] = "auto",
 ) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns ids [B, T + N], N <= max_new_tokens.
 
-    do_sample:          False: greedy (argmax); True: draw from the (filtered) distribution
+    do_sample:          False: greedy (argmax); True: draw from the (filtered) distribution (a bool:
+                        anything else, e.g. the string "false", is refused)
     temperature:        logits are divided by it before sampling (> 0; 1.0: unchanged)
     top_k:              sample only among the k most likely tokens (>= 1; None: all)
     top_p:              sample only from the smallest set of tokens whose probability reaches p ((0, 1])
     repetition_penalty: CTRL penalty (> 0; 1.0 / None: off) on every token already in the row,
-                        prompt included; applies to greedy decoding too
+                        prompt included (also tokens cropped out of the window); applies to greedy decoding
     eos_token_id:       id or ids ending a row; later positions get ``pad_token_id`` (default: the first
                         eos id); decoding stops when every row has ended
     attention_mask:     padding mask of the prompts (see the module docstring for padding rules)
     use_cache:          False recomputes the whole sequence every step (same tokens, slower; for checks)
     seed:               an int or a torch.Generator for sampling; the global RNG is used only when None
     streamer:           called with each step's new tokens [B] as they are chosen (finished rows: pad id)
-    prompt_overflow:    "error": T + max_new_tokens > max_position_embeddings raises ModelError;
-                        "truncate_left": keep only the last prompt tokens that fit (logged)
+    context_overflow:   "crop" (default): any length; once prompt + new tokens pass max_position_embeddings
+                        (P), each token is predicted from the last P tokens re-encoded from position 0
+                        (nanoGPT's crop; see the module docstring). "error": T + max_new_tokens > P raises
+                        ModelError, suggesting a max_new_tokens this prompt fits
     compile:            True (or a torch.compile mode) decodes over a static KV cache with a compiled
                         one-token step: traced once per model and cache size (CUDA: CUDA graphs, mode
                         "reduce-overhead"); the same tokens as the eager loop. The prompt runs eagerly.
+    threads:            CPU intra-op threads for the call: "auto" (one for a step of small work, else one
+                        per idle core, never more than torch's setting; chosen for the one-token steps and
+                        for the steps past the window), a count >= 1, or None (torch's setting, untouched:
+                        use it when several Python threads generate at once); restored after
 
     Runs under ``torch.inference_mode`` in eval mode; the model's train/eval mode is restored after.
     If the batch runs out of accelerator memory it is split in halves and retried (with a warning;
@@ -511,56 +437,64 @@ def generate(
         raise ModelError(
             f"generate(streamer=...): expected a callable receiving token ids [B], got {type(streamer).__name__}"
         )
-    r = _prepare(
-        model,
-        input_ids,
-        max_new_tokens,
-        do_sample,
-        temperature,
-        top_k,
-        top_p,
-        repetition_penalty,
-        eos_token_id,
-        pad_token_id,
-        attention_mask,
-        use_cache,
-        seed,
-        prompt_overflow,
-        compile,
-    )
+    options = dict(locals())  # the keyword arguments above, by name (DEFAULTS lists the same names)
+    for name in ("model", "input_ids", "max_new_tokens", "streamer"):
+        options.pop(name)
+    r = _prepare(model, input_ids, max_new_tokens, **options)
     return _generate(model, r, streamer).clone()  # a normal tensor, usable outside inference mode
 
 
 def stream_generate(model: Any, input_ids: Tensor, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[Tensor]:
     """Like :func:`generate` (same arguments but ``streamer``), but returns an iterator over each
     step's new tokens [B] as they come. Arguments are checked at the call. The model is back in
-    its previous train/eval mode once the iterator is exhausted or closed. Out of accelerator
-    memory raises ModelError here (use generate, which splits the batch)."""
-    if "streamer" in kwargs:
-        raise ModelError("stream_generate yields the tokens itself; pass streamer= to generate instead")
-    r = _prepare(model, input_ids, max_new_tokens, **_defaults(kwargs))
+    its previous train/eval mode (and torch's thread count restored) once the iterator is exhausted
+    or closed; while it is open, code between steps runs with the decoding thread count. Out of
+    accelerator memory raises ModelError here (use generate, which splits the batch)."""
+    r = _prepare(model, input_ids, max_new_tokens, **_options("stream_generate", kwargs))
     return (tokens.clone() for tokens in _stream(model, r))  # cloned outside inference mode: normal tensors
 
 
-def _defaults(kwargs: dict) -> dict:
-    known = dict(
-        do_sample=False,
-        temperature=1.0,
-        top_k=None,
-        top_p=None,
-        repetition_penalty=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        attention_mask=None,
-        use_cache=True,
-        seed=None,
-        prompt_overflow="error",
-        compile=False,
-    )
-    unknown = sorted(set(kwargs) - set(known))
+def stream_text(
+    model: Any, tokenizer: Any, prompt: Union[str, Sequence[int]], max_new_tokens: int = 32, **kwargs: Any
+) -> Iterator[str]:
+    """Continue one prompt and yield the new text in pieces as it decodes (:func:`generate`'s arguments
+    but ``streamer`` and ``attention_mask``). ``prompt``: text (encoded with ``tokenizer``; characters the
+    tokenizer does not know are named in a warning) or token ids. A piece is yielded only once it decodes
+    cleanly: a character split over several tokens (byte-level tokenizers) comes whole, never as U+FFFD.
+    The pieces joined are ``tokenizer.decode(prompt + new ids)`` less the decoded prompt.
+
+        from composer.generation import stream_text
+        for piece in stream_text(model, tokenizer, "ROMEO:", 200, do_sample=True, top_k=50, seed=0):
+            print(piece, end="", flush=True)
+    """
+    if "attention_mask" in kwargs:
+        raise ModelError("stream_text continues one prompt and takes no attention_mask; use stream_generate")
+    ids = encode_prompt(tokenizer, prompt, stacklevel=3) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if not ids:
+        raise ModelError(f"stream_text(prompt={prompt!r}): the prompt encodes to no tokens; pass a non-empty prompt")
+    tokens = stream_generate(model, torch.tensor([ids]), max_new_tokens, **kwargs)  # moved to the model's device
+    return _pieces(tokens, TextDecoder(tokenizer, ids))
+
+
+def _pieces(tokens: Iterator[Tensor], decoder: TextDecoder) -> Iterator[str]:
+    for step in tokens:  # [1]
+        piece = decoder.push(int(step[0]))
+        if piece:
+            yield piece
+    tail = decoder.finish()
+    if tail:
+        yield tail
+
+
+def _options(caller: str, kwargs: dict) -> dict:
+    """``kwargs`` over generate's defaults; an unknown name is a ModelError listing the known ones."""
+    if "streamer" in kwargs:
+        raise ModelError(f"{caller} yields the tokens itself; pass streamer= to generate instead")
+    unknown = sorted(set(kwargs) - set(DEFAULTS))
     if unknown:
-        raise ModelError(f"stream_generate got unknown arguments {unknown}; known: {', '.join(known)}")
-    return {**known, **kwargs}
+        hint = " (prompt_overflow is now context_overflow='crop' or 'error')" if "prompt_overflow" in unknown else ""
+        raise ModelError(f"{caller} got unknown arguments {unknown}{hint}; known: {', '.join(DEFAULTS)}")
+    return {**DEFAULTS, **kwargs}
 
 
 @torch.inference_mode()
@@ -568,13 +502,13 @@ def _stream(model: Any, r: _Request) -> Iterator[Tensor]:
     was_training = model.training
     model.eval()
     try:
-        try:
+        with thread_count(r.threads):
             yield from _decoder(model, r).steps()
-        except OutOfMemoryError:
-            raise ModelError(
-                f"out of accelerator memory streaming {r.ids.shape[0]} prompts; stream fewer at "
-                "once, lower max_new_tokens, or use generate(), which splits the batch"
-            ) from None
+    except OutOfMemoryError:
+        raise ModelError(
+            f"out of accelerator memory streaming {r.ids.shape[0]} prompts; stream fewer at "
+            "once, lower max_new_tokens, or use generate(), which splits the batch"
+        ) from None
     finally:
         model.train(was_training)
 
@@ -586,6 +520,7 @@ __all__ = [
     "generate",
     "left_pad",
     "stream_generate",
+    "stream_text",
     "top_k_filter",
     "top_p_filter",
 ]

@@ -13,9 +13,10 @@ import torch
 from conftest import small_model_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from composer import ComposedModel, compose
+from composer import ComposedModel, compose, load_config
 from composer.cli import run
 from composer.cli.generate import TextPrinter, main_
+from composer.data.tokenizer import char_tokenizer
 from composer.generation import generate
 
 PROMPT = "héllo wörld"
@@ -64,9 +65,9 @@ def ckpt_no_tokenizer(tmp_path_factory) -> Path:
     return path
 
 
-def expected_text(ckpt: Path, max_new_tokens: int, **kwargs) -> str:
+def expected_text(ckpt: Path, max_new_tokens: int, prompt: str = PROMPT, **kwargs) -> str:
     tok = byte_tokenizer()
-    ids = tok.encode(PROMPT).ids
+    ids = tok.encode(prompt).ids
     out = generate(ComposedModel.from_pretrained(ckpt), torch.tensor([ids]), max_new_tokens, **kwargs)
     return tok.decode(out[0].tolist())
 
@@ -173,6 +174,50 @@ def test_text_streams_as_tokens_come_and_holds_back_partial_characters():
     assert [w for w in writes if w] == ["ab", "c", "é", "!", "\n"]  # é printed once complete, never U+FFFD
 
 
+def test_the_suggested_max_new_tokens_is_accepted(ckpt):
+    args = [f"ckpt={ckpt}", "prompt=hi", "context_overflow=error"]
+    assert run(main_, args + ["max_new_tokens=63", "device=cpu"]) == 2
+    assert run_main(args + ["max_new_tokens=62"]) == expected_text(ckpt, 62, prompt="hi") + "\n"
+
+
+def test_char_text_model_generates_past_its_context_window(tmp_path, capsys):
+    """The README's command on the char_text experiment's model (learned positions, context 64): a
+    6-character prompt and 200 new tokens, each token past the window predicted from the last 64."""
+    tok = char_tokenizer(["ROMEO:\nJULIET: O Romeo, Romeo! wherefore art thou Romeo?\n"])
+    cfg = load_config(["experiment=char_text", f"model.vocab_size={tok.get_vocab_size()}"]).model
+    model = compose(cfg, seed=0)
+    path = tmp_path / "model"
+    model.save_pretrained(path, tokenizer=tok)
+    text = run_main([f"ckpt={path}", "prompt=ROMEO:", "max_new_tokens=200", "temperature=0.8", "top_k=50", "seed=1"])
+    ids = generate(
+        model, torch.tensor([tok.encode("ROMEO:").ids]), 200, do_sample=True, temperature=0.8, top_k=50, seed=1
+    )
+    assert ids.shape == (1, 206)
+    assert text == tok.decode(ids[0].tolist()) + "\n"
+    # unknown characters of the prompt are named on stderr (they become [UNK])
+    capsys.readouterr()
+    run_main([f"ckpt={path}", "prompt=ROMEO: ¿qué?", "max_new_tokens=3"])
+    assert "warning: prompt characters '¿', 'q', 'é' are not in the tokenizer's vocabulary" in capsys.readouterr().err
+
+
+def test_threads_option_sets_torch_threads_for_the_call_only(ckpt, monkeypatch):
+    counts = []
+    real = ComposedModel.forward
+    monkeypatch.setattr(
+        ComposedModel, "forward", lambda self, *a, **k: (counts.append(torch.get_num_threads()), real(self, *a, **k))[1]
+    )
+    before = torch.get_num_threads()
+    run_main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=3", "threads=2"])
+    assert set(counts) == {2} and torch.get_num_threads() == before
+    counts.clear()
+    torch.set_num_threads(2)
+    try:
+        run_main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=3"])  # threads=auto: a small model, one thread
+        assert set(counts) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "argv, message",
@@ -190,7 +235,15 @@ def test_text_streams_as_tokens_come_and_holds_back_partial_characters():
         (["ckpt={ckpt}", "prompt=hi", "eos_token_id=<nope>"], "not a token of the tokenizer's vocabulary"),
         (["ckpt={ckpt}", "prompt=hi", "top_k=0", "max_new_tokens=3"], "top_k must be an integer >= 1"),
         (["ckpt={ckpt}", "prompt_ids=1,999"], "token id 999 is outside the vocabulary"),
-        (["ckpt={ckpt}", "prompt=hi", "max_new_tokens=63"], "exceeds max_position_embeddings=64"),
+        (
+            ["ckpt={ckpt}", "prompt=hi", "max_new_tokens=63", "context_overflow=error"],
+            "exceeds max_position_embeddings=64 (context_overflow='error'); use max_new_tokens <= 62 for this 2-token",
+        ),
+        (["ckpt={ckpt}", "prompt=hi", "context_overflow=slide"], "context_overflow='slide'"),
+        (["ckpt={ckpt}", "prompt=hi", "prompt_overflow=error"], "prompt_overflow: was replaced. Fix: use context_"),
+        (["ckpt={ckpt}", "prompt_ids="], "prompt_ids: is empty"),
+        (["ckpt={ckpt}", "prompt_ids=,"], "prompt_ids: is empty"),
+        (["ckpt={ckpt}", "prompt=hi", "threads=0"], "threads: '0' is not auto or a whole number >= 1"),
         (["ckpt={bare}", "prompt=hi"], "has no tokenizer.json"),
     ],
 )

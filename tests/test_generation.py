@@ -1,9 +1,17 @@
-"""composer.generation: cache equivalence, padding, sampling filters, stopping, streaming, OOM split, bad input."""
+"""composer.generation: cache equivalence, padding, sampling filters, stopping, streaming (ids and text),
+past the context window, threads, OOM split, bad input."""
 
 from __future__ import annotations
 
-import logging
+import inspect
 import math
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,17 +19,22 @@ import torch
 from conftest import small_model_dict
 
 from components.kv_cache import KVCache
-from composer import compose
+from composer import compose, generation_inputs
+from composer.data.tokenizer import byte_tokenizer, char_tokenizer
 from composer.errors import ModelError
 from composer.generation import (
+    DEFAULTS,
     SamplingSettings,
     apply_repetition_penalty,
     choose_tokens,
     generate,
     stream_generate,
+    stream_text,
     top_k_filter,
     top_p_filter,
 )
+from composer.generation_inputs import decode_threads
+from composer.generation_text import TextDecoder, encode_prompt
 
 ATTENTION = {
     "mha": {"type": "mha"},
@@ -366,23 +379,227 @@ def test_zero_new_tokens_returns_the_prompt():
     assert torch.equal(generate(lm(), ids, 0), ids)
 
 
-def test_prompt_longer_than_the_context_is_refused_or_truncated(caplog):
+# ----------------------------------------------------------------------------- past the context window
+def fresh_next_token(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The greedy next token of a fresh model call on ``ids`` (no cache, positions from 0): [B]."""
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits[:, -1].argmax(-1)
+
+
+@pytest.mark.parametrize("attention", ["mha", "sliding_window"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_tokens_past_the_window_are_a_fresh_call_on_the_cropped_context(position, attention):
+    """nanoGPT's crop: once prompt + new tokens pass max_position_embeddings (P), each token is what a
+    fresh call on the last P tokens predicts, for every position encoding; with or without the cache."""
+    p = 16
+    model = lm(attention, position, max_position_embeddings=p)
+    ids = prompts(2, 5, seed=11)
+    out = generate(model, ids, 30)
+    assert out.shape == (2, 35) and torch.equal(out[:, :5], ids)
+    assert torch.equal(out[:, : p + 1], generate(model, ids, p + 1 - 5))  # inside the window: as before
+    for n in range(p, out.shape[1]):  # token n from tokens n-P .. n-1
+        assert torch.equal(out[:, n], fresh_next_token(model, out[:, n - p : n])), n
+    assert torch.equal(out, generate(model, ids, 30, use_cache=False))
+    assert len(set(out[0, p:].tolist())) >= 3  # not a degenerate repetition
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "none"])
+def test_relative_encodings_do_not_see_where_the_cropped_window_starts(position):
+    """Why crop restarts positions at 0: for rotary, ALiBi and no encoding the logits of a window are the
+    same whatever its first position, so the crop equals a continuation with growing positions."""
+    model = lm("gqa", position, max_position_embeddings=64)
+    ids = prompts(2, 16, seed=12)
+    with torch.no_grad():
+        at_zero = model(ids).logits
+        for offset in (1, 30, 48):
+            shifted = model(ids, position_ids=torch.arange(offset, offset + 16)[None]).logits
+            assert torch.allclose(at_zero, shifted, atol=1e-4), offset
+    learned = lm("gqa", "learned", max_position_embeddings=64)
+    with torch.no_grad():
+        shifted = learned(ids, position_ids=torch.arange(30, 46)[None]).logits
+        assert not torch.allclose(learned(ids).logits, shifted, atol=1e-2)  # absolute: the start matters
+
+
+def test_left_padded_rows_past_the_window_equal_each_prompt_alone():
+    model = lm("gqa", "learned", max_position_embeddings=12)
+    lengths = [9, 3, 6]
+    alone = [generate(model, prompts(1, n, seed=n), 20)[0] for n in lengths]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, 9 - n :], mask[i, 9 - n :] = prompts(1, n, seed=n)[0], 1
+    batched = generate(model, ids, 20, attention_mask=mask)
+    for i, n in enumerate(lengths):
+        assert torch.equal(batched[i, 9 - n :], alone[i]), i
+
+
+def test_a_prompt_longer_than_the_window_is_kept_and_cropped():
     model = lm("mha", "learned", max_position_embeddings=16)
-    ids = prompts(2, 12, seed=9)
-    with pytest.raises(
-        ModelError,
-        match=r"prompt length 12 \+ max_new_tokens 8 = 20 exceeds "
-        r"max_position_embeddings=16.*at most 8 tokens.*truncate_left",
-    ):
-        generate(model, ids, 8)
-    with caplog.at_level(logging.WARNING, logger="composer"):
-        out = generate(model, ids, 8, prompt_overflow="truncate_left")
-    assert "keeping the last 8 prompt tokens" in caplog.text
-    assert torch.equal(out, generate(model, ids[:, -8:], 8))
-    with pytest.raises(ModelError, match="leaves no room"):
-        generate(model, ids, 16, prompt_overflow="truncate_left")
-    with pytest.raises(ModelError, match="prompt_overflow"):
-        generate(model, ids, 2, prompt_overflow="truncate")
+    ids = prompts(2, 20, seed=9)
+    out = generate(model, ids, 6)
+    assert out.shape == (2, 26) and torch.equal(out[:, :20], ids)  # the whole prompt is returned
+    for n in range(20, 26):
+        assert torch.equal(out[:, n], fresh_next_token(model, out[:, n - 16 : n]))
+    streamed = torch.stack(list(stream_generate(model, ids, 6)), dim=1)
+    assert torch.equal(streamed, out[:, 20:])
+
+
+def test_context_overflow_error_suggests_values_this_prompt_accepts():
+    model = lm("mha", "learned", max_position_embeddings=16)
+    ids = prompts(1, 6, seed=9)
+    with pytest.raises(ModelError, match=r"6 \+ max_new_tokens 40 = 46 exceeds max_position_embeddings=16") as err:
+        generate(model, ids, 40, context_overflow="error")
+    message = str(err.value)
+    assert "context_overflow='crop'" in message
+    room = int(re.search(r"max_new_tokens <= (\d+)", message).group(1))
+    assert room == 10 and generate(model, ids, room, context_overflow="error").shape == (1, 16)  # accepted
+    with pytest.raises(ModelError, match="exceeds"):
+        generate(model, ids, room + 1, context_overflow="error")
+    # a prompt longer than the window: the suggestion is a shorter prompt, and that one is accepted
+    with pytest.raises(ModelError) as err:
+        generate(model, prompts(1, 20), 4, context_overflow="error")
+    assert "max_new_tokens <=" not in str(err.value)
+    keep = int(re.search(r"a prompt of at most (\d+) tokens", str(err.value)).group(1))
+    assert generate(model, prompts(1, 20)[:, -keep:], 4, context_overflow="error").shape == (1, 16)
+    with pytest.raises(ModelError, match="context_overflow='truncate'.*'crop'"):
+        generate(model, ids, 2, context_overflow="truncate")
+    with pytest.raises(ModelError, match="prompt_overflow is now context_overflow"):
+        stream_generate(model, ids, 2, prompt_overflow="error")
+
+
+# ----------------------------------------------------------------------------- threads
+class _BigModel(torch.nn.Module):
+    """Only its parameter count matters to the thread choice (4M parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(2048, 2048))
+
+
+def test_auto_threads_are_one_for_small_models_and_torch_is_restored_after(monkeypatch):
+    model = lm("mha", "rope")
+    ids = prompts(1, 4)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (seen.append(torch.get_num_threads()), forward(*a, **k))[1])
+    torch.set_num_threads(2)
+    try:
+        generate(model, ids, 3)  # threads="auto": a 20k-parameter model decodes on one thread
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        generate(model, ids, 3, threads=None)  # torch's setting, untouched
+        assert set(seen) == {2}
+        seen.clear()
+        torch.set_num_threads(1)
+        generate(model, ids, 3, threads=2)
+        assert set(seen) == {2} and torch.get_num_threads() == 1
+        seen.clear()
+        tokens = stream_generate(model, ids, 3, threads=2)
+        next(tokens)
+        assert torch.get_num_threads() == 2  # while the stream is open
+        list(tokens)
+        assert torch.get_num_threads() == 1 and set(seen) == {2}
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_auto_threads_for_larger_models_follow_the_idle_cores(monkeypatch):
+    big, cpu = _BigModel(), torch.device("cpu")
+    assert decode_threads("auto", big, 1, cpu) == 1  # 4M x 1 row: small
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(generation_inputs, "idle_cores", lambda: 2)
+        assert decode_threads("auto", big, 4, cpu) == 2  # 16M: as many threads as idle cores
+        monkeypatch.setattr(generation_inputs, "idle_cores", lambda: 1)
+        assert decode_threads("auto", big, 4, cpu) == 1  # a busy core: one thread
+        monkeypatch.setattr(generation_inputs, "idle_cores", lambda: 8)
+        assert decode_threads("auto", big, 4, cpu) == 2  # never more than torch is set to
+    finally:
+        torch.set_num_threads(1)
+    assert decode_threads("auto", big, 4, torch.device("cuda")) is None
+    assert decode_threads(3, big, 4, cpu) == 3 and decode_threads(None, big, 4, cpu) is None
+    for bad in (0, "many", 1.5, True):
+        with pytest.raises(ModelError, match="threads="):
+            decode_threads(bad, big, 1, cpu)
+
+
+def test_steps_past_the_window_get_their_own_thread_count(monkeypatch):
+    """A step past the window runs P tokens, not one: P times the work, so "auto" may give it more threads."""
+    model = lm("mha", "learned", max_position_embeddings=16)
+    params = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(generation_inputs, "SMALL_DECODE_WORK", 4 * params)  # 1 token: small; 16 tokens: not
+    monkeypatch.setattr(generation_inputs, "idle_cores", lambda: 2)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda ids, **k: (seen.append((ids.shape[1], torch.get_num_threads())), forward(ids, **k))[1]
+    )
+    torch.set_num_threads(2)
+    try:
+        out = generate(model, prompts(1, 5), 20)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.equal(generate(model, prompts(1, 5), 20, threads=None), out)  # the same tokens on one thread
+    finally:
+        torch.set_num_threads(1)
+    first = seen[:20]  # prefill (5 tokens), 11 cached steps (tokens 6..16), 8 steps past the window
+    assert first[0] == (5, 1) and set(first[1:12]) == {(1, 1)}  # one thread for one token a step
+    assert set(first[12:]) == {(16, 2)}  # 16 tokens a step: two threads
+    assert set(seen[20:]) == {(5, 1), (1, 1), (16, 1)}  # threads=None: torch's setting throughout
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="reads /proc")
+def test_idle_cores_count_the_other_processes_running_now():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # started and spinning
+        assert generation_inputs._others_running() >= 1  # a spinning process is always runnable
+        assert 1 <= generation_inputs.idle_cores() <= max(1, len(os.sched_getaffinity(0)) - 1)
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+# ----------------------------------------------------------------------------- text
+def test_text_decoder_emits_characters_only_once_complete():
+    tok = byte_tokenizer()
+    decoder = TextDecoder(tok, tok.encode("ab").ids)
+    pieces = [decoder.push(i) for i in tok.encode("cé!😀").ids]  # é: 2 bytes, 😀: 4 bytes
+    assert [p for p in pieces if p] == ["c", "é", "!", "😀"]
+    assert pieces.count("") == 1 + 3  # held back while a character is incomplete
+    assert decoder.finish() == ""
+    decoder = TextDecoder(tok, [])
+    assert decoder.push(0xE2) == "" and decoder.push(ord("a")) == "\ufffda"  # an invalid byte is not held forever
+    assert decoder.push(0xE2) == "" and decoder.finish() == "\ufffd"  # an incomplete tail, flushed at the end
+
+
+def test_stream_text_joins_to_the_decoded_continuation():
+    tok = byte_tokenizer()
+    model = lm("gqa", "rope", vocab_size=256, max_position_embeddings=24)
+    prompt = "héllo"
+    ids = tok.encode(prompt).ids
+    kwargs = dict(do_sample=True, top_k=40, seed=5)
+    out = generate(model, torch.tensor([ids]), 40, **kwargs)[0].tolist()  # past the 24-token window too
+    pieces = list(stream_text(model, tok, prompt, 40, **kwargs))
+    assert "".join(pieces) == tok.decode(out)[len(prompt) :]
+    assert len(pieces) > 1 and not any(p.endswith("\ufffd") for p in pieces[:-1])
+    assert "".join(stream_text(model, tok, ids, 40, **kwargs)) == "".join(pieces)  # the prompt as ids
+    with pytest.raises(ModelError, match="no tokens"):
+        stream_text(model, tok, "", 4)
+    with pytest.raises(ModelError, match="attention_mask"):
+        stream_text(model, tok, "hi", 4, attention_mask=torch.ones(1, 2))
+
+
+def test_prompt_characters_outside_a_char_vocabulary_are_named():
+    tok = char_tokenizer(["ROMEO: hello"])
+    model = lm("mha", "learned", vocab_size=tok.get_vocab_size())
+    with pytest.warns(UserWarning, match=r"prompt characters 'ß', 'é' are not in the tokenizer's vocabulary"):
+        pieces = list(stream_text(model, tok, "hello ßé", 3))
+    assert len("".join(pieces)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert encode_prompt(tok, "hello") == tok.encode("hello").ids  # known characters: no warning
+        assert encode_prompt(byte_tokenizer(), "héllo ß") == byte_tokenizer().encode("héllo ß").ids
 
 
 @pytest.mark.parametrize(
@@ -400,6 +617,9 @@ def test_prompt_longer_than_the_context_is_refused_or_truncated(caplog):
         (dict(eos_token_id="</s>"), "expected a token id"),
         (dict(seed="abc"), "seed must be an integer"),
         (dict(streamer=5), "expected a callable"),
+        (dict(do_sample="false"), r"do_sample='false'.*pass do_sample=True or do_sample=False"),
+        (dict(do_sample=1), "do_sample=1"),
+        (dict(use_cache="no"), "use_cache='no'"),
     ],
 )
 def test_bad_arguments_are_model_errors(kwargs, message):
@@ -420,6 +640,10 @@ def test_bad_prompts_and_models_are_refused():
         generate(model, torch.tensor([[1.0, 2.0]]), 3)
     with pytest.raises(ModelError, match="torch.Tensor"):
         generate(model, [[1, 2]], 3)
+    with pytest.raises(ModelError, match=r"no prompts \(shape \(0, 4\)\)"):
+        generate(model, torch.zeros(0, 4, dtype=torch.long), 3)
+    with pytest.raises(ModelError, match="no prompts"):
+        list(stream_generate(model, torch.zeros(0, 4, dtype=torch.long), 3))
     encoder = compose(small_model_dict(attention={"type": "mha", "causal": False}))
     with pytest.raises(ModelError, match="causal"):
         generate(encoder, prompts(1, 3), 3)
@@ -432,3 +656,9 @@ def test_sampling_options_without_do_sample_warn():
     with pytest.warns(UserWarning, match="top_k, temperature only apply when sampling"):
         out = generate(lm(), prompts(1, 3), 4, top_k=2, temperature=0.5)
     assert torch.equal(out, generate(lm(), prompts(1, 3), 4))
+
+
+def test_stream_generate_takes_exactly_generates_keyword_arguments():
+    names = list(inspect.signature(generate).parameters)
+    assert set(DEFAULTS) == set(names) - {"model", "input_ids", "max_new_tokens", "streamer"}
+    assert all(inspect.signature(generate).parameters[k].default == v for k, v in DEFAULTS.items())

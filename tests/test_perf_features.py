@@ -373,6 +373,20 @@ def test_compiled_generation_equals_eager_generation(case, monkeypatch):
         assert torch.equal(got, want), (case, kwargs)
 
 
+@pytest.mark.parametrize("case", ["gqa+learned", "rolling window"])
+def test_compiled_generation_past_the_window_equals_eager_generation(case, monkeypatch):
+    """Past max_position_embeddings the compiled loop leaves its static cache and crops like the eager one."""
+    torch._dynamo.reset()  # each new model is one more compilation of the step: stay under the recompile limit
+    eager_backend(monkeypatch)
+    model = lm(tie_embeddings=False, max_position_embeddings=16, **STATIC_CASES[case])
+    x = ids(seed=3, t=6)
+    want = model.generate(x, 20)
+    assert want.shape == (B, 26)
+    assert torch.equal(model.generate(x, 20, compile=True), want)
+    long_prompt = ids(seed=4, t=20)  # longer than the window: no cache at all
+    assert torch.equal(model.generate(long_prompt, 3, compile=True), model.generate(long_prompt, 3))
+
+
 def test_compiled_decode_step_is_traced_once_with_inductor():
     torch._dynamo.reset()
     counters.clear()

@@ -13,7 +13,10 @@ Options (key=value):
                            unless do_sample is given
   temperature=1.0  top_k=null  top_p=null  repetition_penalty=null  seed=null
   eos_token_id=null        id(s) (3 or 3,7) or token text ("</s>") that end the generation
-  prompt_overflow=error    error | truncate_left (keep the last tokens that fit the context)
+  context_overflow=crop    crop: past the context window each token is predicted from the last
+                           max_position_embeddings tokens (nanoGPT) | error: refuse prompt + max_new_tokens
+                           longer than the context
+  threads=auto             CPU threads: auto (one for a small step's work, else one per idle core) | a number
   device=auto              auto (cuda if available) | cpu | cuda | cuda:1 ...
   dtype=null               load weights as float32 | bfloat16 | float16 (null: as saved)
   echo=true                print the prompt before the continuation
@@ -35,6 +38,7 @@ import torch
 from ..checkpoint import load_tokenizer
 from ..contract.options import did_you_mean
 from ..errors import ConfigError, Problem
+from ..generation_text import TextDecoder, unknown_characters, unknown_message
 from ..model import ComposedModel, target_device
 from . import parse_value, run
 
@@ -52,7 +56,8 @@ OPTIONS = (
     "repetition_penalty",
     "seed",
     "eos_token_id",
-    "prompt_overflow",
+    "context_overflow",
+    "threads",
     "device",
     "dtype",
     "echo",
@@ -61,6 +66,7 @@ OPTIONS = (
 SAMPLING = ("temperature", "top_k", "top_p")
 DTYPES = ("float32", "bfloat16", "float16")
 NULL = ("null", "none", "~", "")
+RENAMED = {"prompt_overflow": "context_overflow=crop (the default) or context_overflow=error"}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -72,6 +78,8 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         key = key.lstrip("+")
         if not eq:
             problems.append(Problem(arg, "expected key=value", f"e.g. prompt={arg!r} or ckpt={arg}"))
+        elif key in RENAMED:
+            problems.append(Problem(key, "was replaced", f"use {RENAMED[key]}"))
         elif key not in OPTIONS:
             problems.append(
                 Problem(key, "unknown option", f"{did_you_mean(key, OPTIONS)}options: {', '.join(OPTIONS)}")
@@ -101,6 +109,15 @@ def _bool(text: str) -> bool:
 
 def _ids(text: str) -> list[int]:
     return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def _threads(text: str) -> Any:
+    if text.lower() == "auto":
+        return "auto"
+    count = int(text)
+    if count < 1:
+        raise ValueError(text)
+    return count
 
 
 # ----------------------------------------------------------------------------- loading
@@ -159,33 +176,27 @@ def _eos(text: Optional[str], tokenizer: Any) -> Optional[list[int]]:
 
 # ----------------------------------------------------------------------------- printing
 class TextPrinter:
-    """Streams decoded text: re-decodes prompt + new ids each step and prints what was added,
-    holding back an incomplete UTF-8 character (decoded as U+FFFD) until it completes. The
-    prompt is echoed with the first token, so argument errors print nothing on stdout."""
+    """Streams decoded text (composer.generation_text.TextDecoder): a piece is printed once it decodes
+    cleanly, so an incomplete UTF-8 character (decoded as U+FFFD) waits for its last byte. The prompt
+    is echoed with the first token, so argument errors print nothing on stdout."""
 
     def __init__(self, tokenizer: Any, prompt_ids: list[int], out: TextIO, echo: bool):
-        self.tokenizer, self.ids, self.out, self.echo = tokenizer, list(prompt_ids), out, echo
-        self.printed: Optional[str] = None
+        self.decoder, self.out = TextDecoder(tokenizer, prompt_ids), out
+        self.prompt: Optional[str] = tokenizer.decode(list(prompt_ids)) if echo else None
 
     def __call__(self, tokens: Any) -> None:  # tokens [1]
-        self.ids.append(int(tokens[0]))
-        self.emit(final=False)
+        self._write(self.decoder.push(int(tokens[0])))
 
-    def emit(self, final: bool) -> None:
-        if self.printed is None:  # first call: the prompt, as the tokenizer decodes it
-            n = len(self.ids) - (0 if final else 1)
-            self.printed = self.tokenizer.decode(self.ids[:n])
-            if self.echo:
-                self.out.write(self.printed)
-        text = self.tokenizer.decode(self.ids)
-        if final or not text.endswith("\ufffd"):
-            new = text[len(self.printed) :] if text.startswith(self.printed) else text
-            self.out.write(new)
-            self.printed = text
+    def _write(self, text: str) -> None:
+        if self.prompt is not None:
+            self.out.write(self.prompt)
+            self.prompt = None
+        if text:
+            self.out.write(text)
         self.out.flush()
 
     def close(self) -> None:
-        self.emit(final=True)
+        self._write(self.decoder.finish())
         self.out.write("\n")
         self.out.flush()
 
@@ -214,28 +225,21 @@ class IdPrinter:
 
 
 # ----------------------------------------------------------------------------- main
-def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    out = out or sys.stdout
-    opts = parse_args(argv)
+def _problem(key: str, what: str, fix: str) -> ConfigError:
+    return ConfigError([Problem(key, what, fix)], header=HEADER)
+
+
+def _check_prompt_options(opts: dict[str, str]) -> None:
     if "prompt" in opts and "prompt_ids" in opts:
-        raise ConfigError(
-            [Problem("prompt_ids", "given together with prompt", "pass either prompt or prompt_ids")],
-            header=HEADER,
-        )
+        raise _problem("prompt_ids", "given together with prompt", "pass either prompt or prompt_ids")
     if "prompt" not in opts and "prompt_ids" not in opts:
-        raise ConfigError(
-            [Problem("prompt", "is required", 'pass prompt="some text" (or prompt_ids=1,2,3)')],
-            header=HEADER,
-        )
-    dtype = _typed(opts, "dtype", str, None, "a dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(
-            [Problem("dtype", f"{dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")],
-            header=HEADER,
-        )
+        raise _problem("prompt", "is required", 'pass prompt="some text" (or prompt_ids=1,2,3)')
+    if "prompt_ids" in opts and not _typed(opts, "prompt_ids", _ids, None, "comma-separated integers"):
+        raise _problem("prompt_ids", "is empty", "pass comma-separated token ids (prompt_ids=1,2,3) or prompt=TEXT")
+
+
+def _settings(opts: dict[str, str]) -> dict[str, Any]:
+    """generate's keyword arguments from the options."""
     settings = dict(
         max_new_tokens=_typed(opts, "max_new_tokens", int, 64, "an integer"),
         temperature=_typed(opts, "temperature", float, 1.0, "a number"),
@@ -243,33 +247,49 @@ def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
         top_p=_typed(opts, "top_p", float, None, "a number"),
         repetition_penalty=_typed(opts, "repetition_penalty", float, None, "a number"),
         seed=_typed(opts, "seed", int, None, "an integer"),
-        prompt_overflow=_typed(opts, "prompt_overflow", str, "error", "error or truncate_left"),
+        context_overflow=_typed(opts, "context_overflow", str, "crop", "crop or error"),
+        threads=_typed(opts, "threads", _threads, "auto", "auto or a whole number >= 1"),
     )
     sampling_given = any(_typed(opts, k, str, None, "") is not None for k in SAMPLING)
     settings["do_sample"] = _typed(opts, "do_sample", _bool, sampling_given, "true or false")
-    echo = _typed(opts, "echo", _bool, True, "true or false")
-    prompt_ids = _typed(opts, "prompt_ids", _ids, None, "comma-separated integers")
+    return settings
 
-    model, tokenizer = load(opts.get("ckpt"), opts.get("device", "auto"), dtype, opts.get("trust_plugin", ""))
-    if prompt_ids is None:
-        if tokenizer is None:
-            raise ConfigError(
-                [
-                    Problem(
-                        "prompt",
-                        f"the model folder {opts['ckpt']} has no tokenizer.json to encode text",
-                        "pass token ids (prompt_ids=1,2,3), or save the tokenizer with "
-                        "model.save_pretrained(dir, tokenizer=tok)",
-                    )
-                ],
-                header=HEADER,
-            )
-        prompt_ids = tokenizer.encode(opts["prompt"]).ids
-    if not prompt_ids:
-        raise ConfigError(
-            [Problem("prompt", "encodes to no tokens", "pass a non-empty prompt")],
-            header=HEADER,
+
+def _prompt_ids(opts: dict[str, str], tokenizer: Any) -> list[int]:
+    """The prompt's ids: prompt_ids as given, or the prompt encoded (warning about unknown characters)."""
+    given = _typed(opts, "prompt_ids", _ids, None, "comma-separated integers")
+    if given is not None:
+        return given
+    if tokenizer is None:
+        raise _problem(
+            "prompt",
+            f"the model folder {opts['ckpt']} has no tokenizer.json to encode text",
+            "pass token ids (prompt_ids=1,2,3), or save the tokenizer with model.save_pretrained(dir, tokenizer=tok)",
         )
+    prompt = opts["prompt"]
+    encoding = tokenizer.encode(prompt)
+    unknown = unknown_characters(tokenizer, prompt, encoding)
+    if unknown:
+        print(f"warning: {unknown_message(tokenizer, unknown)}", file=sys.stderr)
+    if not encoding.ids:
+        raise _problem("prompt", "encodes to no tokens", "pass a non-empty prompt")
+    return list(encoding.ids)
+
+
+def main_(argv: list[str], out: Optional[TextIO] = None) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    out = out or sys.stdout
+    opts = parse_args(argv)
+    _check_prompt_options(opts)
+    dtype = _typed(opts, "dtype", str, None, "a dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise _problem("dtype", f"{dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
+    settings = _settings(opts)
+    echo = _typed(opts, "echo", _bool, True, "true or false")
+    model, tokenizer = load(opts.get("ckpt"), opts.get("device", "auto"), dtype, opts.get("trust_plugin", ""))
+    prompt_ids = _prompt_ids(opts, tokenizer)
     eos = _eos(opts.get("eos_token_id"), tokenizer)
     printer = (
         TextPrinter(tokenizer, prompt_ids, out, echo) if tokenizer is not None else IdPrinter(prompt_ids, out, echo)
