@@ -28,6 +28,18 @@ BENCHMARKS = {
     "build": "benchmarks.bench_build",
     "gqa": "benchmarks.bench_gqa",
 }
+# the options every benchmark takes (benchmarks/harness.py cli_args), listed in --help and passed to each
+PASSED: list[tuple[str, dict]] = [
+    ("--device", {"help": "cpu | cuda | cuda:N (default: cuda when available, else cpu)"}),
+    ("--quick", {"action": "store_true", "help": "small shapes and few rounds (a smoke test)"}),
+    ("--shape", {"help": "model shape: cpu | gpt2_124m (default: gpt2_124m on CUDA, cpu elsewhere)"}),
+    ("--batch-size", {"help": "rows per batch (default: the shape's)"}),
+    ("--rounds", {"help": "timed rounds per contender"}),
+    ("--threads", {"help": "CPU intra-op threads (default 1)"}),
+    ("--no-compile", {"action": "store_true", "help": "skip the torch.compile contenders"}),
+    ("--no-hf-compile", {"action": "store_true", "help": "skip transformers' compiled contenders"}),
+    ("--no-record", {"action": "store_true", "help": "do not append rows to RESULTS.md"}),
+]
 OWN_SHAPES = {"gqa"}  # benchmarks whose cases have their own shapes: --shape / --batch-size are not passed
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,11 +57,34 @@ def without_shape(args: list[str]) -> list[str]:
     return out
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,  # a benchmark's own options pass through whole
+        description=__doc__.split("\n\n")[0],
+        epilog="A benchmark's own options (e.g. bench_checkpointing's --modes) go with --only that benchmark.",
+    )
+    p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this one (repeatable)")
+    passed = p.add_argument_group("passed to every benchmark")
+    for flag, kwargs in PASSED:
+        passed.add_argument(flag, **kwargs)
+    return p
+
+
+def parse(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(benchmarks to run, the arguments each receives: the shared options given, then the others)."""
+    args, rest = parser().parse_known_args(argv)
+    shared: list[str] = []
+    for flag, kwargs in PASSED:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if kwargs.get("action") == "store_true":
+            shared += [flag] if value else []
+        elif value is not None:
+            shared += [flag, value]
+    return args.only or list(BENCHMARKS), shared + rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this one (repeatable)")
-    args, rest = parser.parse_known_args(argv)
-    names = args.only or list(BENCHMARKS)
+    names, rest = parse(argv)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

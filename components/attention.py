@@ -143,7 +143,9 @@ class SlidingWindowConfig(GQAConfig):
     """Causal local attention: each query sees only the last `window` tokens (Mistral)."""
 
     num_kv_heads: Optional[int] = option(None, help="key/value heads, dividing num_heads (null: num_heads)", min=1)
-    window: int = option(help="tokens each query can see, itself included", min=1)
+    window: Optional[int] = option(
+        None, help="tokens each query can see, itself included (null: 4096, at most max_position_embeddings)", min=1
+    )
     kernel: str = option(
         "auto", help="auto (FlexAttention block mask on CUDA, else SDPA + mask) | sdpa | flex", choices=KERNELS
     )
@@ -156,6 +158,7 @@ class SlidingWindowConfig(GQAConfig):
 
     def resolve(self, model, check) -> None:
         inherit(self, "num_kv_heads", self.num_heads or model.num_heads)
+        inherit(self, "window", min(4096, model.max_position_embeddings))
         super().resolve(model, check)
         if self.kernel == "flex" and flex_attention is None:
             check.fail(

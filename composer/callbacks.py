@@ -5,7 +5,8 @@
     NanGuard()                 # stops at the first non-finite loss; never lets a NaN checkpoint be written
     ValidateAtEnd()            # validates (and checkpoints) after the last step
     SampleText(tokenizer)      # text data: prints a generated sample after validations
-    ComposerProgressBar()      # rich progress bar showing loss / val_loss / tokens/s
+    ComposerProgressBar()      # rich progress bar showing loss / val_loss / tokens/s (optimizer steps)
+    PlainProgress(every_s=30)  # plain lines (step, loss, tokens/s, ETA) for logs that are not a terminal
 
 Host reads (``float(tensor)``) happen only at log intervals, before validations and before
 checkpoints, never every step.
@@ -13,6 +14,8 @@ checkpoints, never every step.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from typing import Any, Optional
 
@@ -21,6 +24,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 
 from .errors import ComposerError
+from .runlog import to_log_file
+
+progress_log = logging.getLogger("composer.progress")
 
 # Approximate dense peak FLOP/s per device: (16-bit tensor cores, 32-bit). Matched by substring of
 # torch.cuda.get_device_name(), first match wins. 32-bit runs use the TF32 peak (half the 16-bit
@@ -285,9 +291,36 @@ class SampleText(Callback):
         return self.tokenizer.decode(out[0].tolist())
 
 
-class ComposerProgressBar(RichProgressBar):
+class _StepBar:
+    """The bar counts optimizer steps up to ``trainer.max_steps`` (Lightning's counts the batches of
+    the current epoch against the steps left, which after a resume reads e.g. ``450/49``)."""
+
+    trainer: L.Trainer
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches  # type: ignore[misc]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning shows batch_idx + 1: make it the optimizer steps done
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)  # type: ignore[misc]
+
+
+class ComposerProgressBar(_StepBar, RichProgressBar):
     """Rich progress bar showing the values the module refreshes at log intervals (loss, tok/s,
     val_loss) instead of Lightning's per-step tensors (which would read the device every step)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is not None and self.train_progress_bar_id is not None:  # a resume starts part-way
+            self.progress.reset(
+                self.train_progress_bar_id,
+                total=self.total_train_batches,
+                completed=trainer.global_step,
+                description=self._get_train_description(trainer.current_epoch),
+            )
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
@@ -305,8 +338,15 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-class ComposerTQDMProgressBar(TQDMProgressBar):
-    """The plain-text variant (``callbacks.progress_bar=tqdm``)."""
+class ComposerTQDMProgressBar(_StepBar, TQDMProgressBar):
+    """The tqdm variant (``callbacks.progress_bar=tqdm``)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        bar.initial = bar.n = trainer.global_step  # a resume starts part-way (and tqdm's rate counts from there)
+        bar.set_description("train")
+        bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
@@ -315,12 +355,80 @@ class ComposerTQDMProgressBar(TQDMProgressBar):
         return items
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class PlainProgress(Callback):
+    """Plain progress lines for logs that are not a terminal (SLURM, CI, ``nohup``, ``| tee``):
+    ``step 50/400 (12%) | loss 1.2345 | 12,345 tok/s | ETA 1m20s`` at the first log interval, then
+    at log intervals at most every ``every_s`` seconds, and a line per validation (rank 0).
+
+    ``to_console``: print them (stdout); they also go to the run's log file (``train.log``) either
+    way, so a run shown with a progress bar still leaves its progress in the file.
+    """
+
+    def __init__(self, every_s: float = 30.0, to_console: bool = True):
+        self.every_s = float(every_s)
+        self.to_console = to_console
+        self._start: Optional[float] = None
+        self._start_step = 0
+        self._last: Optional[float] = None
+
+    def emit(self, text: str) -> None:
+        if self.to_console:
+            print(text, flush=True)
+        to_log_file(text, logger=progress_log)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._start_step, self._last = time.perf_counter(), trainer.global_step, None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.is_global_zero or not _should_log(trainer):
+            return
+        now = time.perf_counter()
+        if self._last is not None and now - self._last < self.every_s:
+            return
+        self._last = now
+        self.emit(self.line(trainer, getattr(pl_module, "progress", {}), now))
+
+    def line(self, trainer: L.Trainer, progress: dict, now: float) -> str:
+        """The progress line at step ``trainer.global_step``."""
+        step, total = trainer.global_step, trainer.max_steps
+        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total > 0 else f"step {step}"]
+        if isinstance(progress.get("loss"), float) and math.isfinite(progress["loss"]):
+            parts.append(f"loss {progress['loss']:.4f}")
+        if progress.get("tok/s"):
+            parts.append(f"{progress['tok/s']:,.0f} tok/s")
+        done = step - self._start_step
+        if total > 0 and done > 0 and self._start is not None:
+            parts.append(f"ETA {_duration((now - self._start) / done * (total - step))}")
+        return " | ".join(parts)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        history = getattr(pl_module, "val_history", None)
+        if not history:
+            return
+        values = " | ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step")
+        self.emit(f"step {trainer.global_step}/{trainer.max_steps} validation: {values}")
+
+
 __all__ = [
     "ComposerProgressBar",
     "ComposerTQDMProgressBar",
     "LearningRate",
     "NanGuard",
     "NonFiniteLoss",
+    "PlainProgress",
     "SampleText",
     "Throughput",
     "ValidateAtEnd",

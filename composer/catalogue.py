@@ -74,6 +74,17 @@ def component_yaml(family: str, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# families that are a string option of the model, not a config group (no conf/model/<family>/)
+NO_GROUP = ("block",)
+
+
+def selectors(family: str) -> list[str]:
+    """How a command line selects a component of ``family`` (``<name>`` stands for its name)."""
+    if family in NO_GROUP:
+        return [f"model.{family}=<name>", f"model.{family}={{type: <name>, <option>: ...}}"]
+    return [f"model/{family}=<name>", f"model.{family}.type=<name>"]
+
+
 def catalogue() -> dict[str, list[Entry]]:
     return {family: reg.entries() for family, reg in FAMILIES.items()}
 
@@ -84,7 +95,7 @@ def render(family: str | None = None) -> None:
     for fam, entries in catalogue().items():
         if family and fam != family:
             continue
-        table = Table(title=f"{fam}  (model.{fam}.type / model/{fam}=<name>)", show_lines=True, title_justify="left")
+        table = Table(title=f"{fam}  ({' / '.join(selectors(fam))})", show_lines=True, title_justify="left")
         table.add_column("name", style="bold cyan", no_wrap=True)
         table.add_column("description")
         table.add_column("options (default)")

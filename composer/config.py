@@ -17,7 +17,6 @@ from typing import Any
 
 from .contract.options import did_you_mean
 from .errors import ConfigError, Problem
-from .schema import resolve_model_config
 
 EXPERIMENTS_ENV = "COMPOSER_EXPERIMENTS"
 
@@ -48,13 +47,17 @@ def _search_path_overrides(config_dirs: Iterable[str | Path]) -> list[str]:
 
 
 def load_config(
-    overrides: Sequence[str] = (), config_name: str = "train", config_dirs: Iterable[str | Path] = ()
+    overrides: Sequence[str] = (),
+    config_name: str = "train",
+    config_dirs: Iterable[str | Path] = (),
+    return_hydra_config: bool = False,
 ) -> Any:
     """Compose ``conf/<config_name>.yaml`` with command-line style ``overrides``.
 
     ``config_dirs`` adds folders to the search path, so a user's own presets
     (``my_configs/model/my_model.yaml``) are selectable as ``model=my_model``.
-    Returns an OmegaConf DictConfig; raises ConfigError on any composition problem.
+    Returns an OmegaConf DictConfig (with its ``hydra`` node when ``return_hydra_config``: the
+    sweeper, the run dir); raises ConfigError on any composition problem. Imports Hydra, not torch.
     """
     from hydra import compose as hydra_compose  # late: only composing needs Hydra (0.3 s)
     from hydra import initialize_config_dir  # late: only composing needs Hydra (0.3 s)
@@ -69,7 +72,11 @@ def load_config(
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="composer"):
             try:
-                return hydra_compose(config_name, overrides=overrides + _search_path_overrides(config_dirs))
+                return hydra_compose(
+                    config_name,
+                    overrides=overrides + _search_path_overrides(config_dirs),
+                    return_hydra_config=return_hydra_config,
+                )
             except (HydraException, OmegaConfBaseException, TypeError, ValueError) as exc:  # Type/ValueError:
                 raise _wrap(exc, overrides, config_name, config_dirs) from None  # Hydra's, on odd group options
     finally:
@@ -166,13 +173,6 @@ def to_container(cfg: Any) -> Any:
     return cfg
 
 
-def model_config(
-    overrides: Sequence[str] = (), config_dirs: Iterable[str | Path] = (), config_name: str = "train"
-) -> Any:
-    """The validated ModelConfig of ``load_config(overrides).model``."""
-    return resolve_model_config(load_config(overrides, config_name, config_dirs).model)
-
-
 def split_overrides(argv: Sequence[str], options: Iterable[str]) -> tuple[dict[str, str], list[str]]:
     """Separate ``name=value`` arguments for ``options`` from Hydra overrides (for CLI tools)."""
     wanted, mine, rest = set(options), {}, []
@@ -185,4 +185,4 @@ def split_overrides(argv: Sequence[str], options: Iterable[str]) -> tuple[dict[s
     return mine, rest
 
 
-__all__ = ["conf_dir", "load_config", "model_config", "split_overrides", "to_container"]
+__all__ = ["conf_dir", "load_config", "split_overrides", "to_container"]

@@ -13,7 +13,10 @@ the class of each sequence). Nothing in the training step reads a tensor on the 
 are logged as tensors and Lightning converts them every ``log_every_n_steps``.
 
 Checkpoints also carry the random-number-generator states (restored just before the first
-training batch after a resume, so dropout continues exactly) and the validation history.
+training batch after a resume, so dropout continues exactly), the validation history and, under
+``checkpoint["composer"]``, the run's training config (``config``: plain data, as composed) and the
+model's resolved config (``model_config``): a resume compares them with its own before Lightning
+loads the weights (:mod:`composer.resume`). Everything in them loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class LitComposer(L.LightningModule):
         metric: "answer_accuracy" / "accuracy" to report ``val_accuracy``; None for loss only.
         compile: run the model under ``torch.compile`` (in place: parameter names unchanged); a
             mapping is passed to it as keyword arguments, e.g. ``{"mode": "max-autotune"}``.
+        run_config: the training config as plain data, stored in every checkpoint (for resumes),
+            with ``run_overrides``, the command line that made it.
     """
 
     def __init__(
@@ -55,8 +60,12 @@ class LitComposer(L.LightningModule):
         task: str = "lm",
         metric: Optional[str] = None,
         compile: bool | Mapping[str, Any] = False,
+        run_config: Optional[Mapping[str, Any]] = None,
+        run_overrides: Optional[list[str]] = None,
     ):
         super().__init__()
+        self.run_config = dict(run_config) if run_config is not None else None
+        self.run_overrides = [str(o) for o in run_overrides or []]
         self.model = model
         self.optim_cfg = dict(optim)
         self.scheduler_cfg = dict(scheduler)
@@ -148,7 +157,11 @@ class LitComposer(L.LightningModule):
             "rng": rng_states(),
             "best_val_loss": self.best_val_loss,
             "val_history": list(self.val_history),
+            "model_config": self.model.config.to_dict(),
         }
+        if self.run_config is not None:
+            checkpoint["composer"]["config"] = self.run_config
+            checkpoint["composer"]["overrides"] = self.run_overrides
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("composer", {})

@@ -10,7 +10,9 @@ those of ``data=text``: the ids equal what the text data module makes of the sam
 Resumable: progress is recorded in ``OUTPUT/.prepare-state.json`` after every block (token files
 grow as ``*.bin.partial``, fsynced first). Rerunning the same command after an interruption
 continues where it stopped and produces the same files as an uninterrupted run. Finished files
-appear under their final names only when complete (os.replace), and meta.json comes last.
+appear under their final names only when complete (os.replace), and meta.json comes last. A full
+disk stops it with "no space left on OUTPUT" (exit 2), keeping every block recorded so far; temp
+files of a write that was killed are removed when it starts again.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .data.tokenizer import (
 )
 from .data.util import atomic_write_json, check_fraction, token_dtype
 from .errors import ConfigError, DataError, Problem
+from .files import no_space, remove_orphan_temps
 
 STATE = ".prepare-state.json"
 TOKENIZER = "tokenizer.json"
@@ -58,7 +61,43 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Prepare (or finish preparing) ``output`` from ``input_path``; returns the meta.json contents."""
+    """Prepare (or finish preparing) ``output`` from ``input_path``; returns the meta.json contents.
+    A full disk is a :class:`~composer.files.NoSpaceLeft` (rerun the same call once there is room)."""
+    try:
+        return _prepare(
+            input_path,
+            output,
+            tokenizer=tokenizer,
+            bpe_vocab_size=bpe_vocab_size,
+            tokenizer_file=tokenizer_file,
+            val_fraction=val_fraction,
+            block_bytes=block_bytes,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    except OSError as exc:
+        full = no_space(
+            exc,
+            Path(output).expanduser(),
+            keep="the blocks written so far are kept: rerun the same command once there is room, it resumes",
+        )
+        if full is None:
+            raise
+        raise full from None
+
+
+def _prepare(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    tokenizer: str,
+    bpe_vocab_size: int,
+    tokenizer_file: Optional[str | Path],
+    val_fraction: float,
+    block_bytes: int,
+    overwrite: bool,
+    progress: bool,
+) -> dict[str, Any]:
     problems = check_fraction(val_fraction, "val_fraction")
     if tokenizer_file is None:
         problems += check_tokenizer_options(tokenizer, bpe_vocab_size)
@@ -74,6 +113,7 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder (OUTPUT); choose a folder path")
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(out)  # of a write an earlier run was killed in
     settings = {
         "input": corpus.fingerprint(),
         "tokenizer": None if tokenizer_file else tokenizer,

@@ -9,14 +9,18 @@ Optuna's ``optimization_results.yaml`` when present) and writes into the sweep f
 - ``report.md``:  the table (one row per distinct configuration, mean ± std over seeds), the best
   Optuna trial, and the runs that failed (with their error) or are missing / unfinished;
 - ``report.csv``: the same table with the mean and the std of each metric in separate columns;
-- ``report.png``: validation curves per configuration (line: mean over seeds, band: min..max) and
-  a bar chart of the optimized metric (error bars: std over seeds).
+- ``report.png``: validation curves per configuration (line: mean over seeds, band: min..max;
+  a single validation is a point) with the training loss when validation is sparse, and the
+  optimized metric per configuration (std over seeds) on an axis fitted to the values
+  (:mod:`composer.report_figure`).
 
 A configuration is a run's overrides without ``seed``; the columns are the overrides whose value
 differs between runs (or that the sweep command swept). Rows are sorted by ``optimized_metric``
 (the runs' config; Optuna's direction, else smaller is better for losses). The table is printed
-to the terminal too. A sweep that is still running or partly failed is reported as it stands.
-Errors (not a folder, no runs in it) print one line and exit with status 2.
+to the terminal too. A sweep that is still running or partly failed is reported as it stands; a
+run whose metrics.json is not what composer-train writes (a field of the wrong type) is listed as
+invalid, with the file and the field, and left out of the table. Errors (not a folder, no runs in
+it) print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from rich.table import Table
 
 from .cli import run as run_tool
 from .errors import ConfigError, Problem
-from .weights import atomic_path, atomic_write
+from .report_figure import Series, band, write_figure
+from .weights import atomic_write
 
 # (metrics.json key, column title); a column appears when some run has the value
 METRICS = (
@@ -60,12 +65,13 @@ SKIP_DIRS = {".hydra", ".submitit", "checkpoints", "model", "tensorboard", "__py
 # ----------------------------------------------------------------------------- reading
 @dataclass
 class Run:
-    """One job folder of the sweep. ``status``: completed | failed | unfinished (no metrics.json)."""
+    """One job folder of the sweep. ``status``: completed | failed | interrupted | unfinished (no
+    metrics.json) | invalid (a metrics.json composer-train did not write: skipped)."""
 
     path: Path
     num: Optional[int]
     overrides: list[str]
-    status: str
+    status: str  # completed | failed | interrupted | unfinished | invalid
     error: Optional[str] = None
     metrics: dict = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
@@ -97,7 +103,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
 
 
 def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Validation rows of a run's metrics.csv: ``{"val_loss": [(step, value), ...], ...}``.
+    """Validation and training rows of a run's metrics.csv: ``{"val_loss": [(step, value), ...],
+    "val_accuracy": ..., "train_loss": ...}``.
 
     Lightning's CSV ``step`` is the 0-based index of the step's batch; +1 gives steps done (as in
     metrics.json's history). A file cut mid-write (a running job) yields the complete rows.
@@ -108,7 +115,7 @@ def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     except (OSError, csv.Error, UnicodeDecodeError):
         return curves
     for row in rows:
-        for key in ("val_loss", "val_accuracy"):
+        for key in ("val_loss", "val_accuracy", "train_loss"):
             try:
                 value, step = float(row.get(key) or "nan"), int(float(row.get("step") or "nan"))
             except ValueError:
@@ -133,22 +140,65 @@ def _job_dirs(sweep: Path) -> list[Path]:
     return found
 
 
+# metrics.json fields the report reads, with the types composer-train writes
+NUMBER_FIELDS = ("val_loss", "best_val_loss", "val_accuracy", "best_val_accuracy", "val_ppl", "params",
+                 "tokens_per_s", "wall_s", "steps", "tokens", "peak_rss_mb", "start_rss_mb", "peak_gpu_mb")  # fmt: skip
+
+
+def _invalid_field(record: Any) -> Optional[str]:
+    """What is wrong with a metrics.json's contents (None: it reads as composer-train writes it)."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    for key, kinds in (("status", (str,)), ("error", (str, type(None))), ("overrides", (list,))):
+        if key in record and not isinstance(record[key], kinds):
+            return f"field {key!r} is {record[key]!r} ({type(record[key]).__name__})"
+    if not all(isinstance(o, str) for o in record.get("overrides") or []):
+        return "field 'overrides' holds something other than strings"
+    for key in NUMBER_FIELDS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"field {key!r} is {value!r} ({type(value).__name__}), not a number"
+    if (
+        record.get("seed") is not None
+        and not isinstance(record["seed"], (int, str))
+        or isinstance(record.get("seed"), bool)
+    ):
+        return f"field 'seed' is {record['seed']!r}"
+    return None
+
+
+def _read_record(path: Path) -> tuple[dict, Optional[str]]:
+    """(metrics.json's contents, why it is skipped or None); ({}, None) when there is none."""
+    if not path.is_file():
+        return {}, None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"{path}: unreadable ({type(exc).__name__}); skipped"
+    problem = _invalid_field(record)
+    if problem is not None:
+        return {}, f"{path}: {problem}; skipped (not a metrics.json as composer-train writes it)"
+    return record, None
+
+
+def _dig(data: Any, *keys: str) -> Any:
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
 def read_run(folder: Path) -> Run:
-    record = {}
-    if (folder / "metrics.json").is_file():
-        try:
-            record = json.loads((folder / "metrics.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            record = {}
+    record, invalid = _read_record(folder / "metrics.json")
     overrides = record.get("overrides") or _yaml(folder / ".hydra" / "overrides.yaml") or []
-    hydra_cfg = _yaml(folder / ".hydra" / "hydra.yaml") or {}
-    num = ((hydra_cfg.get("hydra") or {}).get("job") or {}).get("num")
-    if num is None and folder.name.isdigit():
-        num = int(folder.name)
-    config = _yaml(folder / ".hydra" / "config.yaml") or {}
-    status = record.get("status") or "unfinished"
-    error = record.get("error")
-    if status not in ("completed", "failed"):
+    overrides = overrides if isinstance(overrides, list) else []
+    num = _dig(_yaml(folder / ".hydra" / "hydra.yaml"), "hydra", "job", "num")
+    if not isinstance(num, int) or isinstance(num, bool):
+        num = int(folder.name) if folder.name.isdigit() else None
+    optimized = _dig(_yaml(folder / ".hydra" / "config.yaml"), "optimized_metric")
+    status, error = record.get("status") or "unfinished", record.get("error")
+    if invalid is not None:
+        status, error = "invalid", invalid
+    elif status not in ("completed", "failed", "interrupted"):
         status, error = "unfinished", "no metrics.json yet: still running, or stopped before it finished"
     return Run(
         path=folder,
@@ -158,7 +208,7 @@ def read_run(folder: Path) -> Run:
         error=error,
         metrics=record,
         curves=read_curves(folder / "metrics.csv"),
-        optimized_metric=config.get("optimized_metric"),
+        optimized_metric=optimized if isinstance(optimized, str) else None,
     )
 
 
@@ -186,8 +236,10 @@ def _sweep_settings(hydra_cfg: dict, whole_sweep: bool) -> tuple[list[str], Opti
     """(swept keys, expected number of jobs, Optuna's direction) from the ``hydra`` node of the
     sweep's multirun.yaml (``whole_sweep``) or, where the sweeper writes none (Optuna), of a job's
     .hydra/hydra.yaml (whose task overrides are that job's values: no sweep syntax in them)."""
-    task = list((hydra_cfg.get("overrides") or {}).get("task") or []) if whole_sweep else []
-    sweeper = hydra_cfg.get("sweeper") or {}
+    task = _dig(hydra_cfg, "overrides", "task") if whole_sweep else []
+    task = [str(t) for t in task] if isinstance(task, list) else []
+    sweeper = _dig(hydra_cfg, "sweeper")
+    sweeper = sweeper if isinstance(sweeper, dict) else {}
     target = str(sweeper.get("_target_", ""))
     params = sweeper.get("params") or {}
     keys, expected = [], 1
@@ -256,13 +308,13 @@ def read_sweep(path: str | Path, metric: Optional[str] = None) -> Sweep:
         )
     multirun = _yaml(sweep / "multirun.yaml")
     if isinstance(multirun, dict):
-        swept, expected, direction = _sweep_settings(multirun.get("hydra") or {}, whole_sweep=True)
+        swept, expected, direction = _sweep_settings(_dig(multirun, "hydra"), whole_sweep=True)
     else:
         job = next(
             (_yaml(r.path / ".hydra" / "hydra.yaml") for r in runs if (r.path / ".hydra" / "hydra.yaml").is_file()),
             None,
         )
-        swept, expected, direction = _sweep_settings((job or {}).get("hydra") or {}, whole_sweep=False)
+        swept, expected, direction = _sweep_settings(_dig(job, "hydra"), whole_sweep=False)
     parsed = [parse_overrides(r.overrides) for r in runs]
     order: list[str] = []
     for p in parsed:
@@ -279,7 +331,8 @@ def read_sweep(path: str | Path, metric: Optional[str] = None) -> Sweep:
     metric = metric or optimized
     # the search's direction belongs to its metric; other metrics: higher is better for accuracies
     maximize = direction == "maximize" if direction and metric == optimized else metric in MAXIMIZED
-    return Sweep(sweep, runs, columns, expected, metric, maximize, _yaml(sweep / "optimization_results.yaml"))
+    optuna = _yaml(sweep / "optimization_results.yaml")
+    return Sweep(sweep, runs, columns, expected, metric, maximize, optuna if isinstance(optuna, dict) else None)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -494,70 +547,14 @@ def print_table(sweep: Sweep, rows: list[Row], console: Any = None) -> None:
 
 
 # ----------------------------------------------------------------------------- the figure
-def _band(runs: list[Run], key: str) -> Optional[tuple[list[int], list[float], list[float], list[float]]]:
-    """(steps, mean, min, max) of ``key`` over the runs that logged it, per step."""
-    by_step: dict[int, list[float]] = {}
-    for r in runs:
-        for step, value in r.curves.get(key, []):
-            by_step.setdefault(step, []).append(value)
-    if not by_step:
-        return None
-    steps = sorted(by_step)
-    return (
-        steps,
-        [statistics.fmean(by_step[s]) for s in steps],
-        [min(by_step[s]) for s in steps],
-        [max(by_step[s]) for s in steps],
-    )
-
-
-def write_figure(sweep: Sweep, rows: list[Row], path: Path) -> bool:
-    """report.png: a panel per validation metric (curves) and the sort metric as bars. False when
-    no run has logged a validation yet (no figure written)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # late: matplotlib takes ~1 s; only the figure needs it
-    from matplotlib.figure import Figure  # late: matplotlib takes ~1 s; only the figure needs it
-
-    keys = [k for k in ("val_loss", "val_accuracy") if any(_band(r.runs, k) for r in rows)]
-    if not keys:
-        return False
-    bars = [r for r in rows if sweep.metric in r.stats]
-    panels = len(keys) + (1 if bars else 0)
-    fig = Figure(figsize=(5.5 * panels, 4.2 + 0.18 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    colors = _palette(len(rows))
-    for ax, key in zip(axes, keys, strict=False):
-        for row, color in zip(rows, colors, strict=True):
-            band = _band(row.runs, key)
-            if band is None:
-                continue
-            steps, mean, low, high = band
-            ax.plot(steps, mean, color=color, label=row.label(), linewidth=1.6)
-            ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-        ax.set(xlabel="optimizer step", ylabel=key, title=f"{key} (mean over seeds, band: min..max)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    if bars:
-        ax = axes[-1]
-        means = [r.stats[sweep.metric][0] for r in bars]
-        errors = [math.nan if r.stats[sweep.metric][1] is None else r.stats[sweep.metric][1] for r in bars]
-        y = list(range(len(bars)))
-        drawn = ax.barh(y, means, xerr=errors, color=[colors[rows.index(r)] for r in bars], capsize=3)
-        ax.bar_label(drawn, fmt="%.4g", fontsize=7, padding=4)
-        ax.set_yticks(y, [r.label() for r in bars], fontsize=7)
-        ax.invert_yaxis()  # best on top
-        ax.set(xlabel=sweep.metric, title=f"{sweep.metric} (mean ± std over seeds)")
-        ax.grid(axis="x", alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return True
-
-
-def _palette(n: int) -> list[Any]:
-    from matplotlib import colormaps  # late: matplotlib takes ~1 s; only the figure needs it
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+def figure_series(sweep: Sweep, rows: list[Row]) -> list[Series]:
+    """The rows as :mod:`composer.report_figure` draws them."""
+    series = []
+    for row in rows:
+        curves = [r.curves for r in row.runs]
+        bands = {k: b for k in ("val_loss", "val_accuracy", "train_loss") if (b := band(curves, k)) is not None}
+        series.append(Series(row.label(), bands, row.stats.get(sweep.metric)))
+    return series
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -566,7 +563,7 @@ def report(sweep_dir: str | Path, metric: Optional[str] = None, plot: bool = Tru
     sweep = read_sweep(sweep_dir, metric)
     rows = build_table(sweep)
     figure = sweep.path / "report.png"
-    has_figure = plot and write_figure(sweep, rows, figure)
+    has_figure = plot and write_figure(figure, figure_series(sweep, rows), sweep.metric, sweep.maximize)
     write_csv(sweep, rows, sweep.path / "report.csv")
     write_markdown(sweep, rows, sweep.path / "report.md", figure if has_figure else None)
     print_table(sweep, rows, console)

@@ -209,7 +209,9 @@ def _merge_override(family: str, base_data: Mapping, override: Any) -> dict:
     the base that the new type also has carry over; the others are dropped."""
     override = normalize_component(override)
     if not isinstance(override, Mapping):
-        return override
+        return override  # reported by build_component (expected a type name or a mapping)
+    if not isinstance(base_data, Mapping):  # an earlier override of this layer was not a mapping
+        base_data = {}
     kind = override.get("type", base_data.get("type"))
     if kind != base_data.get("type"):
         try:
@@ -336,6 +338,16 @@ def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
             continue
         idx = parse_select(ov.select, cfg.num_layers, f"{path}.select", problems)
         given = {s: getattr(ov, s) for s in LAYER_SLOTS if getattr(ov, s) is not None}
+        for slot, value in list(given.items()):
+            if not isinstance(value, (str, Mapping)):  # reported here: a later override would hide it
+                problems.append(
+                    Problem(
+                        f"{path}.{slot}",
+                        f"expected a {slot} type name or a mapping, got {value!r}",
+                        f"write {slot}: {{type: <name>, ...}}",
+                    )
+                )
+                del given[slot]
         if not given and isinstance(item, Mapping):
             problems.append(
                 Problem(path, "overrides no component", f"add one of {', '.join(LAYER_SLOTS)} next to select")

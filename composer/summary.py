@@ -1,14 +1,16 @@
 """The record of a run: :class:`RunRecord`, written as ``metrics.json`` (atomically), and the closing
 summary table.
 
-metrics.json keys: ``status`` ("running" | "completed" | "failed"), ``error`` (message or null),
-``overrides`` (the command-line overrides), ``seed``, ``run_dir``, ``cpu_threads``, ``start_rss_mb``;
-the run's ``model``, ``params``, ``task``, ``metric``, ``seq_len``, ``batch_size``, ``precision``,
-``world_size``; ``steps``, ``history`` (every validation: step and metrics), ``val_loss`` /
-``val_ppl`` / ``val_accuracy`` (last validation), ``best_val_loss`` / ``best_val_accuracy``,
-``tokens``, ``tokens_per_s``, ``checkpoint_last`` / ``checkpoint_best`` (with checkpoints on),
-``peak_rss_mb`` / ``peak_gpu_mb``; ``model_dir`` and ``sample`` (completed runs), ``error_type``
-(failed runs), ``wall_s``. A key the run did not get to is left out (a run that failed while
+metrics.json keys: ``status`` ("running" | "completed" | "failed" | "interrupted"), ``error``
+(message or null), ``overrides`` (the command-line overrides), ``seed``, ``run_dir``, ``resumed_from``
+(a resumed run: the checkpoint and its step), ``cpu_threads``, ``start_rss_mb``; the run's ``model``,
+``params``, ``vocab_size`` and ``preset_vocab_size`` (when the data's vocabulary replaced the
+preset's), ``task``, ``metric``, ``seq_len``, ``batch_size``, ``precision``, ``world_size``;
+``steps``, ``history`` (every validation: step and metrics), ``val_loss`` / ``val_ppl`` /
+``val_accuracy`` (last validation), ``best_val_loss`` / ``best_val_accuracy``, ``tokens``,
+``tokens_per_s``, ``checkpoint_last`` / ``checkpoint_best`` (with checkpoints on), ``peak_rss_mb`` /
+``peak_gpu_mb``; ``model_dir`` and ``sample`` (completed runs), ``error_type`` (failed and
+interrupted runs), ``wall_s``. A key the run did not get to is left out (a run that failed while
 reading its data has no ``steps``); a value it reached without one is null.
 """
 
@@ -27,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .contract.options import IGNORE_INDEX
+from .runlog import to_log_file
 from .weights import atomic_write
 
 
@@ -50,17 +53,20 @@ class RunRecord:
     Fields left UNSET are not written; ``None`` is written as null.
     """
 
-    status: str = "running"  # running | completed | failed
+    status: str = "running"  # running | completed | failed | interrupted
     error: Optional[str] = None
     overrides: list[str] = field(default_factory=list)
     seed: Any = None
     run_dir: str = UNSET
+    resumed_from: Optional[dict[str, Any]] = UNSET  # {"checkpoint": path, "step": n}
     # set up: the thread count and the resident set the run starts from (MiB)
     cpu_threads: Optional[int] = UNSET
     start_rss_mb: Optional[float] = UNSET
     # built: the model, the data and the trainer
     model: str = UNSET
     params: int = UNSET
+    vocab_size: int = UNSET
+    preset_vocab_size: int = UNSET  # when the data's vocabulary replaced the preset's
     task: str = UNSET
     metric: Optional[str] = UNSET
     seq_len: int = UNSET
@@ -92,8 +98,10 @@ class RunRecord:
         return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) is not UNSET}
 
     def fail(self, exc: BaseException, wall_s: float) -> None:
-        """Record ``exc`` as the reason the run failed."""
-        self.status, self.error = "failed", str(exc) or type(exc).__name__
+        """Record ``exc`` as the reason the run failed (a KeyboardInterrupt: it was interrupted)."""
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        self.status = "interrupted" if interrupted else "failed"
+        self.error = str(exc) or ("interrupted (Ctrl-C)" if interrupted else type(exc).__name__)
         self.error_type, self.wall_s = type(exc).__name__, wall_s
 
 
@@ -179,8 +187,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def summary_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of the closing summary."""
     rows = [
-        ("model", f"{record.get('model', '')} ({_fmt(record.get('params'))} parameters)"),
-        ("steps", _fmt(record.get("steps"))),
+        ("model", _model_row(record)),
+        ("steps", _steps_row(record)),
         ("final val loss", _fmt(record.get("val_loss"))),
         ("best val loss", _fmt(record.get("best_val_loss"))),
     ]
@@ -200,6 +208,22 @@ def summary_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     if record.get("sample"):
         rows.append(("sample", str(record["sample"])))
     return rows
+
+
+def _model_row(record: Mapping[str, Any]) -> str:
+    text = f"{record.get('model', '')} ({_fmt(record.get('params'))} parameters"
+    vocab, preset = record.get("vocab_size"), record.get("preset_vocab_size")
+    if isinstance(vocab, int) and isinstance(preset, int) and vocab != preset:
+        text += f"; vocabulary {vocab:,} from the data, the preset's is {preset:,}"
+    return text + ")"
+
+
+def _steps_row(record: Mapping[str, Any]) -> str:
+    resumed = record.get("resumed_from")
+    steps = _fmt(record.get("steps"))
+    if isinstance(resumed, Mapping) and isinstance(resumed.get("step"), int):
+        return f"{steps} (resumed at step {resumed['step']:,}; tokens/s and wall time: this part)"
+    return steps
 
 
 def path_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -224,6 +248,24 @@ def print_summary(record: RunRecord, console: Optional[Any] = None) -> None:
     console.print(table)
     for label, path in path_rows(values):
         console.print(f"[bold]{label}:[/bold] {escape(path)}", soft_wrap=True, highlight=False)
+    log_summary(record)
 
 
-__all__ = ["UNSET", "RunRecord", "answer_sample", "path_rows", "print_summary", "summary_rows", "write_metrics"]
+def log_summary(record: RunRecord) -> None:
+    """The summary's rows in the run's log file (train.log), one per line."""
+    values = record.to_dict()
+    to_log_file(f"composer-train: {record.status}")
+    for label, value in (*summary_rows(values), *path_rows(values)):
+        to_log_file(f"{label}: {value}")
+
+
+__all__ = [
+    "UNSET",
+    "RunRecord",
+    "answer_sample",
+    "log_summary",
+    "path_rows",
+    "print_summary",
+    "summary_rows",
+    "write_metrics",
+]

@@ -1,6 +1,7 @@
 """Validation of a training config, before anything is built or read.
 
     check_config(cfg)                                  # every problem that needs no data (one ConfigError)
+    check_job(cfg)                                     # ... and the model config (composer-train's pre-check)
     model_cfg = init_from_config(saved.config, cfg.model, user_keys, "runs/x/model")   # init_from=...
     model_cfg = fit_model_to_data(model_cfg, data, cfg.data, user_keys)                 # after data.setup
 
@@ -26,7 +27,7 @@ from .contract.options import is_int
 from .errors import ConfigError, Problem
 from .model import ComposedModel, compose
 from .optim import check_optim, check_scheduler
-from .schema import ModelConfig
+from .schema import ModelConfig, resolve_model_config
 from .training import check_callbacks, check_logger, check_precision_for_device, check_trainer
 from .weights import unique_state
 
@@ -85,6 +86,27 @@ def check_config(cfg: Any) -> dict:
     if problems:
         raise ConfigError.of(problems)
     return cfg
+
+
+def check_job(cfg: Any) -> dict:
+    """What a run checks before it reads any data, all problems in one ConfigError: the training
+    config (:func:`check_config`) and the model config (resolved as the run resolves it; with
+    ``init_from`` the model comes from the saved folder, checked when the run loads it). Returns
+    the config as plain data."""
+    plain = plain_config(cfg)
+    problems: list[Problem] = []
+    try:
+        check_config(plain)
+    except ConfigError as exc:
+        problems += exc.problems
+    if plain.get("init_from") is None:
+        try:
+            resolve_model_config(plain["model"])
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError.of(problems)
+    return plain
 
 
 def _check_paths(cfg: Mapping[str, Any]) -> list[Problem]:
@@ -271,6 +293,7 @@ def _with_values(base: dict, values: dict[str, Any]) -> dict:
 __all__ = [
     "SWEEP_METRICS",
     "check_config",
+    "check_job",
     "fit_model_to_data",
     "init_from_config",
     "overridden_model_keys",

@@ -12,9 +12,11 @@ Any other Lightning ``Trainer`` argument may be added as ``+trainer.<name>=...``
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import inspect
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -32,15 +36,17 @@ from .callbacks import (
     ComposerTQDMProgressBar,
     LearningRate,
     NanGuard,
+    PlainProgress,
     SampleText,
     Throughput,
     ValidateAtEnd,
 )
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, RunCheckpoint
 from .config import to_container
 from .contract.options import did_you_mean, is_int, is_number
 from .errors import ConfigError, Problem
 from .model import ComposedModel
+from .weights import atomic_path
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")  # 16-true: AdamW state underflows in float16
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -57,7 +63,7 @@ RESERVED = {
     "max_epochs": "trainer.max_steps",
     "enable_progress_bar": "callbacks.progress_bar",
 }
-PROGRESS_BARS = ("rich", "tqdm", "none")
+PROGRESS_BARS = ("auto", "rich", "tqdm", "plain", "none")  # auto: rich on a terminal, plain lines otherwise
 # the fix of a trainer step count that is not an integer >= 1 (others: "use an integer >= 1")
 STEP_FIXES = {
     "val_check_interval": "validate every N optimizer steps, e.g. trainer.val_check_interval=100",
@@ -181,15 +187,33 @@ def _trainer_numbers(t: Mapping[str, Any]) -> list[Problem]:
 
 
 def check_callbacks(c: Mapping[str, Any]) -> list[Problem]:
+    """Every problem of the ``callbacks`` config."""
+    return _check_progress(c) + _check_checkpoint(c.get("checkpoint") or {}) + _check_early_stopping(c)
+
+
+def _check_progress(c: Mapping[str, Any]) -> list[Problem]:
     problems: list[Problem] = []
-    bar = c.get("progress_bar", "rich")
+    bar = c.get("progress_bar", "auto")
     if bar not in PROGRESS_BARS:
         problems.append(
             Problem(
                 "callbacks.progress_bar", f"{bar!r} is not a progress bar", f"use one of {', '.join(PROGRESS_BARS)}"
             )
         )
-    ckpt = c.get("checkpoint") or {}
+    interval = c.get("progress_every_s", 30)
+    if not is_number(interval) or interval < 0:
+        problems.append(
+            Problem(
+                "callbacks.progress_every_s",
+                f"{interval!r} must be a number of seconds >= 0",
+                "e.g. 30: a plain progress line at most every 30 s (0: at every log interval)",
+            )
+        )
+    return problems
+
+
+def _check_checkpoint(ckpt: Mapping[str, Any]) -> list[Problem]:
+    problems: list[Problem] = []
     every = ckpt.get("every_n_train_steps")
     if every is not None and (not is_int(every) or every < 1):
         problems.append(
@@ -208,25 +232,30 @@ def check_callbacks(c: Mapping[str, Any]) -> list[Problem]:
                 "1 keeps the best checkpoint, -1 keeps all, 0 none",
             )
         )
-    early = c.get("early_stopping")
-    if early is not None:
-        if not isinstance(early, Mapping):
-            problems.append(
-                Problem(
-                    "callbacks.early_stopping",
-                    f"{early!r} must be a mapping or null",
-                    "e.g. callbacks.early_stopping={patience: 3}",
-                )
-            )
-        elif not is_int(early.get("patience", 3)) or early.get("patience", 3) < 1:
-            problems.append(
-                Problem(
-                    "callbacks.early_stopping.patience",
-                    f"{early.get('patience')!r} must be an integer >= 1",
-                    "validations without improvement before stopping, e.g. 3",
-                )
-            )
     return problems
+
+
+def _check_early_stopping(c: Mapping[str, Any]) -> list[Problem]:
+    early = c.get("early_stopping")
+    if early is None:
+        return []
+    if not isinstance(early, Mapping):
+        return [
+            Problem(
+                "callbacks.early_stopping",
+                f"{early!r} must be a mapping or null",
+                "e.g. callbacks.early_stopping={patience: 3}",
+            )
+        ]
+    if not is_int(early.get("patience", 3)) or early.get("patience", 3) < 1:
+        return [
+            Problem(
+                "callbacks.early_stopping.patience",
+                f"{early.get('patience')!r} must be an integer >= 1",
+                "validations without improvement before stopping, e.g. 3",
+            )
+        ]
+    return []
 
 
 def check_logger(lg: Mapping[str, Any]) -> list[Problem]:
@@ -296,6 +325,14 @@ def cpu_threads(setting: Any, accelerator: str = "auto") -> Optional[int]:
     return int(setting)
 
 
+def progress_bar(c: Mapping[str, Any]) -> str:
+    """``callbacks.progress_bar`` with ``auto`` decided: rich on a terminal, plain lines otherwise."""
+    bar = c.get("progress_bar", "auto")
+    if bar == "auto":
+        return "rich" if sys.stdout.isatty() else "plain"
+    return bar
+
+
 @dataclass
 class TrainerParts:
     """What ``build_trainer`` made besides the Trainer, for the run summary."""
@@ -327,9 +364,62 @@ def build_strategy(t: Mapping[str, Any], model: ComposedModel) -> Any:
     return name
 
 
-def build_loggers(lg: Mapping[str, Any], run_dir: Path) -> list[Logger]:
-    """CSV (``run_dir/metrics.csv``, always) and TensorBoard (``run_dir/tensorboard``)."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's metrics.csv writer, but a resumed run keeps the rows of the steps before its
+    checkpoint (Lightning's deletes an existing metrics.csv) and drops the later ones (logged after
+    the checkpoint by the interrupted run: they are trained again)."""
+
+    def __init__(self, log_dir: str, before_step: int):
+        self.before_step = before_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = list(reader.fieldnames or []), [r for r in reader if _csv_step(r) < self.before_step]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(header)  # the new rows extend this header
+
+
+def _csv_step(row: Mapping[str, Any]) -> float:
+    try:
+        return float(row.get("step") or "inf")
+    except ValueError:
+        return float("inf")
+
+
+class ResumedCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``metrics.csv`` on after the rows of a resumed run's first ``before_step``
+    steps (Lightning's CSV ``step`` is the 0-based index of the step's batch)."""
+
+    def __init__(self, *args: Any, before_step: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.before_step = before_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self.before_step)
+        return self._experiment
+
+
+def build_loggers(lg: Mapping[str, Any], run_dir: Path, resume_step: Optional[int] = None) -> list[Logger]:
+    """CSV (``run_dir/metrics.csv``, always) and TensorBoard (``run_dir/tensorboard``). ``resume_step``:
+    the step of the checkpoint a run resumes in its own folder (metrics.csv keeps the rows before it)."""
+    csv_logger = (
+        CSVLogger(save_dir=str(run_dir), name="", version="")
+        if resume_step is None
+        else ResumedCSVLogger(save_dir=str(run_dir), name="", version="", before_step=resume_step)
+    )
+    loggers: list[Logger] = [csv_logger]
     if lg.get("tensorboard"):
         loggers.append(
             TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
@@ -346,11 +436,13 @@ def build_callbacks(
         callbacks.append(NanGuard())
     if c.get("lr_monitor", True):
         callbacks.append(LearningRate())
-    bar = c.get("progress_bar", "rich")
+    bar = progress_bar(c)
     if bar == "rich":
         callbacks.append(ComposerProgressBar(leave=True))
     elif bar == "tqdm":
         callbacks.append(ComposerTQDMProgressBar())
+    # plain lines: on stdout when they are the progress display, in train.log always
+    callbacks.append(PlainProgress(float(c.get("progress_every_s", 30)), to_console=bar == "plain"))
     early = c.get("early_stopping")
     if early:
         callbacks.append(
@@ -376,7 +468,7 @@ def build_callbacks(
         callbacks.append(parts.sample)
     ckpt = c.get("checkpoint") or {}
     if ckpt.get("enabled", True):
-        parts.checkpoint = ModelCheckpoint(
+        parts.checkpoint = RunCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
             filename="best-step{step}-val_loss{val_loss:.4f}",
             auto_insert_metric_name=False,
@@ -392,13 +484,19 @@ def build_callbacks(
 
 
 def build_trainer(
-    cfg: Any, run_dir: Path, model: ComposedModel, data: Any, flops_per_token: Optional[float] = None
+    cfg: Any,
+    run_dir: Path,
+    model: ComposedModel,
+    data: Any,
+    flops_per_token: Optional[float] = None,
+    resume_step: Optional[int] = None,
 ) -> tuple[L.Trainer, TrainerParts]:
-    """The Trainer for ``cfg`` (already validated; a DictConfig or plain data) writing into ``run_dir``."""
+    """The Trainer for ``cfg`` (already validated; a DictConfig or plain data) writing into ``run_dir``
+    (``resume_step``: a resume in the run's own folder, see :func:`build_loggers`)."""
     cfg = to_container(cfg)
     t = dict(cfg["trainer"])
     callbacks, parts = build_callbacks(cfg["callbacks"], run_dir, data, flops_per_token, t["precision"])
-    parts.loggers = build_loggers(cfg["logger"], run_dir)
+    parts.loggers = build_loggers(cfg["logger"], run_dir, resume_step)
     args = {k: v for k, v in t.items() if k not in OWN_KEYS}
     args["strategy"] = build_strategy(t, model)
     args["val_check_interval"] = int(t["val_check_interval"]) * int(t.get("accumulate_grad_batches", 1))
@@ -410,7 +508,7 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         enable_checkpointing=parts.checkpoint is not None,
-        enable_progress_bar=cfg["callbacks"].get("progress_bar", "rich") != "none",
+        enable_progress_bar=progress_bar(cfg["callbacks"]) in ("rich", "tqdm"),
         enable_model_summary=False,
     )
     try:
@@ -421,6 +519,7 @@ def build_trainer(
 
 
 __all__ = [
+    "ResumedCSVLogger",
     "TrainerParts",
     "block_classes",
     "build_callbacks",
@@ -432,4 +531,5 @@ __all__ = [
     "check_precision_for_device",
     "check_trainer",
     "cpu_threads",
+    "progress_bar",
 ]

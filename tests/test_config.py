@@ -163,3 +163,19 @@ def test_base_yaml_has_exactly_the_model_fields_with_their_defaults():
         else:
             want = "???"
         assert base[name] == want, f"_base.yaml {name}: {base[name]!r} != schema default {want!r}"
+
+
+@pytest.mark.parametrize("family", ["attention", "ffn", "norm", "position", "block"])
+def test_the_selectors_the_catalogue_prints_work(family):
+    """composer-components prints how to pick a component on the command line: every form it
+    shows composes and builds (the block is an option of the model, not a config group)."""
+    from composer.catalogue import selectors
+    from composer.registry import FAMILIES
+    from composer.schema import resolve_model_config
+
+    name = FAMILIES[family].names()[-1]
+    for how in selectors(family):
+        override = how.replace("<name>", name).replace(", <option>: ...", "")
+        cfg = resolve_model_config(load_config([override]).model)
+        chosen = cfg.layer(0).block if family == "block" else getattr(cfg.layer(0), family)
+        assert chosen.type == name, override

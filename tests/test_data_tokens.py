@@ -154,3 +154,54 @@ def test_fewer_tokens_than_one_batch_names_train_bin(corpus, tmp_path):
         dm.setup("fit")
     msg = str(err.value)
     assert "\n" not in msg and "train.bin" in msg and str(64 * 1024) in msg
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("version", "1"), ("version", None), ("train_tokens", "lots"), ("train_tokens", -5), ("vocab_size", 2.5)],
+)
+def test_a_bad_meta_field_is_a_data_error_naming_meta_json(corpus, tmp_path, field, value):
+    out = tmp_path / "out"
+    prepare(corpus, out, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(DataError) as err:
+        TokensDataModule(path=str(out)).setup("fit")
+    assert str(out / "meta.json") in str(err.value) and repr(field) in str(err.value) and repr(value) in str(err.value)
+
+
+def test_an_id_past_the_vocabulary_is_found_at_setup_naming_the_file(corpus, tmp_path):
+    out = tmp_path / "out"
+    meta = prepare(corpus, out, progress=False)
+    ids = np.fromfile(out / "val.bin", dtype="<u2")
+    ids[7] = meta["vocab_size"] + 3  # damaged, or written with another tokenizer
+    ids.tofile(out / "val.bin")
+    with pytest.raises(DataError) as err:
+        TokensDataModule(path=str(out), seq_len=32, batch_size=4).setup("fit")
+    text = str(err.value)
+    assert str(out / "val.bin") in text and f"token id {meta['vocab_size'] + 3} at position 7" in text
+    assert f"vocab_size={meta['vocab_size']}" in text
+
+
+def test_a_full_disk_stops_prepare_with_one_line_and_a_rerun_finishes_it(corpus, tmp_path, monkeypatch, capsys):
+    import errno
+
+    args = ["--tokenizer", "char", "--block-bytes", "2048", "--quiet"]
+    assert main([str(corpus), str(tmp_path / "ref"), *args]) == 0
+    real, calls = prep._append, itertools.count(1)
+
+    def full(f, ids, dtype):
+        if next(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, ids, dtype)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(prep, "_append", full)
+    capsys.readouterr()
+    assert main([str(corpus), str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"no space left on {out}" in err and "it resumes" in err and "Traceback" not in err
+    (out / ".meta.json.4242.deadbeef.tmp").write_bytes(b"{")  # what a killed write leaves
+    monkeypatch.setattr(prep, "_append", real)
+    assert main([str(corpus), str(out), *args]) == 0
+    assert files(out) == files(tmp_path / "ref")  # the orphan temp file is gone too

@@ -410,3 +410,10 @@ def test_plan_refuses_an_unknown_device_type():
 
     with pytest.raises(InvalidParameter, match=r"device: 'tpu' is not a device type .* did you mean 'xpu'"):
         plan(small_model_dict(), device="tpu")
+
+
+def test_a_bad_override_followed_by_another_on_the_same_layer_is_reported():
+    """Found by the fuzz suite: the second override of layer 0 merged onto the first one's bool."""
+    raw = small_model_dict(layers=[{"select": [0], "norm": False}, {"select": 0, "norm": {"type": "layernorm"}}])
+    with pytest.raises(InvalidParameter, match=r"model.layers\[0\].norm: expected a norm type name or a mapping"):
+        compose(raw, device="meta")

@@ -262,7 +262,7 @@ def bad_values(draw) -> dict:
                 ),
                 st.integers(-3, 0).map(lambda w: {"attention": {"type": "sliding_window", "window": w}}),
                 st.integers(17, 100).map(lambda w: {"attention": {"type": "sliding_window", "window": w}}),
-                st.just({"attention": {"type": "sliding_window"}}),
+                st.just({"head": {"type": "classification"}}),
                 st.just({"attention": {"type": "gqa", "num_kv_heads": 3}}),
                 st.just({"hidden_size": 6, "position": {"type": "rope"}}),
                 st.sampled_from([1, 3, 5, 7]).map(

@@ -239,3 +239,66 @@ def test_console_script_exits_2_without_traceback(tmp_path):
         timeout=120,
     )
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "record, named",
+    [
+        ({"status": "completed", "val_loss": "low", "overrides": ["seed=2"]}, "'val_loss'"),
+        ({"status": 5, "overrides": ["seed=2"]}, "'status'"),
+        ({"status": "completed", "overrides": "seed=2"}, "'overrides'"),
+        ({"status": "completed", "seed": {"a": 1}, "overrides": []}, "'seed'"),
+        (["not", "a", "record"], "JSON list"),
+    ],
+)
+def test_a_metrics_json_with_odd_field_types_is_listed_as_invalid(tmp_path, capsys, record, named):
+    make_run(tmp_path, 0, ["seed=1"], {"best_val_loss": 1.0}, curve=[(10, 1.0, 0.5)])
+    bad = make_run(tmp_path, 1, ["seed=2"], curve=[(10, 2.0, 0.5)])
+    (bad / "metrics.json").write_text(json.dumps(record))
+    code, out, err = report([str(tmp_path)], capsys)
+    assert code == 0, err
+    md = (tmp_path / "report.md").read_text()
+    line = next(line for line in md.splitlines() if line.startswith("- job 1"))
+    assert "invalid" in line and str(bad / "metrics.json") in line and named in line and "skipped" in line
+    assert "1 of 2 runs completed" in md
+
+
+def _series(tmp_path: Path, points: int):
+    from composer.report import build_table, figure_series
+
+    for num, seed in enumerate((1, 2)):
+        for attn, offset in (("mha", 0.0), ("gqa", 0.01)):
+            curve = [(10 * (i + 1), 2.0 - 0.1 * i + offset + 0.001 * seed, 0.5) for i in range(points)]
+            final = curve[-1][1]
+            make_run(tmp_path, 2 * num + (attn == "gqa"), [f"model/attention={attn}", f"seed={seed}"],
+                     {"best_val_loss": final}, curve=curve)  # fmt: skip
+    sweep = read_sweep(tmp_path)
+    return sweep, figure_series(sweep, build_table(sweep))
+
+
+def test_a_sweep_that_validated_once_is_drawn_as_points_with_the_training_loss(tmp_path):
+    """One validation per run: markers (a line of one point draws nothing), a training-loss panel,
+    the panel saying so; the sort metric on an axis fitted to values 2.00x apart by 0.01."""
+    from composer.report_figure import figure
+
+    sweep, series = _series(tmp_path, points=1)
+    fig = figure(series, sweep.metric, sweep.maximize)
+    train, val, acc, metric = fig.axes
+    assert train.get_ylabel() == "train_loss" and val.get_ylabel() == "val_loss"
+    assert "one validation per run" in val.get_title()
+    drawn = [line for line in val.get_lines() if line.get_marker() == "o"]  # (the error bars' caps are lines too)
+    assert len(drawn) == 2 and all(len(line.get_xdata()) == 1 for line in drawn)
+    assert all(label.endswith("(1 point)") for label in val.get_legend_handles_labels()[1])
+    low, high = metric.get_xlim()
+    assert 1.9 < low < 2.0 < high < 2.1  # not from zero: the 0.01 between the two is visible
+    assert [t.get_text() for t in metric.get_yticklabels()] == [s.label for s in series]
+
+
+def test_curves_with_several_validations_are_lines_without_the_training_panel(tmp_path):
+    from composer.report_figure import figure
+
+    sweep, series = _series(tmp_path, points=4)
+    fig = figure(series, sweep.metric, sweep.maximize)
+    assert [ax.get_ylabel() for ax in fig.axes[:2]] == ["val_loss", "val_accuracy"]
+    assert "one validation" not in fig.axes[0].get_title()
+    assert all(len(line.get_xdata()) == 4 for line in fig.axes[0].get_lines())

@@ -239,8 +239,8 @@ def test_missing_and_invalid_parameter_classes():
     del raw["hidden_size"]
     err = problems_of(raw)
     assert type(err) is MissingParameter and paths(err) == ["model.hidden_size"] and "is required" in str(err)
-    err = problems_of(small_model_dict(attention={"type": "sliding_window"}))
-    assert type(err) is MissingParameter and paths(err) == ["model.attention.window"]
+    err = problems_of(small_model_dict(head={"type": "classification"}))
+    assert type(err) is MissingParameter and paths(err) == ["model.head.num_classes"]
     err = problems_of(small_model_dict(attention={"window": 3}))
     assert type(err) is MissingParameter and paths(err) == ["model.attention.type"]
     assert "mha" in str(err) and "sliding_window" in str(err)

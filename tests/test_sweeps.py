@@ -99,25 +99,26 @@ def test_report_has_one_row_per_configuration_with_mean_and_std_over_seeds(atten
 
 
 def test_a_failing_run_is_recorded_and_reported_while_the_others_complete(tmp_path, capsys):
-    """num_heads=3 does not divide hidden_size=32: that job fails, the sweep goes on."""
+    """6 recall pairs do not fit in 16 tokens (the data module finds it when the job runs): that job
+    fails, the sweep goes on, and composer-train exits 1 naming it."""
     sweep = tmp_path / "failing"
-    args = [o for o in QUIET if not o.startswith("model.num_heads=")]
-    code, _, err = train_cli(["-m", *args, "model.num_heads=2,3", "seed=1", f"hydra.sweep.dir={sweep}"], capsys)
-    assert code == 0 and "error in job 1" in err
+    args = [o for o in QUIET if not o.startswith("data.num_pairs=")]
+    code, _, err = train_cli(["-m", *args, "data.num_pairs=4,6", "seed=1", f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 1 and "error in job 1" in err and "1 of 2 jobs of the sweep did not complete" in err
     runs = records(sweep)
     assert runs[0]["status"] == "completed"
-    assert runs[1]["status"] == "failed" and "num_heads" in runs[1]["error"]
+    assert runs[1]["status"] == "failed" and "data.seq_len" in runs[1]["error"]
 
     code, out, _ = report_cli([str(sweep)], capsys)
     assert code == 0
     md = (sweep / "report.md").read_text()
     assert "1 of 2 runs completed" in md and "## Not completed" in md
     failed = [line for line in md.splitlines() if line.startswith("- job 1")]
-    assert len(failed) == 1 and "model.num_heads=3" in failed[0] and "failed" in failed[0]
-    assert "num_heads" in failed[0]  # the error itself
+    assert len(failed) == 1 and "data.num_pairs=6" in failed[0] and "failed" in failed[0]
+    assert "too short for 6 pairs" in failed[0]  # the error itself
     assert "job 1" in out and "failed" in out
-    rows = {r["model.num_heads"]: r for r in csv_rows(sweep / "report.csv")}
-    assert rows["2"]["completed"] == "1" and rows["3"]["completed"] == "0" and rows["3"]["failed"] == "1"
+    rows = {r["data.num_pairs"]: r for r in csv_rows(sweep / "report.csv")}
+    assert rows["4"]["completed"] == "1" and rows["6"]["completed"] == "0" and rows["6"]["failed"] == "1"
     assert (sweep / "report.png").read_bytes()[:8] == PNG
 
 

@@ -41,6 +41,9 @@ def test_main_job_writes_the_whole_run_folder(tmp_path):
     assert f"exported model: {run / 'model'}\n" in res.stdout
 
     assert {p.name for p in (run / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert {p.name for p in run.iterdir()} == {
+        ".hydra", "train.log", "metrics.csv", "metrics.json", "checkpoints", "model"
+    }  # fmt: skip
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     for column in ("step", "train_loss", "val_loss", "val_ppl", "val_accuracy", "lr", "tokens_per_s"):
@@ -64,6 +67,15 @@ def test_main_job_writes_the_whole_run_folder(tmp_path):
 
     model = ComposedModel.from_pretrained(run / "model")
     assert record["params"] == model.num_parameters()
+    assert record["vocab_size"] == 16 and record["preset_vocab_size"] == 256  # the data's vocabulary (README)
+    assert "vocabulary 16 from the" in res.stdout  # (the table wraps the rest)
+    assert (
+        "model: tiny (16,992 parameters; vocabulary 16 from the data, the preset's is 256)"
+        in (run / "train.log").read_text()
+    )
+    # recall ids are symbols: no tokenizer.json (text, tokens and classification data save theirs)
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert "composer-train: completed" in (run / "train.log").read_text()
     state = model.state_dict()
     for key, value in last["state_dict"].items():
         assert torch.equal(state[key.removeprefix("model.")], value), key
@@ -108,7 +120,7 @@ def test_bad_data_is_one_line_and_exit_2(texts, capsys, case):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
     assert "Traceback" not in err + out
-    assert metrics(texts / case)["status"] == "failed"
+    assert not (texts / case).exists()  # a run that fails its checks leaves nothing behind
 
 
 def test_bad_data_through_the_console_script(texts):
@@ -150,31 +162,50 @@ def test_bad_override_is_a_config_error_before_hydra_starts(tmp_path, capsys):
 
 
 def test_multirun_writes_one_record_per_run_and_survives_a_failing_run(tmp_path, capsys):
-    """Two overrides swept (2 x 2 runs); num_heads=3 does not divide hidden_size=32, so those
-    runs fail: recorded as failed, the others complete, the sweep finishes."""
+    """Two overrides swept (2 x 2 runs); 6 recall pairs do not fit in 16 tokens, which only the data
+    module finds (when the job runs): those runs fail and are recorded as failed, the others
+    complete, the sweep finishes, and composer-train exits 1 naming the failed jobs."""
     sweep = tmp_path / "sweep"
-    args = [o for o in TINY if not o.startswith("model.num_heads=")]
-    code, out, err = train_cli(["-m", *args, "seed=1,2", "model.num_heads=2,3", f"hydra.sweep.dir={sweep}"], capsys)
-    assert code == 0, err
+    args = [o for o in TINY if not o.startswith("data.num_pairs=")]
+    code, out, err = train_cli(["-m", *args, "seed=1,2", "data.num_pairs=4,6", f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 1, err
+    assert "2 of 4 jobs of the sweep did not complete" in err
+    assert "  job 1 (seed=1 data.num_pairs=6): invalid configuration: data.seq_len" in err and "  job 3 (" in err
+    assert "configurations with a failed job: data.num_pairs=6 (2 jobs)" in err and f"composer-report {sweep}" in err
     records = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
     assert sorted(records) == [0, 1, 2, 3]
     for r in records.values():
-        heads = 3 if "model.num_heads=3" in r["overrides"] else 2
-        if heads == 2:
+        pairs = 6 if "data.num_pairs=6" in r["overrides"] else 4
+        if pairs == 4:
             assert r["status"] == "completed" and r["steps"] == 6
         else:
-            assert r["status"] == "failed" and "num_heads" in r["error"]
+            assert r["status"] == "failed" and "data.seq_len" in r["error"]
     assert {
-        tuple(sorted(o for o in r["overrides"] if o.startswith(("seed=", "model.num_heads="))))
-        for r in records.values()
+        tuple(sorted(o for o in r["overrides"] if o.startswith(("seed=", "data.num_pairs=")))) for r in records.values()
     } == {
-        ("model.num_heads=2", "seed=1"),
-        ("model.num_heads=2", "seed=2"),
-        ("model.num_heads=3", "seed=1"),
-        ("model.num_heads=3", "seed=2"),
+        ("data.num_pairs=4", "seed=1"),
+        ("data.num_pairs=4", "seed=2"),
+        ("data.num_pairs=6", "seed=1"),
+        ("data.num_pairs=6", "seed=2"),
     }
     seeds_done = {r["seed"]: r["val_loss"] for r in records.values() if r["status"] == "completed"}
     assert sorted(seeds_done) == [1, 2] and seeds_done[1] != seeds_done[2]
+
+
+def test_a_sweep_with_an_invalid_job_starts_none(tmp_path, capsys):
+    """num_heads=3 does not divide hidden_size=32 and a sliding window without its size (which it
+    now has by default) is fine: every job's model is resolved before the first one runs, so the
+    sweep stops at once (exit 2), naming the bad job, and no folder is made."""
+    sweep = tmp_path / "sweep"
+    args = [o for o in TINY if not o.startswith("model.num_heads=")]
+    argv = ["-m", *args, "model.num_heads=2,3", "model/attention=mha,sliding_window", f"hydra.sweep.dir={sweep}"]
+    code, _, err = train_cli(argv, capsys)
+    assert code == 2
+    assert "2 of 4 jobs of the sweep are invalid (none was started)" in err
+    assert "jobs 2, 3 (model.num_heads=3 model/attention=" not in err  # one line per configuration
+    assert "job 2 (model.num_heads=3 model/attention=mha): model.hidden_size: 32 is not divisible" in err
+    assert "job 3 (model.num_heads=3 model/attention=sliding_window)" in err
+    assert "Traceback" not in err and not sweep.exists()
 
 
 def test_optuna_sweeper_receives_the_optimized_metric(tmp_path, capsys):

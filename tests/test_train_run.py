@@ -112,6 +112,7 @@ def test_early_stopping_and_tensorboard(tmp_path):
     assert record["status"] == "completed"
     assert record["steps"] < 30  # no improvement of 0.1 with a vanishing learning rate: stopped early
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "metrics.csv").is_file()  # CSV is always written (README), TensorBoard besides it
     assert math.isfinite(record["val_loss"])
 
 

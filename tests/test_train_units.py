@@ -110,9 +110,8 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
     good = path.read_bytes()
 
-    def crash(obj, f, *args, **kwargs):  # writes half a checkpoint, then the process "dies"
-        with open(f, "wb") as out:
-            out.write(good[: len(good) // 2])
+    def crash(obj, f, *args, **kwargs):  # writes half a checkpoint (f: the temp file, open), then fails
+        f.write(good[: len(good) // 2])
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
@@ -350,7 +349,9 @@ def test_precheck_reports_bad_overrides_as_config_errors():
 
 
 def test_sweep_jobs_enumerate_choices_and_skip_sampled_intervals():
-    jobs = _sweep_jobs(["model/attention=mha,gqa", "seed=range(1,3)", "optim.lr=interval(0.001,0.01)", "a=1"])
+    jobs, complete = _sweep_jobs(["model/attention=mha,gqa", "seed=range(1,3)", "optim.lr=interval(0.001,0.01)", "a=1"])
+    assert not complete  # the interval's values are the sweeper's
+    assert _sweep_jobs(["seed=1,2"]) == ([["seed=1"], ["seed=2"]], True)
     assert jobs == [
         ["model/attention=mha", "seed=1", "a=1"],
         ["model/attention=mha", "seed=2", "a=1"],

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .common import DataModule
-from .tokenfiles import META, SPLITS, TokenFile, read_meta
+from .tokenfiles import META, SPLITS, TokenFile, check_ids, read_meta
 from .tokenizer import load_tokenizer
 from .util import missing_path, stream_problems
 from .windows import WindowDataset, WindowSource, check_split_sizes
@@ -67,6 +67,7 @@ class TokensDataModule(DataModule):
                     f"({count * dtype.itemsize} bytes); rerun composer-prepare into a new folder"
                 )
             files[split] = TokenFile(path, dtype, count)
+            check_ids(files[split], int(meta["vocab_size"]), self.folder / META)  # at setup, not mid-training
         tokenizer = meta.get("tokenizer")
         self.tokenizer = load_tokenizer(self.folder / tokenizer, key=f"{self.folder / META}") if tokenizer else None
         self.vocab_size = int(meta["vocab_size"])
