@@ -47,7 +47,7 @@ def check_ids(input_ids: Any) -> tuple[int, int]:
     return b, t
 
 
-def _host_checks(device: torch.device, config: ModelConfig) -> bool:
+def host_checks(device: torch.device, config: ModelConfig) -> bool:
     return not torch.compiler.is_compiling() and (device.type == "cpu" or config.check_inputs_on_accelerator)
 
 
@@ -81,7 +81,7 @@ def check_forward_inputs(
         )
     _check_mask(config, attention_mask, (b, past + t) if not static else (b, t), static, input_ids.device)
     _check_positions(config, position_ids, b, t, input_ids.device)
-    if _host_checks(input_ids.device, config):
+    if host_checks(input_ids.device, config):
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one host read
         if lo < 0 or hi >= config.vocab_size:
             raise ModelError(
@@ -98,7 +98,7 @@ def _check_mask(config: ModelConfig, mask: Any, want: tuple[int, int], static: b
         raise ModelError(f"attention_mask must have shape {want} {what}, got {_shape(mask)}")
     if mask.dtype.is_complex:
         raise ModelError(f"attention_mask must hold 0 / 1 (bool, int or float), got {mask.dtype}")
-    if _host_checks(device, config) and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+    if host_checks(device, config) and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         odd = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
         raise ModelError(
             f"attention_mask must hold only 0 (padding) and 1 (token), found {odd!r}; "
@@ -118,7 +118,7 @@ def _check_positions(config: ModelConfig, position_ids: Any, b: int, t: int, dev
         raise ModelError(f"position_ids must have shape ({b}, {t}) or (1, {t}), got {_shape(position_ids)}")
     if position_ids.dtype not in ID_DTYPES:
         raise ModelError(f"position_ids must be int64 or int32, got {position_ids.dtype}; convert with .long()")
-    if _host_checks(device, config):
+    if host_checks(device, config):
         lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()
         if lo < 0 or hi >= config.max_position_embeddings:
             raise ModelError(
@@ -148,9 +148,9 @@ def check_cache(cache: Any, num_layers: int, batch: int) -> None:
         )
 
 
-def check_labels(labels: Any, input_ids: Tensor, per_token: bool, classes: int, host_checks: bool) -> None:
+def check_labels(labels: Any, input_ids: Tensor, per_token: bool, classes: int, values: bool) -> None:
     """Labels [B, T] of token ids (language modelling, ``per_token``) or [B] class indices, integer, in
-    [0, classes) or IGNORE_INDEX."""
+    [0, classes) or IGNORE_INDEX; the values are read (once, on the host) only when ``values`` (host_checks)."""
     b, t = input_ids.shape
     want = (b, t) if per_token else (b,)
     what = "[batch, seq_len] token ids" if per_token else "[batch] class indices"
@@ -158,7 +158,7 @@ def check_labels(labels: Any, input_ids: Tensor, per_token: bool, classes: int, 
         raise ModelError(f"labels must have shape {want} ({what}), got {_shape(labels)}")
     if labels.dtype not in ID_DTYPES:
         raise ModelError(f"labels must be int64 or int32, got {labels.dtype}; convert with labels.long()")
-    if host_checks and labels.numel():
+    if values and labels.numel():
         bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= classes))]
         if bad.numel():
             raise ModelError(

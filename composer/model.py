@@ -36,7 +36,7 @@ from .devices import check_fits, target_device, target_dtype
 from .dry_run import dry_forward
 from .errors import ConfigError, ModelError, Problem
 from .generation import GenerationMixin
-from .inputs import check_cache, check_forward_inputs, check_ids, check_labels
+from .inputs import check_cache, check_forward_inputs, check_ids, check_labels, host_checks
 from .registry import ATTENTION, BLOCK, FFN, HEAD, NORM, POSITION, interface_gaps
 from .schema import ModelConfig, resolve_model_config
 
@@ -303,8 +303,7 @@ class ComposedModel(PretrainedMixin, GenerationMixin, nn.Module):
         check_forward_inputs(self.config, input_ids, attention_mask, past, static, position_ids, device)
         space = member(self.head, "head", "label_space")() if labels is not None else None
         if space is not None:
-            hosted = device.type == "cpu" or self.config.check_inputs_on_accelerator
-            check_labels(labels, input_ids, *space, host_checks=hosted and not torch.compiler.is_compiling())
+            check_labels(labels, input_ids, *space, values=host_checks(input_ids.device, self.config))
 
     def _shared_inputs(
         self,

@@ -25,7 +25,6 @@ Conventions (stated so the figures can be checked):
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -124,12 +123,14 @@ class _Layers:
 
     @classmethod
     def of(cls, model: ComposedModel, call: CostCall) -> _Layers:
-        keys: dict[str, int] = {}
-        for j, i in enumerate(model.layer_indices):
-            keys.setdefault(_spec_key(model.config.layer(i)), j)
-        rep = [keys[_spec_key(model.config.layer(i))] for i in range(model.config.num_layers)]
-        if model.skeleton is False and len(model.layers) == model.config.num_layers:  # a whole model: its own blocks
-            rep = list(range(model.config.num_layers))
+        n = model.config.num_layers
+        if model.skeleton:  # one block per distinct spec: a layer maps to its spec's block
+            keys: dict[str, int] = {}
+            for j, i in enumerate(model.layer_indices):
+                keys.setdefault(_spec_key(model.config.layer(i)), j)
+            rep = [keys[_spec_key(model.config.layer(i))] for i in range(n)]
+        else:  # a whole model (hand-made blocks included): each layer is its own block
+            rep = list(range(n))
         out = cls(model, rep, {}, [])
         for j in sorted(set(rep)):
             out.costs[j] = out._layer_cost(j, call)
@@ -142,7 +143,7 @@ class _Layers:
         biased = "bias" in member(position, "position", "acts_on")
         try:
             cost = cost_of(block, call.replace(position_bias=biased))
-            rotation = cost_of(position, call, block.attn)
+            rotation = cost_of(position, call, member(block, "block", "attn"))
         except NotPlanned as exc:
             if exc.component not in self.not_planned:
                 self.not_planned.append(exc.component)
@@ -270,7 +271,7 @@ def plan(
         model.position.weight.numel() if getattr(model.position, "weight", None) is not None else 0
     )
     padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * (1 if model.tied else 2)
-    head = _head_cost(model, call)
+    head = _head_cost(model, call, layers.not_planned)
     planned = [layers.cost(i) for i in range(n) if layers.cost(i) is not None]
     fwd = head.flops + sum(c.flops for c in planned)
     memory, recompute = _memory(cfg, layers, head, call, total, trainable, (wb, gb, ob), model.tied)
@@ -297,13 +298,17 @@ def plan(
     )
 
 
-def _head_cost(model: ComposedModel, call: CostCall) -> Cost:
-    """The model-level modules' cost: embedding output, embedding norm, final norm and head."""
+def _head_cost(model: ComposedModel, call: CostCall, not_planned: list[str]) -> Cost:
+    """The model-level modules' cost: embedding output, embedding norm, final norm and head (one without a
+    cost is added to ``not_planned``; the layers are still planned)."""
     cost = Cost(saved=call.residual_bytes * model.config.hidden_size)  # the embedding output
     for module in (model.embed_norm, model.final_norm, model.head):
-        if module is not None:
-            with contextlib.suppress(NotPlanned):  # a head without a cost: the layers are still planned
-                cost = cost + cost_of(module, call)
+        if module is None:
+            continue
+        try:
+            cost = cost + cost_of(module, call)
+        except NotPlanned as exc:
+            not_planned.append(exc.component)
     return cost
 
 

@@ -129,3 +129,10 @@ def test_the_contract_and_the_components_are_leaves():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0 and "leaf" in out.stdout, out.stderr
+
+
+def test_a_head_without_a_cost_is_reported_as_not_planned(plugins, monkeypatch):
+    monkeypatch.delattr(contract_only.ScaledLMHead, "cost")
+    report = plan(_model_dict(plugins), batch_size=2, seq_len=16)
+    assert report.not_planned == ["tests.plugins.contract_only.ScaledLMHead"]
+    assert report.flops_forward_per_token > 0, "the layers are still planned"

@@ -1,7 +1,5 @@
-"""Every ```python block of README.md runs as written, each in a fresh namespace in an empty folder.
-
-A block that needs files from outside (a Hugging Face folder, a dataset) may opt out with a first line
-``# readme: skip (<what it needs>)``; the reason is then part of the block the reader sees. A bare
+"""Every ```python block of README.md runs as written, each in a fresh namespace in an empty folder
+(none may opt out: a block builds what it needs). A bare
 expression whose trailing comment is itself a Python value (``out.logits.shape  # torch.Size([2, 16])``)
 must evaluate to that value: what the README shows as a result is checked too.
 """
@@ -9,14 +7,12 @@ must evaluate to that value: what the README shows as a result is checked too.
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SKIP = re.compile(r"#\s*readme:\s*skip\s*\((?P<reason>[^)]+)\)")
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -63,9 +59,6 @@ def test_the_readme_has_python_blocks():
 
 @pytest.mark.parametrize("line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
 def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, capsys):
-    skip = SKIP.search(code.splitlines()[0])
-    if skip:
-        pytest.skip(f"README.md:{line} needs {skip['reason']}")
     monkeypatch.chdir(tmp_path)  # whatever a block writes lands in an empty folder
     threads = torch.get_num_threads()
     namespace: dict = {"__name__": "__readme__"}
