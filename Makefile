@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: setup train test lint bench clean
@@ -13,7 +14,10 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel  # the build backend (pyproject)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# compat: the checkout goes on sys.path, so a folder named composer beside a script cannot hide the
+	# package (setuptools calls the mode transitional: without it, the default editable install)
+	$(BIN)/python -m pip install -q -e ".[dev]" --config-settings editable_mode=compat \
+		|| $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -21,8 +25,8 @@ setup: $(BIN)/.installed
 train: setup
 	$(BIN)/composer-train $(ARGS)
 
-test: lint
-	$(BIN)/python -m pytest -q $(ARGS)
+test: lint  # two pytest-xdist workers (the suite takes about 7 minutes on 2 cores; WORKERS=0 runs it serially)
+	$(BIN)/python -m pytest -q -n $(WORKERS) $(ARGS)
 
 lint: setup  # the rules, the layout (ruff format) and the one-way import layers (import-linter, pyproject.toml)
 	$(BIN)/ruff check .

@@ -13,6 +13,8 @@ or Lightning.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import warnings
 from typing import Any
 
 from .errors import (
@@ -27,6 +29,23 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+
+def _warn_if_mosaicml() -> None:
+    """MosaicML Composer owns the import name ``composer`` too: in one environment their files mix."""
+    try:
+        other = importlib.metadata.distribution("mosaicml")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    warnings.warn(
+        f"MosaicML Composer (mosaicml {other.version}) is installed in this environment and uses the import "
+        "name 'composer' too; the two packages overwrite each other. Use a separate virtual environment for "
+        "transformer-composer, or `pip uninstall mosaicml` (then reinstall transformer-composer)",
+        stacklevel=3,
+    )
+
+
+_warn_if_mosaicml()
 
 _LAZY = {  # public name -> the module that defines it
     "ComposedModel": "model",

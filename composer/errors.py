@@ -42,7 +42,7 @@ class ConfigError(ComposerError):
     def __init__(self, problems: list[Problem] | str, *, header: str = "invalid configuration"):
         if isinstance(problems, str):
             problems = [Problem("", problems)]
-        self.problems = list(problems)
+        self.problems, self.header = list(problems), header
         if len(self.problems) == 1:
             text = f"{header}: {self.problems[0]}"
         else:

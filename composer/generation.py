@@ -270,11 +270,17 @@ class _Request:
     window_threads: Optional[int] = None  # ... from the first step past the context window
 
 
+MAX_NEW_TOKENS = 1 << 24  # the bound on max_position_embeddings: 16,777,216 tokens
+
+
 def _prepare(model: Any, input_ids: Any, max_new_tokens: Any, **o: Any) -> _Request:
     """Every argument checked (ModelError naming it), the prompt moved to the model's device and left-padded."""
     check_model(model)
-    if not is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ModelError(f"generate(max_new_tokens={max_new_tokens!r}): expected an integer >= 0")
+    if not is_int(max_new_tokens) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ModelError(
+            f"generate(max_new_tokens={max_new_tokens!r}): expected an integer in [0, {MAX_NEW_TOKENS}] "
+            "(the output is allocated up front)"
+        )
     settings = SamplingSettings(
         check_flag("do_sample", o["do_sample"]), o["temperature"], o["top_k"], o["top_p"], o["repetition_penalty"]
     )

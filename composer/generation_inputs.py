@@ -184,10 +184,11 @@ def decode_threads(setting: Any, model: Any, rows: int, device: torch.device, to
         if work < SMALL_DECODE_WORK:
             return 1
         return max(1, min(torch.get_num_threads(), idle_cores()))
-    if is_int(setting) and setting >= 1:
+    most = max(256, 4 * (os.cpu_count() or 1), torch.get_num_threads())  # bounded: 10**6 threads crash torch
+    if is_int(setting) and 1 <= setting <= most:
         return int(setting)
     raise ModelError(
-        f"generate(threads={setting!r}): use 'auto', a thread count >= 1, or None to keep torch's "
+        f"generate(threads={setting!r}): use 'auto', a thread count in [1, {most}], or None to keep torch's "
         f"setting (now {torch.get_num_threads()})"
     )
 

@@ -100,8 +100,8 @@ def choose_tokens(
     if not s.do_sample:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    if s.temperature != 1.0:
-        logits = logits / s.temperature
+    if s.temperature != 1.0:  # shifted first: the best logit becomes 0, so a tiny temperature cannot overflow
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / s.temperature
     if s.top_k is not None:
         logits = top_k_filter(logits, s.top_k)
     if s.top_p is not None:

@@ -50,7 +50,8 @@ from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import EXPERIMENTS_ENV, conf_dir, load_config, to_container
+from .cli import drop_leftovers
+from .config import EXPERIMENTS_ENV, conf_dir, load_config, to_container, with_model_problems
 from .errors import ComposerError, ConfigError, Problem
 from .resume import RunFinished
 
@@ -104,12 +105,15 @@ def precheck(argv: list[str]) -> list[str]:
         if args.multirun:
             raise
         jobs, complete = [args.overrides], True  # composing it names the override that fails
-    first = load_config(jobs[0], name, config_dirs, return_hydra_config=True)
+    first = drop_leftovers(_first_job(jobs[0], name, config_dirs), jobs[0])
     multirun = args.multirun or str(first.hydra.get("mode")).endswith("MULTIRUN")  # -m, or hydra.mode in a file
+    _check_output_dir(first, multirun)
     if not multirun:
         jobs, complete = [args.overrides], True
     cfgs = [first] if jobs[0] == args.overrides or multirun else []
-    cfgs += [load_config(job, name, config_dirs, return_hydra_config=True) for job in jobs[len(cfgs) :]]
+    cfgs += [
+        drop_leftovers(load_config(job, name, config_dirs, return_hydra_config=True), job) for job in jobs[len(cfgs) :]
+    ]
     if multirun and not (complete and _basic_sweeper(cfgs[0])):
         return argv  # the sweeper chooses the values: each job checks its own
     cfgs = [_without_hydra(c) for c in cfgs]
@@ -120,6 +124,38 @@ def precheck(argv: list[str]) -> list[str]:
     if multirun or plains[0].get("ckpt_path") is None:
         return argv
     return _resume_dir(argv, args.overrides, plains[0])
+
+
+def _check_output_dir(cfg: Any, multirun: bool) -> None:
+    """The run (or sweep) folder Hydra will make can be made: its nearest existing parent is a folder this
+    process may write to (Hydra's own error would be a FileNotFoundError / PermissionError traceback)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        folder = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)).expanduser().absolute()
+    except OmegaConfBaseException:
+        return  # an interpolation that fails: Hydra names it
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # tried, then undone: Hydra makes it when the run starts
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            [Problem(key, f"cannot make {folder} ({reason})", f"set {key}=<a folder you can write to>")]
+        ) from None
+    finally:
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def _first_job(overrides: list[str], name: str, config_dirs: list) -> Any:
+    """The first job composed. When overrides fail to compose and other ``model.*`` overrides were given,
+    the model composed with those is checked too, so every problem of the command line is reported at once
+    (a lone misspelt key is still reported before torch is imported)."""
+    try:
+        return load_config(overrides, name, config_dirs, return_hydra_config=True)
+    except ConfigError as exc:
+        raise with_model_problems(exc, _check_model, name, config_dirs) from None
 
 
 def _check_model(cfg: Any) -> None:
@@ -325,7 +361,7 @@ def _task(cfg: Any) -> Optional[float]:
     try:
         if multirun:
             check_launcher(cfg.trainer, hc.launcher)
-        record = train(cfg, run_dir, overrides, record_early_failure=multirun)
+        record = train(drop_leftovers(cfg, overrides), run_dir, overrides, record_early_failure=multirun)
     except (Exception, KeyboardInterrupt) as exc:
         if multirun and not isinstance(exc, KeyboardInterrupt):
             _job_failed(exc, hc, overrides, cfg.get("seed"))

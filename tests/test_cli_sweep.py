@@ -34,6 +34,10 @@ CASES = [
     ("composer-generate", ["ckpt={ckpt}", "prompt_ids=1,2", "device=tpu"]),
     ("composer-generate", ["ckpt={ckpt}", "prompt_ids=1,2", "temperature=nan", "do_sample=true"]),
     ("composer-report", ["{tmp}/no_such_sweep"]),
+    ("composer-train", ["hydra.run.dir=/proc/no_such/run"]),
+    ("composer-train", ["-m", "seed=1,2", "hydra.sweep.dir=/proc/no_such/sweep"]),
+    ("composer-train", ["--config-dir", "{tmp}", "model=broken"]),
+    ("composer-plan", ["--config-dir", "{tmp}", "model=broken"]),
 ]
 
 
@@ -49,6 +53,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("script, args", CASES, ids=[f"{s} {' '.join(a)}" for s, a in CASES])
 def test_bad_arguments_exit_2_with_one_message(script, args, ckpt, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "broken.yaml").write_text("defaults: [tiny, _self_]\nnum_layers: [2\n")
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args]
     out = subprocess.run([str(BIN / script), *argv], capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert out.returncode == 2, (out.returncode, out.stdout[-800:], out.stderr[-2000:])

@@ -6,6 +6,7 @@ never a NaN from a config that validated."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -69,9 +70,21 @@ def _mutate(draw, doc: Any, hostile=HOSTILE) -> Any:
     return doc
 
 
+PATTERNS = st.sampled_from(
+    [
+        {},
+        {"layer_pattern": ["mqa*2", "mha"], "mixers": {"mqa": {"qk_norm": True}}},
+        {
+            "layer_pattern": {"first": ["mha"], "cycle": ["local", "mqa"]},
+            "layer_kinds": {"local": {"attention": {"type": "sliding_window", "window": 2}, "position": "none"}},
+        },
+    ]
+)
+
+
 @st.composite
 def mutated_configs(draw) -> dict:
-    raw = draw(valid_configs())
+    raw = {**draw(valid_configs()), **copy.deepcopy(draw(PATTERNS))}  # (mutated in place below)
     for _ in range(draw(st.integers(1, 3))):
         raw = _mutate(draw, raw)
     return raw
@@ -230,3 +243,46 @@ def test_random_model_inputs_run_or_raise_a_model_error(lm, data):
         return
     assert _finite(out)
     assert out.loss is None or math.isfinite(out.loss.item()) or bool((call.get("labels") == -100).all())
+
+
+# ----------------------------------------------------------------------------- generation arguments
+GEN_VALUES = {
+    "max_new_tokens": st.one_of(st.integers(-2, 6), st.sampled_from([2**40, 1.5, "3", None, True])),
+    "do_sample": st.sampled_from([True, False, "false", 1, None]),
+    "temperature": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0, -1, 1e-30, "1"])),
+    "top_k": st.one_of(st.integers(-2, 100), st.sampled_from([None, 2.5, "5", 2**62])),
+    "top_p": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([None, 0, 1, 2])),
+    "repetition_penalty": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([None, 0])),
+    "eos_token_id": st.one_of(st.integers(-3, 70), st.lists(st.integers(-1, 70), max_size=3), st.sampled_from(["2"])),
+    "pad_token_id": st.one_of(st.integers(-3, 70), st.sampled_from([None, 1.0])),
+    "use_cache": st.sampled_from([True, False, "yes", None]),
+    "seed": st.one_of(st.integers(-5, 2**70), st.sampled_from([None, "1", 1.5])),
+    "context_overflow": st.sampled_from(["crop", "error", "wrap", None, 3]),
+    "compile": st.sampled_from([False, "no", 2]),
+    "threads": st.one_of(st.sampled_from(["auto", "all", None, 0, -1, 1, 2, 10**6, 1.5])),
+}
+
+
+@FUZZ
+@given(data=st.data())
+def test_random_generation_arguments_decode_or_raise_a_composer_error(lm, data):
+    """Every argument of ``generate`` fuzzed (types, ranges, non-finite floats): the outcome is tokens of
+    the model's vocabulary within the asked length, or a composer error."""
+    b, t = data.draw(st.sampled_from([(1, 3), (2, 4)]))
+    ids = _tensor(data.draw, (b, t))
+    kwargs = {k: data.draw(v) for k, v in GEN_VALUES.items() if data.draw(st.booleans())}
+    if data.draw(st.booleans()):
+        mask = _tensor(data.draw, (b, t))
+        kwargs["attention_mask"] = (
+            mask.clamp(0, 1) if isinstance(mask, torch.Tensor) and data.draw(st.booleans()) else mask
+        )
+    try:
+        out = lm.generate(ids, **kwargs)
+    except ComposerError:
+        return
+    asked = kwargs.get("max_new_tokens", 32)
+    assert out.dtype == torch.long and out.shape[0] == ids.shape[0]
+    assert ids.shape[1] <= out.shape[1] <= ids.shape[1] + asked
+    new = out[:, ids.shape[1] :]
+    pad = kwargs.get("pad_token_id")
+    assert bool(((new >= 0) & (new < lm.config.vocab_size)).all()) or pad is not None, new

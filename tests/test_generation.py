@@ -620,6 +620,9 @@ def test_prompt_characters_outside_a_char_vocabulary_are_named():
         (dict(do_sample="false"), r"do_sample='false'.*pass do_sample=True or do_sample=False"),
         (dict(do_sample=1), "do_sample=1"),
         (dict(use_cache="no"), "use_cache='no'"),
+        # found by the fuzz suite: an output buffer of 2**40 tokens was allocated; 10**6 threads crashed torch
+        (dict(max_new_tokens=2**40), r"max_new_tokens=1099511627776\): expected an integer in \[0, 16777216\]"),
+        (dict(threads=10**6), r"threads=1000000\): use 'auto', a thread count in \[1, \d+\]"),
     ],
 )
 def test_bad_arguments_are_model_errors(kwargs, message):
@@ -662,3 +665,10 @@ def test_stream_generate_takes_exactly_generates_keyword_arguments():
     names = list(inspect.signature(generate).parameters)
     assert set(DEFAULTS) == set(names) - {"model", "input_ids", "max_new_tokens", "streamer"}
     assert all(inspect.signature(generate).parameters[k].default == v for k, v in DEFAULTS.items())
+
+
+def test_a_tiny_temperature_samples_the_greedy_tokens():
+    """Found by the fuzz suite: temperature=1.4e-45 overflowed the scaled logits to inf (NaN probabilities)."""
+    model, ids = lm(), prompts(2, 3)
+    sampled = generate(model, ids, max_new_tokens=6, do_sample=True, temperature=1.401298464324817e-45, seed=0)
+    assert torch.equal(sampled, generate(model, ids, max_new_tokens=6))

@@ -18,7 +18,7 @@ CHECK = textwrap.dedent("""
     repo, site = sys.argv[1], sys.argv[2]
     # the venv's editable install of the checkout must not answer imports here
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-    sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+    sys.path[:] = [p for p in sys.path if "__editable__" not in p and p.rstrip("/") != repo]  # (compat mode)
     # nothing of the checkout on the path (the venv's site-packages may live inside it)
     assert not [p for p in sys.path if p.startswith(repo) and not p.startswith(sys.prefix)], sys.path
 
@@ -43,7 +43,7 @@ def test_wheel_ships_the_config_tree(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
     for name in ("composer", "components", "conf"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "transformer_composer.py"):
         shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     built = subprocess.run(
@@ -66,6 +66,7 @@ def test_wheel_ships_the_config_tree(tmp_path):
         capture_output=True,
     )
     assert (site / "composer" / "conf" / "model" / "gpt2.yaml").is_file()
+    assert (site / "transformer_composer.py").is_file()  # the console scripts' entry points
     assert (site / "composer" / "conf" / "model" / "attention" / "gqa.yaml").is_file()
 
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

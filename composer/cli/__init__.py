@@ -3,12 +3,20 @@ HYDRA_FULL_ERROR=1); an interrupted tool exits 130."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from omegaconf import open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import to_container
 from ..errors import ComposerError, ConfigError, Problem
+
+log = logging.getLogger("composer")
 
 
 def run(
@@ -58,3 +66,24 @@ def parse_value(
         return kind(text.strip())
     except ValueError:
         raise ConfigError([Problem(key, f"{text!r} is not {what}", f"write {key}=<{what}>")], header=header) from None
+
+
+def drop_leftovers(cfg: Any, overrides: list[str]) -> Any:
+    """``cfg`` without the options its preset set for a component whose type an override replaces
+    (:func:`composer.schema.leftover_options`), with a note naming them. Hydra cannot delete them with
+    ``~key`` overrides (it refuses to delete a null), so the precheck and the task both call this."""
+    if not any(re.match(r"\+?model\.\w+\.type=", o) for o in overrides):  # cheap: before importing torch
+        return cfg
+    from ..schema import leftover_options  # late: the component registry needs torch (2 s); rarely needed
+
+    try:
+        found = leftover_options(to_container(cfg.model), overrides)
+    except OmegaConfBaseException:
+        return cfg  # an interpolation that fails: check_job names it
+    for slot, key in found:
+        with open_dict(cfg.model[slot]):
+            del cfg.model[slot][key]
+    if found:
+        names = ", ".join(f"model.{slot}.{key}" for slot, key in found)
+        log.info("the component type changed: dropped the preset's options the new type does not have (%s)", names)
+    return cfg

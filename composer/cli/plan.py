@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from ..config import load_config, split_overrides
+from ..config import load_config, split_overrides, with_model_problems
+from ..errors import ConfigError
 from ..plan import plan, render
-from . import parse_value, run, take_config_dirs
+from ..schema import resolve_model_config
+from . import drop_leftovers, parse_value, run, take_config_dirs
 
 OPTIONS = ("batch_size", "seq_len", "precision", "checkpointing", "fused_attention", "device")
 USAGE = __doc__
@@ -23,7 +25,10 @@ def main_(argv: list[str]) -> int:
         return 0
     dirs, argv = take_config_dirs(argv)
     opts, overrides = split_overrides(argv, OPTIONS)
-    cfg = load_config(overrides, config_dirs=dirs)
+    try:
+        cfg = drop_leftovers(load_config(overrides, config_dirs=dirs), overrides)
+    except ConfigError as exc:
+        raise with_model_problems(exc, lambda c: resolve_model_config(c.model), config_dirs=dirs) from None
     report = plan(
         cfg.model,
         batch_size=parse_value("batch_size", opts.get("batch_size", "1"), int, "an integer"),
