@@ -27,6 +27,9 @@ BENCHMARKS = {
     "decode": "benchmarks.bench_decode",
     "build": "benchmarks.bench_build",
     "gqa": "benchmarks.bench_gqa",
+    "moe": "benchmarks.bench_moe",
+    "mixers": "benchmarks.bench_mixers",
+    "families": "benchmarks.bench_families",
 }
 # the options every benchmark takes (benchmarks/harness.py cli_args), listed in --help and passed to each
 PASSED: list[tuple[str, dict]] = [
@@ -40,7 +43,8 @@ PASSED: list[tuple[str, dict]] = [
     ("--no-hf-compile", {"action": "store_true", "help": "skip transformers' compiled contenders"}),
     ("--no-record", {"action": "store_true", "help": "do not append rows to RESULTS.md"}),
 ]
-OWN_SHAPES = {"gqa"}  # benchmarks whose cases have their own shapes: --shape / --batch-size are not passed
+# benchmarks whose cases have their own shapes: --shape / --batch-size are not passed
+OWN_SHAPES = {"gqa", "moe", "mixers"}
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -16,7 +16,14 @@ Three kernels, each saying what it supports:
   heads are folded into one head's rows (:func:`sdpa_folding_groups`: K/V read once, no copy), and
   without one K/V are repeated.
 - ``explicit``: scores, soft-cap and softmax written out (float32 scores, [B, H, T, S]): the only
-  kernel that takes a logit soft-cap.
+  kernel that takes a logit soft-cap, and the one that takes attention sinks with gradients.
+
+Attention sinks (a per-head logit s_h in the softmax's denominator, gpt-oss) keep a fused kernel where
+one returns its log-sum-exp L = log sum_j exp(score_j): the fused output times
+exp(L) / (exp(L) + exp(s_h)) = sigmoid(L - s_h) is the output with the sink (``Choice.lse``). On the CPU
+that is the flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``) without gradients: its
+backward passes no gradient from L to q and k, so a training step takes the explicit softmax; on other
+devices no such kernel is checked yet (explicit). The Choice's ``fallback`` says which case it is.
 
 The planner (``composer-plan``) asks the same :func:`choose` for the training step it plans, so the
 memory it counts is the memory of the path the attention takes (a test sweeps the facts and checks the
@@ -60,6 +67,7 @@ class AttentionSpec:
     dropout: float = 0.0
     kernel: str = "auto"  # auto | sdpa | flex (the user's preference)
     scale: Optional[float] = None
+    sinks: bool = False  # a learned per-head sink logit joins the softmax denominator
 
     @property
     def groups(self) -> int:
@@ -92,7 +100,7 @@ class Choice:
     (``grouping``: none | native | folded | repeated), the mask it takes (none | causal | boolean |
     additive | block), whether FlexAttention runs compiled, what the path materialises beyond q, k, v
     (``materialises``: scores, probs, repeated_kv, folded_queries) and why a preferred kernel was not
-    taken (``fallback``)."""
+    taken (``fallback``); ``lse``: the kernel returns its log-sum-exp and the sinks rescale its output."""
 
     kernel: str
     grouping: str = "none"
@@ -100,6 +108,7 @@ class Choice:
     compiled: bool = False
     materialises: tuple[str, ...] = ()
     fallback: str = ""
+    lse: bool = False
 
     @property
     def path(self) -> str:
@@ -137,6 +146,8 @@ def _flex_refusal(spec: AttentionSpec, f: CallFacts) -> str:
         return "kernel: sdpa" if spec.kernel == "sdpa" else "no FlexAttention in this torch"
     if spec.softcap is not None:
         return "a logit soft-cap"
+    if spec.sinks:
+        return "attention sinks"
     if f.training and spec.dropout > 0:
         return "attention dropout"
     if f.mask in ("padding", "bias") or f.cache != "none":
@@ -163,6 +174,19 @@ def _mask_needed(spec: AttentionSpec, f: CallFacts) -> str:
     return "none" if sees_all else "boolean"
 
 
+def _sink_refusal(spec: AttentionSpec, f: CallFacts) -> str:
+    """Why attention sinks cannot ride on a fused kernel's log-sum-exp here ("" when they can)."""
+    if f.grad:
+        return "attention sinks with gradients (the fused kernel's log-sum-exp passes none to q and k)"
+    if f.device != "cpu":
+        return f"attention sinks on {f.device} (no log-sum-exp kernel checked there)"
+    if f.training and spec.dropout > 0:
+        return "attention sinks with attention dropout"
+    if not f.fused:
+        return "attention sinks without a fused kernel"
+    return ""
+
+
 def choose(spec: AttentionSpec, f: CallFacts) -> Choice:
     """The path for ``spec`` under ``f`` (the only place that decides it)."""
     refusal = _flex_refusal(spec, f)
@@ -172,16 +196,20 @@ def choose(spec: AttentionSpec, f: CallFacts) -> Choice:
         )
     fallback = f"flex: {refusal}" if spec.kernel == "flex" or (spec.window and f.device == "cuda") else ""
     mask = _mask_needed(spec, f)
-    if spec.softcap is not None:  # no fused kernel takes a score modifier
-        mask = "boolean" if mask == "causal" else mask
-        repeated = ("repeated_kv",) if spec.groups > 1 else ()
+    repeated = ("repeated_kv",) if spec.groups > 1 else ()
+    grouping = "repeated" if spec.groups > 1 else "none"
+    sink_refusal = _sink_refusal(spec, f) if spec.sinks else ""
+    if spec.softcap is not None or sink_refusal:  # no fused kernel takes a score modifier
+        why = "a logit soft-cap" if spec.softcap is not None else sink_refusal
         return Choice(
             "explicit",
-            "repeated" if spec.groups > 1 else "none",
-            mask,
+            grouping,
+            "boolean" if mask == "causal" else mask,
             materialises=("scores", "probs", *repeated),
-            fallback=fallback or "sdpa: a logit soft-cap",
+            fallback=fallback or f"sdpa: {why}",
         )
+    if spec.sinks:  # the CPU flash kernel with its log-sum-exp; it reads no grouped heads
+        return Choice("sdpa", grouping, mask, materialises=repeated, fallback=fallback, lse=True)
     extra = () if f.fused else ("probs",)
     if spec.groups == 1:
         return Choice("sdpa", "none", mask, materialises=extra, fallback=fallback)
@@ -247,17 +275,26 @@ def _block_mask(spec: AttentionSpec, t: int, device: torch.device) -> Any:
 
 # ----------------------------------------------------------------------------- running a choice
 def attend(
-    choice: Choice, spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, mask: Any, dropout: float = 0.0
+    choice: Choice,
+    spec: AttentionSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Any,
+    dropout: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D] along ``choice``; ``dropout`` (0 when not
-    training) is the attention-probability dropout."""
+    training) is the attention-probability dropout; ``sinks`` [H] the sink logits (``spec.sinks``)."""
     if choice.kernel == "flex":
         run = _compiled_flex() if choice.compiled else flex_attention
         return run(q, k, v, block_mask=mask, scale=spec.scale, enable_gqa=spec.groups > 1)
     if choice.grouping == "repeated":  # [B, Hkv, S, D] -> [B, H, S, D]
         k, v = k.repeat_interleave(spec.groups, dim=1), v.repeat_interleave(spec.groups, dim=1)
     if choice.kernel == "explicit":
-        return _explicit(spec, q, k, v, mask, dropout)
+        return _explicit(spec, q, k, v, mask, dropout, sinks)
+    if choice.lse:
+        return _fused_with_sinks(choice, spec, q, k, v, mask, sinks)
     if choice.grouping == "folded":
         return sdpa_folding_groups(q, k, v, mask, dropout_p=dropout, scale=spec.scale)
     gqa = {"enable_gqa": True} if choice.grouping == "native" else {}
@@ -266,15 +303,46 @@ def attend(
     )
 
 
-def _explicit(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout: float) -> Tensor:
-    """Scores, soft-cap, softmax written out (SDPA has no score modifier)."""
+def _explicit(
+    spec: AttentionSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    dropout: float,
+    sinks: Optional[Tensor] = None,
+) -> Tensor:
+    """Scores, soft-cap, sinks and softmax written out (SDPA has no score modifier)."""
     scale = spec.scale if spec.scale is not None else spec.head_dim**-0.5
     scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, S]
-    scores = spec.softcap * torch.tanh(scores / spec.softcap)
+    if spec.softcap is not None:
+        scores = spec.softcap * torch.tanh(scores / spec.softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = F.dropout(scores.softmax(-1), dropout, dropout > 0).type_as(v)
+    if sinks is not None:  # one more logit per head in the denominator, its probability dropped
+        b, h, t, _ = scores.shape
+        column = sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)  # [B, H, T, 1]
+        probs = torch.cat((scores, column), dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    probs = F.dropout(probs, dropout, dropout > 0).type_as(v)
     return probs @ v
+
+
+def _fused_with_sinks(
+    choice: Choice, spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sinks: Tensor
+) -> Tensor:
+    """The CPU flash kernel's output y and log-sum-exp L [B, H, T], then y * sigmoid(L - sink): the share
+    of attention the sink leaves to the keys (no gradients: see the module docstring)."""
+    if mask is not None and mask.dtype == torch.bool:  # the kernel takes an additive mask of q's dtype
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        mask = mask.to(q.dtype)
+    y, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, choice.mask == "causal", attn_mask=mask, scale=spec.scale
+    )
+    keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))  # [B, H, T]
+    return (y.float() * keep[..., None]).type_as(q)
 
 
 def sdpa_folding_groups(

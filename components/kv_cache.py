@@ -222,12 +222,13 @@ class Cache(list):
     A static cache (``static=True``) also counts the tokens written in ``position``, a 0-d long
     tensor on the caches' device that the model advances after each forward pass."""
 
-    def __init__(self, layers=(), static: bool = False):
+    def __init__(self, layers=(), static: bool = False, device=None):
         super().__init__(layers)
         self.static = static
         self.position: Optional[Tensor] = None
         if static:
-            device = self[0].k.device if self else None  # every layer has a KVCache (the model checks it)
+            if device is None:  # the caches' device (the model passes it: a layer's cache may be no KVCache)
+                device = self[0].k.device if self else None
             self.position = torch.zeros((), dtype=torch.long, device=device)
             _mark_static(self.position)
 

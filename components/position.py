@@ -1,5 +1,12 @@
-"""Position encodings: learned absolute, rotary (RoPE, with linear / Llama 3 scaling and
+"""Position encodings: learned absolute, rotary (RoPE, with linear / Llama 3 / YaRN scaling and
 partial rotation), ALiBi, and none.
+
+YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension"), as transformers'
+``_compute_yarn_parameters``: with r = rotary dims, L = original_max_position_embeddings, s = the
+factor, each frequency f_i = theta^(-2i/r) blends its extrapolated (f_i) and interpolated (f_i / s)
+values by a linear ramp over the dims whose number of rotations over L lies between beta_fast and
+beta_slow; cos and sin are then multiplied by the attention temperature factor
+0.1 ln(s) + 1 (or mscale / mscale_all_dim's ratio of that form, or attention_factor when given).
 
 A position encoding acts at up to three places, and implements all three (identity where it
 does not act; ``acts_on`` says where it does): ``embed`` adds a vector to the token embeddings
@@ -113,12 +120,22 @@ class RopeConfig(ComponentConfig):
     theta: float = option(10000.0, help="base of the rotation frequencies", min=1.0)
     rotary_fraction: float = option(1.0, help="fraction of each head's dims rotated (GPT-NeoX: 0.25)")
     scaling: str = option(
-        "none", help="context extension: none | linear | llama3", choices=("none", "linear", "llama3")
+        "none", help="context extension: none | linear | llama3 | yarn", choices=("none", "linear", "llama3", "yarn")
     )
-    scaling_factor: float = option(1.0, help="positions are stretched by this factor", min=1.0)
+    scaling_factor: float = option(1.0, help="positions are stretched by this factor", min=1.0, max=1e6)
     low_freq_factor: float = option(1.0, help="llama3 scaling: low-frequency boundary", min=0.0)
     high_freq_factor: float = option(4.0, help="llama3 scaling: high-frequency boundary", min=0.0)
-    original_max_position_embeddings: int = option(8192, help="llama3 scaling: pre-training context", min=1)
+    original_max_position_embeddings: int = option(
+        8192, help="llama3 / yarn scaling: pre-training context", min=1, bound="max_position_embeddings"
+    )
+    beta_fast: float = option(32.0, help="yarn: rotations above which a dim extrapolates", min=0.0, max=1e6)
+    beta_slow: float = option(1.0, help="yarn: rotations below which a dim interpolates", min=0.0, max=1e6)
+    mscale: Optional[float] = option(None, help="yarn: temperature numerator's mscale (with mscale_all_dim)", max=1e3)
+    mscale_all_dim: Optional[float] = option(None, help="yarn: temperature denominator's mscale", max=1e3)
+    attention_factor: Optional[float] = option(
+        None, help="yarn: cos/sin multiplier (null: from scaling_factor and mscale)", min=0.0, max=1e3
+    )
+    truncate: bool = option(True, help="yarn: round the ramp's ends to whole dims (transformers' default)")
 
     def resolve(self, model, check) -> None:
         head_dim = getattr(model.attention, "head_dim", None) or model.head_dim
@@ -136,6 +153,26 @@ class RopeConfig(ComponentConfig):
                 f"{self.high_freq_factor} <= low_freq_factor {self.low_freq_factor}",
                 "llama3 scaling needs high_freq_factor > low_freq_factor (Llama 3.1: 4.0 and 1.0)",
             )
+        if self.scaling == "yarn" and self.beta_fast <= self.beta_slow:
+            check.fail(
+                "beta_fast",
+                f"{self.beta_fast} <= beta_slow {self.beta_slow}",
+                "yarn needs beta_fast > beta_slow (the paper's: 32 and 1)",
+            )
+
+    def temperature(self) -> float:
+        """The factor cos and sin are multiplied by (yarn's attention temperature; 1 otherwise)."""
+        if self.scaling != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return mscale(self.scaling_factor, self.mscale) / mscale(self.scaling_factor, self.mscale_all_dim)
+        return mscale(self.scaling_factor)
 
     def check_layer(self, layer) -> Optional[tuple[str, str]]:
         """(problem, fix) if ``layer``'s own attention (a per-layer override may change head_dim)
@@ -157,6 +194,24 @@ def _rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]: (x1, x2) -> (-x2
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _yarn(inv: Tensor, cfg: RopeConfig, r: int) -> Tensor:
+    """YaRN's blend of extrapolated (inv) and interpolated (inv / factor) frequencies [R/2]."""
+
+    def dim_of(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in L
+        old = cfg.original_max_position_embeddings
+        return r * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(cfg.theta))
+
+    low, high = dim_of(cfg.beta_fast), dim_of(cfg.beta_slow)
+    if cfg.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    if low == high:
+        high += 0.001  # no singular ramp
+    ramp = ((torch.arange(r // 2, dtype=inv.dtype, device=inv.device) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp  # 1: keep the frequency, 0: divide it by the factor
+    return inv / cfg.scaling_factor * (1 - extrapolated) + inv * extrapolated
+
+
 @POSITION.register("rope", config=RopeConfig)
 class Rope(_NoPosition):
     acts_on: ClassVar[frozenset[str]] = frozenset({"rotate"})
@@ -165,6 +220,7 @@ class Rope(_NoPosition):
         super().__init__()
         self.cfg = cfg
         self.rotary_dim = int(ctx.head_dim * cfg.rotary_fraction)  # R, even
+        self.temperature = cfg.temperature()  # cos and sin are multiplied by it (yarn)
         self.register_buffer("inv_freq", torch.empty(self.rotary_dim // 2), persistent=False)  # [R/2]
         self.reset_buffers()
 
@@ -184,6 +240,8 @@ class Rope(_NoPosition):
             smoothed = (1 - smooth) * scaled / cfg.scaling_factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             inv = torch.where(medium, smoothed, scaled)
+        elif cfg.scaling == "yarn":
+            inv = _yarn(inv, cfg, r)
         self.inv_freq.copy_(inv.float())
 
     def _apply(self, fn, recurse=True):
@@ -199,6 +257,8 @@ class Rope(_NoPosition):
         """[B, T] positions -> cos, sin of shape [B, 1, T, R] (float32)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, R]
+        if self.temperature != 1.0:
+            return emb.cos() * self.temperature, emb.sin() * self.temperature
         return emb.cos(), emb.sin()
 
     def rotation(self, position_ids: Tensor) -> Rotary:

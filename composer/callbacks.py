@@ -5,6 +5,7 @@
     NanGuard()                 # stops at the first non-finite loss; never lets a NaN checkpoint be written
     ValidateAtEnd()            # validates (and checkpoints) after the last step
     SampleText(tokenizer)      # text data: prints a generated sample after validations
+    MoEBalance(path)           # MoE: aux-loss-free bias updates after optimizer steps; expert load at log intervals
     ComposerProgressBar()      # rich progress bar showing loss / val_loss / tokens/s (optimizer steps)
     PlainProgress(every_s=30)  # plain lines (step, loss, tokens/s, ETA) for logs that are not a terminal
 
@@ -14,9 +15,12 @@ checkpoints, never every step.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -148,6 +152,70 @@ class LearningRate(Callback):
         if trainer.optimizers and _should_log(trainer):
             lr = float(trainer.optimizers[0].param_groups[0]["lr"])
             pl_module.log("lr", lr, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+def moe_layers(module: Any) -> list[tuple[str, Any]]:
+    """(label, module) of every mixture-of-experts layer in ``module`` (those with ``take_expert_load``);
+    the label is ``layer_<i>`` for a model's layer i."""
+    found = []
+    for name, m in module.named_modules():
+        if callable(getattr(m, "take_expert_load", None)):
+            index = re.search(r"(?:^|\.)layers\.(\d+)\.", name + ".")
+            found.append((f"layer_{index.group(1)}" if index else name, m))
+    return found
+
+
+class MoEBalance(Callback):
+    """Mixture-of-experts upkeep. After every optimizer step (a post-step hook on each optimizer, so only
+    steps actually taken count), each MoE layer's ``after_optimizer_step``: the aux-loss-free bias update
+    from the step's load, summed over processes. At log intervals, each layer's expert load since the
+    last log: ``expert_load_max_mean/layer_<i>`` (the busiest expert's slots over the mean; 1 = balanced)
+    in the metrics and, with ``path``, one JSON line per layer with every expert's share of the slots
+    (``{"step", "layer", "max_mean", "share"}``). The loads stay on the device between log intervals."""
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = path
+        self._layers: list[tuple[str, Any]] = []
+        self._handles: list[Any] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._layers = moe_layers(pl_module)
+        if self._layers:
+            for optimizer in trainer.optimizers:
+                self._handles.append(optimizer.register_step_post_hook(lambda *_: self.balance(trainer)))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def balance(self, trainer: L.Trainer) -> None:
+        def summed(t: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.reduce(t, reduce_op="sum")
+
+        for _, layer in self._layers:
+            layer.after_optimizer_step(summed if trainer.world_size > 1 else None)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._layers or not _should_log(trainer):
+            return
+        loads = [layer.take_expert_load() for _, layer in self._layers]
+        flat = torch.cat(loads).double().cpu().tolist()  # the one host read of the interval
+        rows, start = [], 0
+        for (label, _), load in zip(self._layers, loads, strict=True):
+            counts, start = flat[start : start + load.numel()], start + load.numel()
+            total = sum(counts)
+            if total <= 0:
+                continue
+            max_mean = max(counts) * len(counts) / total
+            pl_module.log(f"expert_load_max_mean/{label}", max_mean, on_step=True, on_epoch=False, rank_zero_only=True)
+            share = [c / total for c in counts]
+            rows.append({"step": trainer.global_step, "layer": label, "max_mean": max_mean, "share": share})
+        if self.path is not None and rows and trainer.is_global_zero:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 class NonFiniteLoss(ComposerError):
@@ -426,6 +494,7 @@ __all__ = [
     "ComposerProgressBar",
     "ComposerTQDMProgressBar",
     "LearningRate",
+    "MoEBalance",
     "NanGuard",
     "NonFiniteLoss",
     "PlainProgress",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from components.kv_cache import Cache, KVCache
+from components.kv_cache import Cache
 
 from .checkpoint import PretrainedMixin
 from .contract import LayerInputs, member
@@ -41,6 +41,7 @@ from .registry import ATTENTION, BLOCK, FFN, HEAD, NORM, POSITION, interface_gap
 from .schema import ModelConfig, resolve_model_config
 
 __all__ = ["ComposedModel", "ModelBuilder", "ModelOutput", "compose", "target_device"]
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class ComposedModel(PretrainedMixin, GenerationMixin, nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, c)  # [V, C]
         self.position = POSITION.build(config.position, base, "model.position")  # adds to embeddings if learned
         self.embed_norm = NORM.build(config.norm, base, "model.norm") if config.embedding_norm else None
+        # embedding_scale sqrt (Gemma): times sqrt(C) rounded to the embeddings' dtype, per dtype
+        root = c**0.5 if config.embedding_scale == "sqrt" else None
+        self._embed_scale = {t: torch.tensor(root, dtype=t, device="cpu").item() for t in _FLOATS} if root else {}
         self.drop = nn.Dropout(config.dropout)
         self.layer_positions = nn.ModuleList()  # per-layer position encodings other than the model's
         self._position_of: list[int] = []  # layer -> index into positions() (0: the model's)
@@ -123,11 +127,9 @@ class ComposedModel(PretrainedMixin, GenerationMixin, nn.Module):
 
     def _layer_position(self, i: int, position: Any, ctx: BuildContext) -> int:
         """The index (into positions()) of the position encoding layer ``i`` uses, built if it is new."""
-        if position == self.config.position and (ctx.num_heads, ctx.head_dim) == (
-            self.config.num_heads,
-            self.config.head_dim,
-        ):
-            return 0
+        same_heads = (ctx.num_heads, ctx.head_dim) == (self.config.num_heads, self.config.head_dim)
+        if position == self.config.position and (same_heads or getattr(position, "model_wide_only", False)):
+            return 0  # a model-wide encoding (learned) never depends on a layer's heads
         for k, (cfg, shape) in enumerate(self._layer_position_keys, start=1):
             if cfg == position and shape == (ctx.num_heads, ctx.head_dim):
                 return k
@@ -250,14 +252,15 @@ class ComposedModel(PretrainedMixin, GenerationMixin, nn.Module):
         ]
         if static:
             for i, (mixer, cache) in enumerate(zip(mixers, caches, strict=True)):
-                if not (member(mixer, "attention", "supports_static_cache") and isinstance(cache, KVCache)):
+                static_ok = callable(getattr(cache, "make_static", None))  # a KVCache or a mixer's own cache
+                if not (member(mixer, "attention", "supports_static_cache") and static_ok):
                     raise ModelError(
                         f"layer {i}'s attention ({type(mixer).__name__}) does not support a static KV cache; "
                         "generate without compile=..., or give the attention supports_static_cache = True and "
                         "handle LayerInputs.cache_position"
                     )
                 cache.make_static()
-        return Cache(caches, static=static)
+        return Cache(caches, static=static, device=device or ref.device)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -357,6 +360,8 @@ class ComposedModel(PretrainedMixin, GenerationMixin, nn.Module):
 
     def _embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         hidden = self.embed(input_ids)  # [B, T, C]
+        if self._embed_scale:
+            hidden = hidden * self._embed_scale[hidden.dtype]
         pos = self.position.embed(position_ids)
         if pos is not None:
             hidden = hidden + pos

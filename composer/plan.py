@@ -97,6 +97,7 @@ class Plan:
     memory: MemoryEstimate
     notes: list[str] = field(default_factory=list)
     not_planned: list[str] = field(default_factory=list)  # components with no cost method (left out above)
+    params_active: int = 0  # parameters one token uses (MoE: top_k of the routed experts)
 
 
 def _bytes(precision: str) -> tuple[int, int, int, int, int]:
@@ -295,6 +296,7 @@ def plan(
         memory,
         notes,
         layers.not_planned,
+        total - sum(c.params - c.active for c in planned),
     )
 
 
@@ -440,6 +442,7 @@ def render(report: Plan, console: Any = None) -> None:
         ("  embedding", f"{report.params_embedding:,}"),
         ("  non-embedding", f"{report.params_total - report.params_embedding:,}"),
         ("  trainable", f"{report.params_trainable:,}"),
+        ("  active per token", f"{report.params_active:,} ({human(report.params_active)})"),
         ("FLOPs / token, forward", human(report.flops_forward_per_token, "FLOP")),
         ("FLOPs / token, training (3x forward)", human(report.flops_training_per_token, "FLOP")),
         ("FLOPs / token, checkpoint recompute", human(report.flops_recompute_per_token, "FLOP")),

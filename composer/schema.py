@@ -38,6 +38,7 @@ from .conversion import (  # noqa: F401  (re-exported: the conversion's names we
     size_limits,
 )
 from .errors import ConfigError, Problem
+from .layer_pattern import compile_pattern, shared_mixer_options
 
 log = logging.getLogger("composer")
 
@@ -92,7 +93,15 @@ class ModelConfig:
     head: Any = option("lm", help="output head", family="head")
     tie_embeddings: bool = option(True, help="share the language-model head's weight with the input embedding")
     embedding_norm: bool = option(False, help="normalize the embeddings (BERT-style post-norm models)")
+    embedding_scale: str | None = option(
+        None, help="scale the embeddings: null (no) | sqrt (times sqrt(hidden_size): Gemma)", choices=("sqrt",)
+    )
     layers: list = option([], help="per-layer overrides: [{select: '1::2', attention: {...}}, ...]")
+    layer_pattern: Any = option(
+        None, help="layer kinds cycled over the layers: [gated_deltanet*3, gqa] or {cycle, first, last, exact}"
+    )
+    layer_kinds: dict = option({}, help="named kinds for layer_pattern: {local: {attention: {...}, position: ...}}")
+    mixers: dict = option({}, help="options per sequence-mixer type, for every layer of that type")
     init_std: float = option(0.02, help="std of the normal initialization (at most 1)", min=0.0, max=1.0)
     gradient_checkpointing: str = option(
         "none", help="none | every_layer | every_<k> | attention | ffn (recompute to save memory)"
@@ -163,6 +172,28 @@ def config_to_dict(obj: Any) -> Any:
     return obj
 
 
+TYPE_OVERRIDE_RE = re.compile(r"^\+?model\.(block|attention|ffn|norm|position|head)\.type=")
+
+
+def leftover_options(model: Mapping, overrides: list[str]) -> list[tuple[str, str]]:
+    """(slot, option) for the options a preset set for a component whose type an override changes
+    (``model.ffn.type=moe`` on ``tiny``: its ``multiple_of``) that the new type does not have. Options an
+    override sets itself are kept (and reported by the schema if the new type lacks them)."""
+    given = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    out = []
+    for o in overrides:
+        m = TYPE_OVERRIDE_RE.match(o)
+        node = model.get(m.group(1)) if m else None
+        if not isinstance(node, Mapping) or not isinstance(node.get("type"), str):
+            continue
+        try:
+            known = {f.name for f in dataclasses.fields(FAMILIES[m.group(1)].get(node["type"]).config)}
+        except ConfigError:
+            continue  # an unknown type: the schema names it
+        out += [(m.group(1), k) for k in node if k not in known and f"model.{m.group(1)}.{k}" not in given]
+    return out
+
+
 def parse_select(select: Any, num_layers: int, path: str, problems: list[Problem]) -> list[int]:
     """Layer indices for a ``select``: "a:b:c" slice, an int, or a list of ints (negatives count
     from the end)."""
@@ -204,9 +235,10 @@ def parse_select(select: Any, num_layers: int, path: str, problems: list[Problem
     return sorted(set(out))
 
 
-def _merge_override(family: str, base_data: Mapping, override: Any) -> dict:
+def _merge_override(family: str, base_data: Mapping, override: Any, shared: Mapping = {}) -> dict:  # noqa: B006
     """Override options on top of a component's options. When the type changes, options of
-    the base that the new type also has carry over; the others are dropped."""
+    the base that the new type also has carry over, the others are dropped, and the new type's
+    ``shared`` options (``model.mixers``) come on top of them."""
     override = normalize_component(override)
     if not isinstance(override, Mapping):
         return override  # reported by build_component (expected a type name or a mapping)
@@ -219,6 +251,7 @@ def _merge_override(family: str, base_data: Mapping, override: Any) -> dict:
         except ConfigError:
             known = set()
         base_data = {k: v for k, v in base_data.items() if k in known}
+        base_data.update(shared.get(kind, {}) if isinstance(kind, str) else {})
     return {**base_data, **override, "type": kind}
 
 
@@ -249,6 +282,12 @@ def resolve_model_config(raw: Any, path: str = "model") -> ModelConfig:
 
 
 def _resolve(raw: Mapping, path: str, problems: list[Problem]) -> ModelConfig:
+    mixers = shared_mixer_options(raw, path, problems)
+    attention = normalize_component(raw.get("attention", "mha"))
+    if (
+        isinstance(attention, Mapping) and isinstance(attention.get("type"), str) and attention["type"] in mixers
+    ):  # the model-wide mixer's shared options
+        raw = {**raw, "attention": {**mixers[attention["type"]], **attention}}
     cfg = build_dataclass(ModelConfig, raw, path, problems)
     if not isinstance(cfg, ModelConfig) or "_layer_specs" not in cfg.__dict__:
         cfg.__dict__["_layer_specs"] = []
@@ -261,8 +300,17 @@ def _resolve(raw: Mapping, path: str, problems: list[Problem]) -> ModelConfig:
     if sizes_ok:
         for slot in COMPONENT_SLOTS:
             _resolve_component(getattr(cfg, slot), cfg, check.child(slot))
-        _resolve_layers(cfg, check)
+        mixers = {k: v for k, v in mixers.items() if _mixer_ok(cfg, k, v, f"{path}.mixers.{k}", problems)}
+        _resolve_layers(cfg, check, compile_pattern(raw, cfg.num_layers, path, problems), mixers)
     return cfg
+
+
+def _mixer_ok(cfg: ModelConfig, kind: str, options: dict, path: str, problems: list[Problem]) -> bool:
+    """``model.mixers.<kind>`` checked on its own, so its problems are named there (and the layers of
+    that kind are then checked without it)."""
+    n_before = len(problems)
+    _layer_component(cfg, "attention", {**options, "type": kind}, path, problems)
+    return len(problems) == n_before
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
@@ -321,10 +369,11 @@ def _resolve_component(comp: Any, model: ModelConfig, check: Checker) -> None:
             _resolve_component(getattr(comp, f.name), model, check.child(f.name))
 
 
-def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
+def _resolve_layers(cfg: ModelConfig, check: Checker, pattern: list, mixers: dict) -> None:
+    """Each layer's components: the pattern's kinds first, then the ``layers`` overrides in order."""
     problems = check.problems
     n_before = len(problems)
-    entries: list[tuple[list[int], dict, str]] = []
+    entries: list[tuple[list[int], dict, str]] = [(i, _given(g, p, problems), p) for i, g, p in pattern]
     for i, item in enumerate(cfg.layers or []):
         path = check.at(f"layers[{i}]")
         ov = build_dataclass(LayerOverride, item, path, problems)
@@ -337,29 +386,37 @@ def _resolve_layers(cfg: ModelConfig, check: Checker) -> None:
                 )
             continue
         idx = parse_select(ov.select, cfg.num_layers, f"{path}.select", problems)
-        given = {s: getattr(ov, s) for s in LAYER_SLOTS if getattr(ov, s) is not None}
-        for slot, value in list(given.items()):
-            if not isinstance(value, (str, Mapping)):  # reported here: a later override would hide it
-                problems.append(
-                    Problem(
-                        f"{path}.{slot}",
-                        f"expected a {slot} type name or a mapping, got {value!r}",
-                        f"write {slot}: {{type: <name>, ...}}",
-                    )
-                )
-                del given[slot]
+        given = _given({s: getattr(ov, s) for s in LAYER_SLOTS if getattr(ov, s) is not None}, path, problems)
         if not given and isinstance(item, Mapping):
             problems.append(
                 Problem(path, "overrides no component", f"add one of {', '.join(LAYER_SLOTS)} next to select")
             )
         entries.append((idx, given, path))
     resolved: dict[str, Any] = {}
-    specs = [_layer_spec(cfg, layer, entries, resolved, problems) for layer in range(cfg.num_layers)]
+    specs = [_layer_spec(cfg, layer, entries, resolved, mixers, problems) for layer in range(cfg.num_layers)]
     if len(problems) == n_before:
         cfg._layer_specs = specs
 
 
-def _layer_spec(cfg: ModelConfig, layer: int, entries: list, resolved: dict, problems: list[Problem]) -> LayerSpec:
+def _given(given: dict, path: str, problems: list[Problem]) -> dict:
+    """The slots an override names, without those that are neither a type name nor a mapping (reported
+    here: a later override of the layer would hide them)."""
+    for slot, value in list(given.items()):
+        if not isinstance(value, (str, Mapping)):
+            problems.append(
+                Problem(
+                    f"{path}.{slot}",
+                    f"expected a {slot} type name or a mapping, got {value!r}",
+                    f"write {slot}: {{type: <name>, ...}}",
+                )
+            )
+            del given[slot]
+    return given
+
+
+def _layer_spec(
+    cfg: ModelConfig, layer: int, entries: list, resolved: dict, mixers: dict, problems: list[Problem]
+) -> LayerSpec:
     """Layer ``layer``: the model's components with the overrides selecting it merged in (each distinct
     merge built once, kept in ``resolved``), checked against each other."""
     comps = {s: getattr(cfg, s) for s in LAYER_SLOTS}
@@ -370,7 +427,7 @@ def _layer_spec(cfg: ModelConfig, layer: int, entries: list, resolved: dict, pro
             continue
         for slot, value in given.items():
             base = data.get(slot, config_to_dict(comps[slot]) or {})
-            data[slot] = _merge_override(slot, base, value)
+            data[slot] = _merge_override(slot, base, value, mixers if slot == "attention" else {})
             source[slot] = f"{path}.{slot}"
     for slot, merged in data.items():
         key = f"{slot}|{source[slot]}|{merged!r}"

@@ -35,6 +35,7 @@ from .callbacks import (
     ComposerProgressBar,
     ComposerTQDMProgressBar,
     LearningRate,
+    MoEBalance,
     NanGuard,
     PlainProgress,
     SampleText,
@@ -436,6 +437,7 @@ def build_callbacks(
         callbacks.append(NanGuard())
     if c.get("lr_monitor", True):
         callbacks.append(LearningRate())
+    callbacks.append(MoEBalance(run_dir / "expert_load.jsonl"))  # no-op without MoE layers
     bar = progress_bar(c)
     if bar == "rich":
         callbacks.append(ComposerProgressBar(leave=True))

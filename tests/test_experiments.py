@@ -48,19 +48,24 @@ def test_every_experiment_composes_and_validates(path):
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_every_mixer_of_the_recall_ablation_composes(mixer):
-    cfg = compose_experiment("recall_mixers", f"mixer={mixer}", "model.hidden_size=128")
+    layers = ["model.num_layers=4"] if mixer == "hybrid" else []  # one attention layer in four
+    cfg = compose_experiment("recall_mixers", f"mixer={mixer}", "model.hidden_size=128", *layers)
     check_config(cfg)
     model = compose({**to_container(cfg.model), "vocab_size": cfg.data.vocab_size}, device="meta")
-    spec = model.config.layer(0)
     expected = {
-        "mha": ("mha", "rope"),
-        "gqa": ("gqa", "rope"),
-        "mqa": ("mqa", "rope"),
-        "swa": ("sliding_window", "rope"),
-        "nope": ("mha", "none"),
+        "mha": ["mha"] * 2,
+        "gqa": ["gqa"] * 2,
+        "mqa": ["mqa"] * 2,
+        "swa": ["sliding_window"] * 2,
+        "nope": ["mha"] * 2,
+        "mamba2": ["mamba2"] * 2,
+        "gated_deltanet": ["gated_deltanet"] * 2,
+        "gla": ["gla"] * 2,
+        "hybrid": ["gated_deltanet"] * 3 + ["mha"],
     }[mixer]
-    assert (spec.attention.type, spec.position.type) == expected
-    assert model.config.hidden_size == 128 and model.config.num_layers == 2
+    assert [s.attention.type for s in model.config.layer_specs()] == expected
+    assert model.config.layer(0).position.type == ("none" if mixer == "nope" else "rope")
+    assert model.config.hidden_size == 128 and model.config.num_layers == len(expected)
 
 
 def test_recall_sliding_window_is_shorter_than_the_key_value_span():

@@ -214,8 +214,12 @@ REFUSED = {
         dict(attention={"type": "gqa", "num_kv_heads": 2, "bias": True}),
         "model.attention.type: 'gqa' does not fit the nearest Hugging Face family, gpt2",
     ),
-    "partial_rope_llama": (
-        dict(LLAMA_LIKE, position={"type": "rope", "rotary_fraction": 0.5}),
+    "partial_rope_llama": (  # with biases: not Phi-3 either (a partial rope without biases is Phi-3)
+        dict(
+            LLAMA_LIKE,
+            attention={"type": "gqa", "num_kv_heads": 2, "bias": True},
+            position={"type": "rope", "rotary_fraction": 0.5},
+        ),
         "model.position.rotary_fraction",
     ),
     "window_with_biases": (

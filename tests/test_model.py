@@ -3,6 +3,7 @@ ModelBuilder and gradient checkpointing."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -145,7 +146,14 @@ def test_incremental_decoding_matches_full_forward(attention_type, position):
         torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def _has_options(name: str, *options: str) -> bool:
+    return set(options) <= {f.name for f in dataclasses.fields(ATTENTION.get(name).config)}
+
+
+# the mixers that have these softmax-attention options (linear-time mixers have none of them)
+@pytest.mark.parametrize(
+    "attention_type", [n for n in ATTENTIONS if _has_options(n, "logit_softcap", "qk_norm", "bias")]
+)
 def test_incremental_decoding_with_attention_options(attention_type):
     """The explicit-softmax path (logit soft-cap), qk-norm and biases decode like a full forward."""
     options = {"logit_softcap": 5.0, "qk_norm": True, "bias": True}

@@ -31,9 +31,13 @@ def _attention(kind: str):
         out: dict[str, Any] = {
             "type": kind,
             "bias": draw(st.booleans()),
-            "qk_norm": draw(st.booleans()),
+            "qk_norm": draw(st.sampled_from([False, True, "per_head", "across_heads"])),
             "causal": draw(st.booleans()) if kind != "sliding_window" else True,
+            "output_gate": draw(st.sampled_from(["none", "headwise", "elementwise"])),
+            "sinks": draw(st.booleans()),
         }
+        if draw(st.booleans()):
+            out["query_pre_attn_scalar"] = draw(st.sampled_from([16.0, 256.0]))
         if draw(st.booleans()):
             out["logit_softcap"] = draw(st.sampled_from([5.0, 30.0]))
         if kind in ("gqa", "sliding_window"):
@@ -47,6 +51,27 @@ def _attention(kind: str):
     return make
 
 
+def _mla(draw, s: dict) -> dict:
+    """Latent attention (components/mla.py) at small sizes; rope dims a multiple of 4, so rope rotates an
+    even number of them at any rotary_fraction drawn."""
+    out: dict[str, Any] = {
+        "type": "mla",
+        "q_lora_rank": draw(st.sampled_from([None, 3])),
+        "kv_lora_rank": draw(st.integers(1, 6)),
+        "qk_nope_head_dim": draw(st.integers(1, 4)),
+        "qk_rope_head_dim": draw(st.sampled_from([4, 8])),
+        "v_head_dim": draw(st.integers(1, 5)),
+        "bias": draw(st.booleans()),
+        "causal": draw(st.booleans()),
+        "form": draw(st.sampled_from(["auto", "absorbed"])),
+    }
+    if draw(st.booleans()):
+        out["logit_softcap"] = draw(st.sampled_from([5.0, 30.0]))
+    if s.get("layer_heads"):
+        out["num_heads"] = s["heads"]
+    return out
+
+
 def _ffn(kind: str):
     def make(draw, s: dict) -> dict:
         if kind == "mlp":
@@ -56,12 +81,14 @@ def _ffn(kind: str):
                 "bias": draw(st.booleans()),
                 "activation": draw(st.sampled_from(["gelu", "gelu_tanh", "relu", "silu", "relu2"])),
             }
-        if kind == "moe":
+        if kind.startswith("moe"):
             experts = draw(st.integers(1, 3))
             expert = draw(
                 st.sampled_from([{"type": "mlp", "intermediate_size": 8}, {"type": "swiglu", "intermediate_size": 8}])
             )
-            return {"type": "moe", "num_experts": experts, "top_k": draw(st.integers(1, experts)), "expert": expert}
+            groups = {"n_group": 1, "topk_group": None} if kind == "moe_deepseek" else {}  # its default: 4 groups
+            top_k = draw(st.integers(1, experts))
+            return {"type": kind, "num_experts": experts, "top_k": top_k, "expert": expert, **groups}
         return {"type": kind, "multiple_of": draw(st.sampled_from([4, 8])), "bias": draw(st.booleans())}
 
     return make
@@ -83,9 +110,38 @@ def _position(kind: str):
     return make
 
 
+def _mixer(kind: str):
+    """The linear-time mixers (components/mamba2.py, gated_deltanet.py, gla.py): small states, any chunk."""
+
+    def make(draw, s: dict) -> dict:
+        out: dict[str, Any] = {"type": kind, "chunk_size": draw(st.integers(1, 8)), "form": "auto"}
+        if kind == "mamba2":
+            heads = draw(st.integers(1, 3))
+            out.update(num_heads=heads, head_dim=draw(st.sampled_from([4, 8])), state_size=draw(st.integers(1, 4)))
+            out.update(n_groups=draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0])))
+        elif kind == "gated_deltanet":
+            out["num_key_heads"] = draw(st.sampled_from([d for d in range(1, s["heads"] + 1) if s["heads"] % d == 0]))
+            out.update(allow_neg_eigval=draw(st.booleans()), conv_size=draw(st.integers(1, 4)))
+        else:
+            out.update(feature_map=draw(st.sampled_from(["none", "relu", "elu_plus_one"])))
+            out.update(use_output_gate=draw(st.booleans()), conv_size=draw(st.sampled_from([0, 2])))
+        if kind != "mamba2":
+            out["num_heads"] = s["heads"]
+        return out
+
+    return make
+
+
 COMPONENT_STRATEGIES = {
-    "attention": {k: _attention(k) for k in ("mha", "gqa", "mqa", "sliding_window")},
-    "ffn": {k: _ffn(k) for k in ("mlp", "swiglu", "geglu", "moe")},
+    "attention": {
+        **{k: _attention(k) for k in ("mha", "gqa", "mqa", "sliding_window")},
+        **{k: _mixer(k) for k in ("mamba2", "gated_deltanet", "gla")},
+        "mla": _mla,
+    },
+    "ffn": {
+        **{k: _ffn(k) for k in ("mlp", "swiglu", "geglu", "swiglu_clamped", "moe", "moe_deepseek", "moe_gpt_oss")},
+        "none": lambda draw, s: {"type": "none"},  # no feed-forward (Mamba-2 layers); every block drawn skips it
+    },
     "norm": {
         "layernorm": lambda draw, s: {"type": "layernorm", "bias": draw(st.booleans())},
         "rmsnorm": lambda draw, s: {"type": "rmsnorm", "eps": 1e-6},
@@ -107,6 +163,8 @@ COMPONENT_STRATEGIES = {
         "pre_norm": lambda draw, s: {"type": "pre_norm"},
         "post_norm": lambda draw, s: {"type": "post_norm"},
         "parallel": lambda draw, s: {"type": "parallel", "shared_norm": draw(st.booleans())},
+        "post_sublayer": lambda draw, s: {"type": "post_sublayer"},
+        "sandwich": lambda draw, s: {"type": "sandwich"},
     },
 }
 
@@ -223,6 +281,8 @@ def wrong_types(draw) -> dict:
         bad = draw(st.one_of(st.integers(), st.lists(st.text(max_size=2), max_size=2), st.booleans()))
     elif kind == "list":
         bad = draw(st.one_of(st.text(max_size=3), st.integers(), st.dictionaries(st.text(max_size=2), st.integers())))
+    elif kind == "dict" or field == "layer_pattern":  # layer_pattern: a list, a mapping or null
+        bad = draw(st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans()))
     else:  # a component slot
         bad = draw(
             st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.lists(st.integers()), st.none())

@@ -131,9 +131,9 @@ def test_dictconfig_and_modelconfig_inputs():
         ({"gradient_checkpointing": "every_0"}, "model.gradient_checkpointing", "k >= 1"),
         ({"gradient_checkpointing": "often"}, "model.gradient_checkpointing", "not a checkpointing mode"),
         (
-            {"position": {"type": "rope", "scaling": "yarn"}},
+            {"position": {"type": "rope", "scaling": "longrope"}},
             "model.position.scaling",
-            "not one of none, linear, llama3",
+            "not one of none, linear, llama3, yarn",
         ),
     ],
 )

@@ -4,7 +4,8 @@ It imports nothing of the project but ``composer.errors``; components import onl
 each other). A plugin author needs nothing else:
 
 - ``protocols``: the family interfaces (``typing.Protocol``), their optional members with defaults
-  (``MixerBase``, ``HeadBase``, ``BlockBase``, ``PositionBase``), ``BuildContext`` and ``LayerInputs``
+  (``MixerBase``, ``FeedForwardBase``, ``HeadBase``, ``BlockBase``, ``PositionBase``), ``BuildContext``
+  and ``LayerInputs``
 - ``options``:   ``option`` fields, the ``Checker``, ``inherit`` and the shared small checks
 - ``cost``:      ``CostCall`` / ``Cost``, what a component answers to ``composer-plan``
 - ``registry``:  one ``Registry`` per family (``ATTENTION``, ``FFN``, ``NORM``, ``POSITION``, ``HEAD``,
@@ -33,6 +34,7 @@ _LAZY = {  # public name -> the contract module defining it (imported on first u
     "FAMILIES": "registry",
     "FFN": "registry",
     "FeedForward": "protocols",
+    "FeedForwardBase": "protocols",
     "HEAD": "registry",
     "Head": "protocols",
     "HeadBase": "protocols",
@@ -86,6 +88,7 @@ __all__ = [
     "NotPlanned",
     "Entry",
     "FeedForward",
+    "FeedForwardBase",
     "Head",
     "HeadBase",
     "InvalidParameter",

@@ -64,6 +64,12 @@ class Cost:
     transient: int = 0  # short-lived bytes of the whole step (not per token)
     parts: Mapping[str, Cost] = field(default_factory=dict)  # named parts (a block's attention and ffn)
     notes: tuple[str, ...] = ()
+    active_params: Optional[int] = None  # parameters one token uses (an MoE's routed top_k); None: all
+
+    @property
+    def active(self) -> int:
+        """Parameters one token uses (``params`` unless the component said fewer)."""
+        return self.params if self.active_params is None else self.active_params
 
     def __add__(self, other: Cost) -> Cost:
         tokens = [t for t in (self.cache_tokens, other.cache_tokens) if t is not None]
@@ -77,6 +83,7 @@ class Cost:
             transient=self.transient + other.transient,
             parts={**self.parts, **other.parts},
             notes=self.notes + tuple(n for n in other.notes if n not in self.notes),
+            active_params=None if self.active_params is other.active_params is None else self.active + other.active,
         )
 
     def cache_bytes(self, seq_len: int) -> int:

@@ -194,6 +194,14 @@ class FeedForward(Protocol):
         ...
 
 
+class FeedForwardBase(nn.Module):
+    """Optional members of a feed-forward, with their defaults: ``absent`` says the layer has no
+    feed-forward sub-layer (ffn ``none``, Mamba-2's layers): a block whose ``ffn_optional`` is set skips
+    it and its norm, so it has no parameters and costs nothing."""
+
+    absent: ClassVar[bool] = False
+
+
 @runtime_checkable
 class Norm(Protocol):
     def forward(self, x: Tensor) -> Tensor:  # [..., C] -> [..., C]
@@ -274,11 +282,12 @@ class Block(Protocol):
 class BlockBase(nn.Module):
     """Optional members of a block: ``attn``, its sequence mixer (the model asks it for the layer's cache
     and per-forward work; a block without one gets no cache), ``final_norm`` (the model adds a norm after
-    the last block) and ``checkpoint``, which the model sets: 'attention' | 'ffn' recomputes that
-    sub-layer in backward."""
+    the last block), ``ffn_optional`` (it handles a layer without a feed-forward) and ``checkpoint``,
+    which the model sets: 'attention' | 'ffn' recomputes that sub-layer in backward."""
 
     attn: Optional[nn.Module]  # annotated only: a class attribute would hide the registered sub-module
     final_norm: ClassVar[bool] = True
+    ffn_optional: ClassVar[bool] = False  # runs a layer whose feed-forward is ``absent`` (skips it and its norm)
     checkpoint: str = "none"
 
 
@@ -311,6 +320,7 @@ def mark_residual(linear: nn.Linear) -> nn.Linear:
 
 _BASES: dict[str, type] = {
     "attention": MixerBase,
+    "ffn": FeedForwardBase,
     "head": HeadBase,
     "block": BlockBase,
     "position": PositionBase,

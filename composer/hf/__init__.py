@@ -3,10 +3,12 @@
     model = import_hf("path/to/hf_llama")          # config.json + *.safetensors -> ComposedModel
     export_hf(model, "path/to/out")                # -> config.json + model.safetensors for transformers
 
-Families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2 (llama.py) and GPT-NeoX. Each
-family module holds ONE parameter-name table used in both directions. No network access and no
-``transformers`` import: configs are read and written as JSON, weights as safetensors (validated
-like composer checkpoints: names, shapes and dtypes are checked before any data is read).
+Families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2 (llama.py), GPT-NeoX, Qwen3, OLMo 2
+and Phi-3 (qwen3.py, olmo2.py, phi3.py; YaRN in rope_scaling.py), Gemma 2 and Gemma 3 text (gemma.py), and
+the others listed in FAMILIES. Each family module holds ONE parameter-name table used in both directions.
+No network access and no ``transformers`` import: configs are read and written as JSON, weights as
+safetensors (validated like composer checkpoints: names, shapes and dtypes are checked before any data is
+read).
 """
 
 from __future__ import annotations
@@ -38,10 +40,40 @@ from ..weights import (
     unique_state,
     write_safetensors,
 )
-from . import gpt2, gpt_neox, llama
-from .common import Exporting, Family, HFConfig, Rule, read_hf_config, to_ours, to_theirs
+from . import (
+    bamba,
+    deepseek_v3,
+    gemma,
+    gpt2,
+    gpt_neox,
+    llama,
+    mamba2,
+    mixtral,
+    olmo2,
+    olmo_hybrid,
+    phi3,
+    qwen3,
+    qwen3_moe,
+    qwen3_next,
+)
+from .common import Exporting, Family, HFConfig, Rule, read_hf_config, routed_experts, to_ours, to_theirs
 
-FAMILIES: tuple[Family, ...] = (gpt2.FAMILY, llama.FAMILY, gpt_neox.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    gpt2.FAMILY,
+    llama.FAMILY,
+    gpt_neox.FAMILY,
+    gemma.FAMILY,
+    qwen3.FAMILY,
+    olmo2.FAMILY,
+    phi3.FAMILY,
+    deepseek_v3.FAMILY,
+    mamba2.FAMILY,
+    bamba.FAMILY,
+    olmo_hybrid.FAMILY,
+    qwen3_next.FAMILY,
+    mixtral.FAMILY,
+    qwen3_moe.FAMILY,
+)
 MODEL_TYPES: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}
 SLOTS = ("block", "attention", "ffn", "norm", "position")
 
@@ -131,7 +163,7 @@ def _plan(
     (no data read); one CheckpointError listing every problem."""
     expected = unique_state(model)
     plan, used, missing, lines, mapped = [], set(), [], [], set()
-    for rule in family.table(model.config.num_layers):
+    for rule in family.table(model.config.num_layers, routed_experts(model.config), model.config):
         if rule.ours not in expected:
             continue
         mapped.add(rule.ours)
@@ -206,12 +238,27 @@ def choose_family(cfg: Any) -> tuple[Family, str]:
     spec = cfg.layer(0)
     types = {slot: getattr(spec, slot).type for slot in SLOTS}
 
-    def misses(f: Family) -> list[str]:
-        return [s for s in SLOTS if types[s] not in f.signature[s]]
+    used = {key for s in cfg.layer_specs() for key, on in attention_features(s.attention).items() if on}
+    used |= {key for key, on in model_features(cfg).items() if on}
 
-    family = min(FAMILIES, key=lambda f: len(misses(f)))
+    def misses(f: Family) -> list[str]:  # the slots, then the attention features, the family lacks
+        return [s for s in SLOTS if types[s] not in f.signature[s]] + sorted(used - set(f.options))
+
+    fewest = min(len(misses(f)) for f in FAMILIES)
+    nearest = [f for f in FAMILIES if len(misses(f)) == fewest]
+    name = str(getattr(cfg, "name", ""))  # an import's or a preset's own family first (phi3_mini: phi3)
+    nearest.sort(key=lambda f: not any(name == t or name.startswith(f"{t}_") for t in f.model_types))
+    family = nearest[0]
     known = {slot: {t for f in FAMILIES for t in f.signature[slot]} for slot in SLOTS}
-    for slot in misses(family):
+    for key in sorted(used - set(family.options)):
+        problems.append(
+            Problem(
+                f"model.{key}" if key in MODEL_FEATURES else f"model.attention.{key}",
+                f"does not fit the nearest Hugging Face family, {family.name} (it has no {key})",
+                "compose the model like one of the supported families",
+            )
+        )
+    for slot in (s for s in SLOTS if types[s] not in family.signature[s]):
         if types[slot] in known[slot]:  # exists in another family, not in this combination
             problems.append(
                 Problem(
@@ -223,11 +270,42 @@ def choose_family(cfg: Any) -> tuple[Family, str]:
             )
     if problems:
         raise ConfigError.of(_unique(problems), header="this model has no Hugging Face equivalent")
-    e = Exporting(cfg, family.name)
-    model_type = family.match(e)
-    if e.problems:
-        raise ConfigError.of(_unique(e.problems), header="this model has no Hugging Face equivalent")
-    return family, model_type
+    first = None  # the nearest families in order: the first that takes the composition
+    for family in nearest:
+        e = Exporting(cfg, family.name)
+        model_type = family.match(e)
+        if not e.problems:
+            return family, model_type
+        first = first or e
+    raise ConfigError.of(_unique(first.problems), header="this model has no Hugging Face equivalent")
+
+
+def attention_features(a: Any) -> dict[str, bool]:
+    """Which attention options beyond the plain defaults ``a`` uses (a family maps those in its
+    ``options``; the others have no equivalent there)."""
+    return {
+        "qk_norm": getattr(a, "qk_norm", False) is not False,
+        "logit_softcap": getattr(a, "logit_softcap", None) is not None,
+        "causal": not getattr(a, "causal", True),
+        "output_gate": getattr(a, "output_gate", "none") != "none",
+        "sinks": bool(getattr(a, "sinks", False)),
+        "query_pre_attn_scalar": getattr(a, "query_pre_attn_scalar", None) is not None,
+    }
+
+
+MODEL_FEATURES = ("head.logit_softcap", "embedding_scale", "norm.zero_centred", "norm.weight")
+
+
+def model_features(cfg: Any) -> dict[str, bool]:
+    """Which model-wide options beyond the plain defaults ``cfg`` uses, by config path (``MODEL_FEATURES``;
+    a family maps those in its ``options``, as the attention features)."""
+    norms = [s.norm for s in cfg.layer_specs()]
+    return {
+        "head.logit_softcap": getattr(cfg.head, "logit_softcap", None) is not None,
+        "embedding_scale": getattr(cfg, "embedding_scale", None) is not None,
+        "norm.zero_centred": any(getattr(n, "zero_centred", False) for n in norms),
+        "norm.weight": any(getattr(n, "weight", True) is False for n in norms),
+    }
 
 
 def _check_universal(cfg: Any, problems: list[Problem]) -> None:
@@ -242,15 +320,8 @@ def _check_universal(cfg: Any, problems: list[Problem]) -> None:
                 "export language models (head: lm)",
             )
         )
-    elif head.bias or head.logit_softcap is not None:
-        key = "bias" if head.bias else "logit_softcap"
-        problems.append(
-            Problem(
-                f"model.head.{key}",
-                f"the supported families have no LM-head {key.replace('_', ' ')}",
-                f"set head.{key} off",
-            )
-        )
+    elif head.bias:
+        problems.append(Problem("model.head.bias", "the supported families have no LM-head bias", "set head.bias off"))
     if cfg.embedding_norm:
         problems.append(
             Problem(
@@ -271,12 +342,9 @@ def _check_universal(cfg: Any, problems: list[Problem]) -> None:
                     )
                 )
         a = spec.attention
-        for key, bad in (
-            ("qk_norm", a.qk_norm),
-            ("logit_softcap", a.logit_softcap is not None),
-            ("causal", not a.causal),
-        ):
-            if bad:
+        mapped = {k for f in FAMILIES for k in f.options}
+        for key, bad in attention_features(a).items():
+            if bad and key not in mapped:
                 where = "model.attention" if a is cfg.attention else f"model.layers (layer {spec.index}) attention"
                 problems.append(
                     Problem(
@@ -309,7 +377,7 @@ def export_hf(
     family, model_type = choose_family(cfg)
     state = unique_state(model)
     tensors: dict[str, Tensor] = {}
-    for rule in family.table(cfg.num_layers):
+    for rule in family.table(cfg.num_layers, routed_experts(cfg), cfg):
         t = state.pop(rule.ours, None)
         if t is None:
             continue

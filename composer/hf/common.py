@@ -35,18 +35,27 @@ class Rule:
          qkv        ours = cat(q, k, v) along rows: [(H + 2 Hkv) D, C]
          gate_up    ours = cat(gate, up) along rows: [2 I, C]
          neox_qkv   theirs interleaves heads [h0 q,k,v | h1 q,k,v | ...]; ours is [q | k | v]
+         rows       ours = theirs stacked along rows, in order, in equal blocks (stacked experts); a
+                    Hugging Face name with ``{j}`` repeats for each routed expert j (expert-major)
+         gdn_in     Gated DeltaNet's in_proj = cat(q, k [Hk Dk each], v, z [H Dv each], b, a [H each]), or
+                    its conv1d = cat(q, k, v) (three parts)
+         other      a family's own kind, registered in ``CONVERTERS`` (qwen3_next.py's interleaved GDN rows)
     vocab: rows are vocabulary entries (padding rows of a padded vocabulary are dropped on export)
+    only:  the rule maps only the layers whose block is this type (hybrids whose layer kinds wire their
+           norms differently, OLMo-Hybrid); "" every layer
     """
 
     ours: str
     theirs: tuple[str, ...]
     how: str = "copy"
     vocab: bool = False
+    only: str = ""
 
-    def at(self, i: int) -> Rule:
-        return Rule(
-            self.ours.replace("{i}", str(i)), tuple(t.replace("{i}", str(i)) for t in self.theirs), self.how, self.vocab
-        )
+    def at(self, i: int, experts: int = 0) -> Rule:
+        theirs = tuple(t.replace("{i}", str(i)) for t in self.theirs)
+        if any("{j}" in t for t in theirs):  # one name per routed expert, each expert's names in order
+            theirs = tuple(t.replace("{j}", str(j)) for j in range(experts) for t in theirs)
+        return Rule(self.ours.replace("{i}", str(i)), theirs, self.how, self.vocab, self.only)
 
 
 def copy(ours: str, theirs: str, vocab: bool = False) -> Rule:
@@ -61,17 +70,22 @@ def fused(how: str, ours: str, *theirs: str) -> Rule:
     return Rule(ours, theirs, how)
 
 
+CONVERTERS: dict[str, tuple[Callable, Callable]] = {}  # a family's own rule kinds: how -> (to_ours, to_theirs)
+
+
 def to_ours(rule: Rule, parts: list[Tensor], attn: Optional[nn.Module]) -> Tensor:
     """Hugging Face tensor(s) -> our tensor."""
     if rule.how == "copy":
         return parts[0]
     if rule.how == "transpose":
         return parts[0].t().contiguous()
-    if rule.how in ("qkv", "gate_up"):
+    if rule.how in ("qkv", "gate_up", "rows", "gdn_in"):
         return torch.cat(parts, dim=0)
     if rule.how == "neox_qkv":  # [H, 3, D, ...] -> [3, H, D, ...]
         t = parts[0]
         return t.reshape(attn.num_heads, 3, attn.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    if rule.how in CONVERTERS:
+        return CONVERTERS[rule.how][0](parts, attn)
     raise ValueError(f"unknown rule kind {rule.how!r}")
 
 
@@ -81,13 +95,20 @@ def to_theirs(rule: Rule, t: Tensor, attn: Optional[nn.Module]) -> list[Tensor]:
         return [t]
     if rule.how == "transpose":
         return [t.t().contiguous()]
-    if rule.how == "qkv":
-        h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        return list(t.split([h * d, hkv * d, hkv * d], dim=0))
+    if rule.how == "qkv":  # with an output gate, each query head's G gate rows follow its D rows (Qwen3-Next)
+        h, hkv, d, g = attn.num_heads, attn.num_kv_heads, attn.head_dim, getattr(attn, "gate", 0)
+        return list(t.split([h * (d + g), hkv * d, hkv * d], dim=0))
     if rule.how == "gate_up":
         return list(t.chunk(2, dim=0))
+    if rule.how == "rows":
+        return list(t.chunk(len(rule.theirs), dim=0))
+    if rule.how == "gdn_in":  # in_proj (six parts) or the short convolution over q, k, v (three)
+        hk, dk, h, dv = attn.num_kv_heads, attn.head_dim, attn.num_heads, attn.value_head_dim
+        return list(t.split([hk * dk, hk * dk, h * dv, h * dv, h, h][: len(rule.theirs)], dim=0))
     if rule.how == "neox_qkv":  # [3, H, D, ...] -> [H, 3, D, ...]
         return [t.reshape(3, attn.num_heads, attn.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)]
+    if rule.how in CONVERTERS:
+        return CONVERTERS[rule.how][1](t, attn)
     raise ValueError(f"unknown rule kind {rule.how!r}")
 
 
@@ -331,6 +352,8 @@ class Family:
     to_hf:        our config -> HF config.json entries
     ignore:       HF tensors that are not weights (buffers some old checkpoints saved)
     prefix:       the base-model prefix that checkpoints of the bare base model omit
+    options:      the optional features this family can take (``composer.hf.attention_features`` and the
+                  model-wide ones); its ``match`` checks how. A composition using another is refused.
     """
 
     name: str
@@ -342,12 +365,26 @@ class Family:
     to_hf: Callable[[ModelConfig, str], dict[str, Any]]
     ignore: tuple[str, ...] = ()
     prefix: str = ""
+    options: tuple[str, ...] = ()
 
-    def table(self, num_layers: int) -> list[Rule]:
+    def table(self, num_layers: int, experts: int = 0, cfg: Optional[ModelConfig] = None) -> list[Rule]:
+        """The rules for ``num_layers`` layers of ``experts`` routed experts (``routed_experts``); a rule
+        ``only`` for one block type maps the layers of ``cfg`` with that block."""
         out: list[Rule] = []
         for rule in self.rules:
-            out.extend(rule.at(i) for i in range(num_layers)) if "{i}" in rule.ours else out.append(rule)
+            if "{i}" not in rule.ours:
+                out.append(rule)
+                continue
+            layers = range(num_layers)
+            if rule.only:
+                layers = [i for i in layers if cfg is not None and cfg.layer(i).block.type == rule.only]
+            out.extend(rule.at(i, experts) for i in layers)
         return out
 
     def ignored(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.ignore)
+
+
+def routed_experts(cfg: ModelConfig) -> int:
+    """The routed experts of the model's mixture-of-experts layers (0: none): what ``{j}`` in a rule spans."""
+    return max((getattr(s.ffn, "num_experts", 0) for s in cfg.layer_specs()), default=0)
