@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -330,7 +331,10 @@ def _mark_static(t: Tensor) -> None:
 class RecurrentMixer(MixerBase):
     """What the three mixers share: no per-forward preparation, a fixed-size cache that may be static,
     the padding of the new tokens, reading and writing the cache. Mixers see no positions: a rotary
-    encoding's tables arrive in ``LayerInputs.rotation`` and are not used."""
+    encoding's tables arrive in ``LayerInputs.rotation`` and are not used. Each mixer defines
+    ``state_shape() -> (H, K, V)``, the shape of its recurrent state per row."""
+
+    state_shape: Callable[[], tuple[int, int, int]]  # defined by each mixer (annotated only)
 
     supports_static_cache = True  # the state is written in place; positions are not read
     form: str = "auto"
@@ -339,9 +343,6 @@ class RecurrentMixer(MixerBase):
 
     def conv_channels(self) -> int:
         return self.conv1d.weight.shape[0] if getattr(self, "conv1d", None) is not None else 0
-
-    def state_shape(self) -> tuple[int, int, int]:  # (H, K, V) of the recurrent state
-        raise NotImplementedError
 
     def make_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device: Any) -> RecurrentCache:
         conv = getattr(self, "conv1d", None)
