@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from ..errors import Problem
 from ..schema import ModelConfig, config_to_dict
+from . import qwen3
 from .common import (
     Exporting,
     Family,
@@ -25,40 +26,19 @@ from .common import (
     attention_from_heads,
     copy,
     differing_slots,
-    fused,
     rope_from_hf,
     rope_to_hf,
 )
 
 L = "model.layers.{i}"
+# Qwen3's table (Llama's with per-head q/k norms), without the feed-forward biases Gemma does not have and
+# with its four norms around the sub-layers (the feed-forward's pre-norm is not post_attention_layernorm)
+NOT_GEMMA = {"layers.{i}.ffn_norm.weight", "layers.{i}.ffn.gate_up.bias", "layers.{i}.ffn.down.bias"}
 RULES = (
-    copy("embed.weight", "model.embed_tokens.weight", vocab=True),
-    copy("layers.{i}.attn_norm.weight", f"{L}.input_layernorm.weight"),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.weight",
-        f"{L}.self_attn.q_proj.weight",
-        f"{L}.self_attn.k_proj.weight",
-        f"{L}.self_attn.v_proj.weight",
-    ),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.bias",
-        f"{L}.self_attn.q_proj.bias",
-        f"{L}.self_attn.k_proj.bias",
-        f"{L}.self_attn.v_proj.bias",
-    ),
-    copy("layers.{i}.attn.q_norm.weight", f"{L}.self_attn.q_norm.weight"),
-    copy("layers.{i}.attn.k_norm.weight", f"{L}.self_attn.k_norm.weight"),
-    copy("layers.{i}.attn.out.weight", f"{L}.self_attn.o_proj.weight"),
-    copy("layers.{i}.attn.out.bias", f"{L}.self_attn.o_proj.bias"),
+    *(r for r in qwen3.RULES if r.ours not in NOT_GEMMA),
     copy("layers.{i}.post_attn_norm.weight", f"{L}.post_attention_layernorm.weight"),
     copy("layers.{i}.ffn_norm.weight", f"{L}.pre_feedforward_layernorm.weight"),
-    fused("gate_up", "layers.{i}.ffn.gate_up.weight", f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"),
-    copy("layers.{i}.ffn.down.weight", f"{L}.mlp.down_proj.weight"),
     copy("layers.{i}.post_ffn_norm.weight", f"{L}.post_feedforward_layernorm.weight"),
-    copy("final_norm.weight", "model.norm.weight"),
-    copy("head.proj.weight", "lm_head.weight", vocab=True),
 )
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SLIDING, FULL = "sliding_attention", "full_attention"
