@@ -43,6 +43,7 @@ from components.kernels import (  # noqa: F401  (build_mask, sdpa_*: also import
     attend,
     build_mask,
     choose,
+    facts_of,
     flex_attention,
     make_mask,
     sdpa_folding_groups,
@@ -341,22 +342,8 @@ class SelfAttention(MixerBase):
         dtype: Optional[torch.dtype] = None,
     ) -> CallFacts:
         """The facts of this call that decide the kernel (components.kernels.choose)."""
-        device = inputs.position_ids.device
-        dtype = dtype or compute_dtype(self.qkv.weight, device.type)
-        mask = "bias" if biased else "padding" if padded else "causal" if self.causal else "none"
-        kind = "none" if write is None else "static" if write.static else "rolling" if write.rolling else "dynamic"
-        keys = write.k_pos.shape[0] if write is not None else inputs.new_tokens
-        return CallFacts(
-            device.type,
-            dtype,
-            torch.is_grad_enabled(),
-            self.training,
-            mask,
-            kind,
-            inputs.new_tokens,
-            keys,
-            torch.compiler.is_compiling(),
-        )
+        dtype = dtype or compute_dtype(self.qkv.weight, inputs.position_ids.device.type)
+        return facts_of(inputs, write, padded, biased, self.causal, self.training, dtype)
 
     # ------------------------------------------------------------------ cost
     def planned_choice(self, call: CostCall) -> Choice:

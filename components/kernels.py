@@ -94,6 +94,29 @@ class CallFacts:
     fused: bool = True  # planner only: False models SDPA's math kernel (it stores the probabilities)
 
 
+def facts_of(
+    inputs: Any, write: Any, padded: bool, biased: bool, causal: bool, training: bool, dtype: torch.dtype
+) -> CallFacts:
+    """The facts of one forward call: ``inputs`` its LayerInputs, ``write`` where its tokens go in the cache
+    (a SlotWrite; None without a cache), whether some keys are padding and whether a position bias joins
+    the scores; ``causal`` and ``training`` are the attention's."""
+    mask = "bias" if biased else "padding" if padded else "causal" if causal else "none"
+    kind = "none" if write is None else "static" if write.static else "rolling" if write.rolling else "dynamic"
+    keys = write.k_pos.shape[0] if write is not None else inputs.new_tokens
+    device = inputs.position_ids.device.type
+    return CallFacts(
+        device,
+        dtype,
+        torch.is_grad_enabled(),
+        training,
+        mask,
+        kind,
+        inputs.new_tokens,
+        keys,
+        torch.compiler.is_compiling(),
+    )
+
+
 @dataclass(frozen=True)
 class Choice:
     """What the attention runs: ``kernel`` (sdpa | flex | explicit), how grouped K/V heads are read

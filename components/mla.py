@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import AttentionSpec, CallFacts, Choice, attend, choose, make_mask
+from components.kernels import AttentionSpec, CallFacts, Choice, attend, choose, facts_of, make_mask
 from components.kv_cache import SlotWrite
 from components.linear_cross_entropy import compute_dtype
 from components.mla_cache import LatentCache
@@ -305,22 +305,8 @@ class LatentAttention(MixerBase):
         dtype: Optional[torch.dtype] = None,
     ) -> CallFacts:
         """The facts of this call that decide the kernel (components.kernels.choose)."""
-        device = inputs.position_ids.device
-        dtype = dtype or compute_dtype(self.kv_b_proj.weight, device.type)
-        mask = "bias" if biased else "padding" if padded else "causal" if self.causal else "none"
-        kind = "none" if write is None else "static" if write.static else "dynamic"
-        keys = write.k_pos.shape[0] if write is not None else inputs.new_tokens
-        return CallFacts(
-            device.type,
-            dtype,
-            torch.is_grad_enabled(),
-            self.training,
-            mask,
-            kind,
-            inputs.new_tokens,
-            keys,
-            torch.compiler.is_compiling(),
-        )
+        dtype = dtype or compute_dtype(self.kv_b_proj.weight, inputs.position_ids.device.type)
+        return facts_of(inputs, write, padded, biased, self.causal, self.training, dtype)
 
     # ------------------------------------------------------------------ cost
     def planned_choice(self, call: CostCall) -> Choice:
