@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.kernels import fla_available
 from components.linear_recurrence import (
     FORMS,
     KERNELS,
@@ -45,7 +46,6 @@ from components.linear_recurrence import (
     ShortConv,
     chunk_gated_delta,
     dt_bias_init,
-    fla_available,
     fla_ops,
     l2norm,
     masked,

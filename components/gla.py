@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.kernels import fla_available
 from components.linear_recurrence import (
     FORMS,
     KERNELS,
@@ -38,7 +39,6 @@ from components.linear_recurrence import (
     RecurrentMixer,
     ShortConv,
     chunk_gated_linear,
-    fla_available,
     fla_ops,
     masked,
     recurrent_gated_linear,

@@ -1,9 +1,14 @@
-"""The attention kernels, and the one place that chooses among them.
+"""The sequence mixers' kernels, and the one place that chooses among them.
 
-    choice = choose(spec, facts)       # what the attention runs, and what that path materialises
+    choice = choose(spec, facts)       # what the mixer runs, and what that path materialises
     y = attend(choice, spec, q, k, v, mask)
 
-Three kernels, each saying what it supports:
+``spec`` says what a module is (an :class:`AttentionSpec` for softmax attention, a :class:`ScanSpec` for a
+linear-recurrence mixer), ``facts`` what one call is (:class:`CallFacts`: device, dtype, gradients, mask,
+cache, lengths); the same :func:`choose` answers both, so "which kernel, and why not the preferred one"
+has one home and one vocabulary (``Choice.kernel``, ``Choice.fallback``).
+
+Softmax attention has three kernels, each saying what it supports:
 
 - ``flex``: FlexAttention with a block mask (torch >= 2.5), for a sliding window over a whole sequence:
   blocks outside the window are skipped, so the cost grows with T x W. On CUDA (compiled, its fused
@@ -25,6 +30,11 @@ that is the flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``) 
 backward passes no gradient from L to q and k, so a training step takes the explicit softmax; on other
 devices no such kernel is checked yet (explicit). The Choice's ``fallback`` says which case it is.
 
+A linear-recurrence mixer (``mamba2``, ``gated_deltanet``, ``gla``) has two: ``torch`` (the chunked and
+recurrent PyTorch forms, every device) and ``fla`` (flash-linear-attention's Triton kernels: CUDA, the
+package installed, not while torch.compile traces); its ``Choice.form`` is ``chunk`` or ``recurrent``
+(auto: recurrent for one new token).
+
 The planner (``composer-plan``) asks the same :func:`choose` for the training step it plans, so the
 memory it counts is the memory of the path the attention takes (a test sweeps the facts and checks the
 two agree).
@@ -34,6 +44,8 @@ Shapes: B batch, T new tokens, S keys, H query heads, Hkv key/value heads, D hea
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -50,6 +62,8 @@ except ImportError:  # pragma: no cover - older torch
 SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 FLASH_MAX_HEAD_DIM = 256
 KERNELS = ("auto", "sdpa", "flex")  # the attention's `kernel` option
+SCAN_KERNELS = ("auto", "torch", "fla")  # a linear-recurrence mixer's `kernel` option
+SCAN_FORMS = ("auto", "chunk", "recurrent")  # and its `form` option
 MASK_KINDS = ("none", "causal", "padding", "bias")  # what the call's keys need (CallFacts.mask)
 CACHE_KINDS = ("none", "dynamic", "rolling", "static")
 
@@ -72,6 +86,14 @@ class AttentionSpec:
     @property
     def groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """The static facts of a linear-recurrence mixer: the user's kernel and form preferences."""
+
+    kernel: str = "auto"  # auto | torch | fla
+    form: str = "auto"  # auto | chunk | recurrent
 
 
 @dataclass(frozen=True)
@@ -132,10 +154,14 @@ class Choice:
     materialises: tuple[str, ...] = ()
     fallback: str = ""
     lse: bool = False
+    form: str = ""  # a scan's: chunk | recurrent
 
     @property
     def path(self) -> str:
-        """One name per path: explicit, sdpa, sdpa_gqa, sdpa_folded, sdpa_repeated, flex, flex_compiled."""
+        """One name per path: explicit, sdpa, sdpa_gqa, sdpa_folded, sdpa_repeated, flex, flex_compiled, and a
+        scan's torch_chunk, torch_recurrent, fla_chunk, fla_recurrent."""
+        if self.form:
+            return f"{self.kernel}_{self.form}"
         if self.kernel == "flex":
             return "flex_compiled" if self.compiled else "flex"
         if self.kernel == "sdpa" and self.grouping != "none":
@@ -210,8 +236,10 @@ def _sink_refusal(spec: AttentionSpec, f: CallFacts) -> str:
     return ""
 
 
-def choose(spec: AttentionSpec, f: CallFacts) -> Choice:
+def choose(spec: AttentionSpec | ScanSpec, f: CallFacts) -> Choice:
     """The path for ``spec`` under ``f`` (the only place that decides it)."""
+    if isinstance(spec, ScanSpec):
+        return _choose_scan(spec, f)
     refusal = _flex_refusal(spec, f)
     if not refusal:
         return Choice(
@@ -242,6 +270,41 @@ def choose(spec: AttentionSpec, f: CallFacts) -> Choice:
     if masked:
         return Choice("sdpa", "folded", mask, materialises=("folded_queries", *extra), fallback=fallback)
     return Choice("sdpa", "repeated", mask, materialises=("repeated_kv", *extra), fallback=fallback)
+
+
+@functools.cache
+def fla_available() -> bool:
+    """Whether flash-linear-attention is installed (looked up once, without importing it)."""
+    return importlib.util.find_spec("fla") is not None
+
+
+def _scan_refusal(spec: ScanSpec, f: CallFacts) -> str:
+    """Why the fla kernels do not take this call ("" when they do)."""
+    if spec.kernel == "torch":
+        return "kernel: torch"
+    if f.device != "cuda":
+        return f"fla kernels need CUDA (device: {f.device})"
+    if f.compiling:
+        return "torch.compile traces the PyTorch form (fla's Triton launches are not traced)"
+    if not fla_available():
+        return "flash-linear-attention is not installed"
+    return ""
+
+
+def _choose_scan(spec: ScanSpec, f: CallFacts) -> Choice:
+    """A linear-recurrence mixer's kernel and form: fla where it runs (kernel auto or fla), torch elsewhere."""
+    form = spec.form if spec.form != "auto" else "recurrent" if f.queries == 1 else "chunk"
+    refusal = _scan_refusal(spec, f)
+    if not refusal:
+        return Choice("fla", form=form)
+    return Choice("torch", form=form, fallback=f"fla: {refusal}" if spec.kernel != "torch" else "")
+
+
+def scan_facts(x: Tensor, training: bool) -> CallFacts:
+    """The facts of a linear-recurrence mixer's call on x [B, T, C]."""
+    t = x.shape[1]
+    compiling = torch.compiler.is_compiling()
+    return CallFacts(x.device.type, x.dtype, torch.is_grad_enabled(), training, queries=t, keys=t, compiling=compiling)
 
 
 # ----------------------------------------------------------------------------- masks

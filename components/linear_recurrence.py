@@ -31,21 +31,18 @@ Shapes: B batch, T tokens, L chunk, N chunks, H heads, K key (state) dim, V valu
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.kernels import SCAN_FORMS, SCAN_KERNELS, Choice, ScanSpec, choose, scan_facts
 from composer.contract import LayerInputs, MixerBase
 
-FORMS = ("auto", "chunk", "recurrent")
-KERNELS = ("auto", "torch", "fla")
+FORMS, KERNELS = SCAN_FORMS, SCAN_KERNELS  # the mixers' `form` and `kernel` options
 
 
 # ----------------------------------------------------------------------------- short convolution
@@ -220,39 +217,7 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-# ----------------------------------------------------------------------------- kernel choice
-@dataclass(frozen=True)
-class KernelChoice:
-    """Which implementation runs a scan: ``torch`` (the forms above) or ``fla`` (flash-linear-attention's
-    Triton kernels, CUDA only), and why."""
-
-    kernel: str
-    form: str  # chunk | recurrent
-    reason: str
-
-
-@functools.cache
-def fla_available() -> bool:
-    """Whether flash-linear-attention is installed (looked up once, without importing it)."""
-    return importlib.util.find_spec("fla") is not None
-
-
-def choose_kernel(kernel: str, form: str, device: str, tokens: int) -> KernelChoice:
-    """The kernel and form of one call: ``form`` auto is recurrent for one token, chunked otherwise;
-    ``kernel`` auto takes fla on CUDA when it is installed (never while torch.compile traces: its
-    Triton launches are not traceable here), torch elsewhere."""
-    form = form if form != "auto" else "recurrent" if tokens == 1 else "chunk"
-    if kernel == "torch":
-        return KernelChoice("torch", form, "asked for")
-    if device != "cuda":
-        return KernelChoice("torch", form, f"fla kernels need CUDA (device: {device})")
-    if torch.compiler.is_compiling():
-        return KernelChoice("torch", form, "torch.compile traces the PyTorch form")
-    if not fla_available():
-        return KernelChoice("torch", form, "flash-linear-attention is not installed")
-    return KernelChoice("fla", form, "CUDA with flash-linear-attention installed")
-
-
+# ----------------------------------------------------------------------------- the fla kernels
 def fla_ops() -> Any:
     """flash-linear-attention's ops module (only imported when chosen)."""
     import fla.ops  # late: optional CUDA kernels (pip install flash-linear-attention), imported when chosen
@@ -354,8 +319,9 @@ class RecurrentMixer(MixerBase):
         """[B, T] bool, False at the new tokens that are padding (None: none are)."""
         return None if inputs.key_valid is None else inputs.key_valid[:, -t:]
 
-    def choice(self, x: Tensor) -> KernelChoice:
-        return choose_kernel(self.kernel, self.form, x.device.type, x.shape[1])
+    def choice(self, x: Tensor) -> Choice:
+        """The kernel and form of this call on x [B, T, C], from the kernel chooser attention uses too."""
+        return choose(ScanSpec(self.kernel, self.form), scan_facts(x, self.training))
 
     @staticmethod
     def read(cache: Optional[RecurrentCache]) -> tuple[Optional[Tensor], Optional[Tensor]]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.kernels import fla_available
 from components.linear_recurrence import (
     FORMS,
     KERNELS,
@@ -39,7 +40,6 @@ from components.linear_recurrence import (
     ShortConv,
     chunk_gated_linear,
     dt_bias_init,
-    fla_available,
     fla_ops,
     masked,
     recurrent_gated_linear,

@@ -20,7 +20,9 @@ from conftest import small_model_dict
 from core_helpers import attention as attention_cfg
 from core_helpers import ids, is_builtin
 
-from components.linear_recurrence import RecurrentCache, choose_kernel, fla_available
+from components import kernels
+from components.kernels import CallFacts, ScanSpec, choose, fla_available
+from components.linear_recurrence import RecurrentCache
 from composer import ComposedModel, ConfigError, compose
 from composer.contract import CostCall, LayerInputs
 from composer.plan import plan
@@ -350,12 +352,25 @@ def test_bad_options_are_named(attention, key):
         compose(small_model_dict(attention=attention), device="meta")
 
 
-def test_kernel_choice_says_why():
-    assert choose_kernel("auto", "auto", "cpu", 1).form == "recurrent"
-    assert choose_kernel("auto", "auto", "cpu", 7).form == "chunk"
-    choice = choose_kernel("auto", "chunk", "cpu", 7)
-    assert choice.kernel == "torch" and "CUDA" in choice.reason
-    assert choose_kernel("torch", "auto", "cuda", 7).kernel == "torch"
+def test_kernel_choice_goes_through_the_attention_chooser(monkeypatch):
+    """The mixers ask components.kernels.choose, as attention does: form by the call's length, fla only on
+    CUDA with the package and outside torch.compile, and every refusal named."""
+
+    def pick(kernel="auto", form="auto", **facts):
+        return choose(ScanSpec(kernel, form), CallFacts(**{"queries": 7, "keys": 7, **facts}))
+
+    assert pick(queries=1, keys=1).form == "recurrent" and pick().form == "chunk"
+    cpu = pick(form="chunk")
+    assert (cpu.kernel, cpu.path) == ("torch", "torch_chunk") and "CUDA" in cpu.fallback
+    assert pick("torch", device="cuda").kernel == "torch" and pick("torch", device="cuda").fallback == ""
+    monkeypatch.setattr(kernels, "fla_available", lambda: False)
+    assert "not installed" in pick(device="cuda").fallback
+    monkeypatch.setattr(kernels, "fla_available", lambda: True)
+    assert pick(device="cuda", queries=1).path == "fla_recurrent" and pick("fla", device="cuda").path == "fla_chunk"
+    assert "torch.compile" in pick(device="cuda", compiling=True).fallback
+    m = compose(small_model_dict(attention={"type": "gla"}), seed=0)
+    x = torch.randn(2, 5, m.config.hidden_size)
+    assert m.layers[0].attn.choice(x) == choose(ScanSpec(), CallFacts(grad=True, training=True, queries=5, keys=5))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and flash-linear-attention")
