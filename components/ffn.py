@@ -43,7 +43,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 def _check_common(cfg, model, check) -> None:
     inherit(cfg, "dropout", model.dropout)
     check_probability(cfg, "dropout", check)
-    if cfg.intermediate_size is not None and cfg.intermediate_size < model.hidden_size:
+    expert = check.path.endswith("expert")  # a mixture's (shared) expert: narrow by design (fine-grained experts)
+    if cfg.intermediate_size is not None and cfg.intermediate_size < model.hidden_size and not expert:
         check.warn(
             "intermediate_size",
             f"{cfg.intermediate_size} is smaller than hidden_size "

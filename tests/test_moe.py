@@ -510,3 +510,17 @@ def test_router_weights_follow_the_formula():
     probs = F.softmax(x @ moe.router.weight.T, -1)
     top = probs.topk(2)
     torch.testing.assert_close(route.weights, top.values * 1.5)
+
+
+def test_narrow_experts_are_not_warned_about_but_a_narrow_dense_ffn_is(caplog):
+    """Fine-grained experts (intermediate < hidden) are the design of every modern MoE; a dense ffn that
+    narrow is unusual and gets a warning naming its key."""
+    narrow = {"type": "swiglu", "intermediate_size": 8}
+    with caplog.at_level("WARNING"):
+        compose(small_model_dict(ffn={"type": "moe", "num_experts": 4, "expert": narrow}), device="meta")
+        deepseek = {"type": "moe_deepseek", "n_group": 1, "topk_group": 1, "expert": narrow}
+        compose(small_model_dict(ffn=deepseek), device="meta")
+    assert "bottleneck" not in caplog.text
+    with caplog.at_level("WARNING"):
+        compose(small_model_dict(ffn=narrow), device="meta")
+    assert "model.ffn.intermediate_size: 8 is smaller than hidden_size" in caplog.text
