@@ -64,6 +64,10 @@ class KVCache:
         self.length = 0  # tokens written so far (dynamic caches; a static cache's count is Cache.position)
         self.static = False
 
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
     def make_static(self) -> None:
         """Fixed buffers written at tensor positions (see the module docstring); marked as static
         addresses so CUDA graphs may update them in place."""

@@ -141,11 +141,13 @@ def check_cache(cache: Any, num_layers: int, batch: int) -> None:
             f"past_key_values has {len(cache)} layers, this model {num_layers}: it belongs to another "
             "model; allocate one with model.allocate_cache(batch, capacity)"
         )
-    rows = getattr(cache[0], "valid", None) if len(cache) else None
-    if isinstance(rows, Tensor) and rows.shape[0] != batch:
-        raise ModelError(
-            f"past_key_values holds {rows.shape[0]} rows, input_ids {batch}; use a cache allocated for this batch size"
-        )
+    for i, layer in enumerate(cache):  # every layer's: a hybrid's layers hold caches of different kinds
+        rows = getattr(layer, "batch_size", None)
+        if isinstance(rows, int) and rows != batch:
+            raise ModelError(
+                f"past_key_values layer {i} holds {rows} rows, input_ids {batch}; use a cache allocated for this "
+                "batch size"
+            )
 
 
 def check_labels(labels: Any, input_ids: Tensor, per_token: bool, classes: int, values: bool) -> None:

@@ -61,8 +61,18 @@ def test_a_cache_of_another_model_or_batch_is_refused(lm):
     other = compose(small_model_dict(num_layers=3), seed=0)
     with pytest.raises(ModelError, match=r"past_key_values has 3 layers, this model 2"):
         lm(X, past_key_values=other.allocate_cache(2, 8))
-    with pytest.raises(ModelError, match=r"past_key_values holds 3 rows, input_ids 2"):
+    with pytest.raises(ModelError, match=r"past_key_values layer 0 holds 3 rows, input_ids 2"):
         lm(X, past_key_values=lm.allocate_cache(3, 8))
+
+
+def test_a_hybrids_cache_is_checked_on_every_layer():
+    """A cache of the wrong batch is refused whatever the first layer's kind (a mixer's state, MLA's latent)."""
+    for pattern in (["gla", "mha"], ["mha", "mamba2"], ["mla", "gated_deltanet"]):
+        m = compose(small_model_dict(layer_pattern=pattern), seed=0)
+        cache = m.allocate_cache(2, 8)
+        cache[1] = m.allocate_cache(3, 8)[1]  # one layer's cache for another batch
+        with pytest.raises(ModelError, match=r"past_key_values layer 1 holds 3 rows, input_ids 2"):
+            m(X, past_key_values=cache)
 
 
 def test_classification_labels_are_checked(classifier):

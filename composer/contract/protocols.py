@@ -160,10 +160,14 @@ Attention = SequenceMixer
 @runtime_checkable
 class LayerCache(Protocol):
     """What a mixer's ``make_cache`` returns, as the model and generation use it: ``length`` (tokens
-    written so far), ``reset()`` (forget every token) and ``select(index)`` (keep these batch rows).
-    A cache that also has ``make_static()`` / ``static`` may back a compiled decode step."""
+    written so far), ``batch_size`` (its rows), ``reset()`` (forget every token) and ``select(index)``
+    (keep these batch rows). A cache that also has ``make_static()`` / ``static`` may back a compiled
+    decode step."""
 
     length: int
+
+    @property
+    def batch_size(self) -> int: ...
 
     def reset(self) -> None: ...
 
