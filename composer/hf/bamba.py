@@ -17,7 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 from ..schema import ModelConfig, config_to_dict
-from .common import Exporting, Family, HFConfig, attention_from_heads, copy, fused, rope_from_hf, rope_to_hf
+from .common import (
+    Exporting,
+    Family,
+    HFConfig,
+    attention_from_heads,
+    attention_rules,
+    copy,
+    rope_from_hf,
+    rope_to_hf,
+    swiglu_rules,
+)
 from .mamba2 import check_mixer, limit_to_hf, mamba2_mixer, mixer_rules
 
 L = "model.layers.{i}"
@@ -26,34 +36,9 @@ RULES = (
     copy("embed.weight", "model.embed_tokens.weight", vocab=True),
     copy("layers.{i}.attn_norm.weight", f"{L}.input_layernorm.weight"),
     *mixer_rules(f"{L}.mamba"),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.weight",
-        f"{L}.self_attn.q_proj.weight",
-        f"{L}.self_attn.k_proj.weight",
-        f"{L}.self_attn.v_proj.weight",
-    ),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.bias",
-        f"{L}.self_attn.q_proj.bias",
-        f"{L}.self_attn.k_proj.bias",
-        f"{L}.self_attn.v_proj.bias",
-    ),
-    copy("layers.{i}.attn.out.weight", f"{L}.self_attn.o_proj.weight"),
-    copy("layers.{i}.attn.out.bias", f"{L}.self_attn.o_proj.bias"),
+    *attention_rules(f"{L}.self_attn"),
     copy("layers.{i}.ffn_norm.weight", f"{L}.pre_ff_layernorm.weight"),
-    fused(
-        "gate_up",
-        "layers.{i}.ffn.gate_up.weight",
-        f"{L}.feed_forward.gate_proj.weight",
-        f"{L}.feed_forward.up_proj.weight",
-    ),
-    fused(
-        "gate_up", "layers.{i}.ffn.gate_up.bias", f"{L}.feed_forward.gate_proj.bias", f"{L}.feed_forward.up_proj.bias"
-    ),
-    copy("layers.{i}.ffn.down.weight", f"{L}.feed_forward.down_proj.weight"),
-    copy("layers.{i}.ffn.down.bias", f"{L}.feed_forward.down_proj.bias"),
+    *swiglu_rules(f"{L}.feed_forward"),
     copy("final_norm.weight", "model.final_layernorm.weight"),
     copy("head.proj.weight", "lm_head.weight", vocab=True),
 )

@@ -70,6 +70,26 @@ def fused(how: str, ours: str, *theirs: str) -> Rule:
     return Rule(ours, theirs, how)
 
 
+WB = ("weight", "bias")
+
+
+def attention_rules(theirs: str, qk_norm: bool = False, ours: str = "layers.{i}.attn") -> tuple[Rule, ...]:
+    """Softmax attention as most families store it under ``theirs`` (e.g. ``model.layers.{i}.self_attn``):
+    q_proj / k_proj / v_proj (one fused ``qkv`` here) and o_proj, weights and biases (a rule whose tensor a
+    model lacks is skipped), and with ``qk_norm`` the q_norm / k_norm weights."""
+    qkv = (fused("qkv", f"{ours}.qkv.{w}", *(f"{theirs}.{p}_proj.{w}" for p in "qkv")) for w in WB)
+    rules = (*qkv, *(copy(f"{ours}.out.{w}", f"{theirs}.o_proj.{w}") for w in WB))
+    norms = tuple(copy(f"{ours}.{n}.weight", f"{theirs}.{n}.weight") for n in ("q_norm", "k_norm"))
+    return rules + (norms if qk_norm else ())
+
+
+def swiglu_rules(theirs: str, ours: str = "layers.{i}.ffn") -> tuple[Rule, ...]:
+    """A gated feed-forward stored as gate_proj / up_proj / down_proj under ``theirs`` (e.g.
+    ``model.layers.{i}.mlp``): gate and up fused (``gate_up``) here, weights and biases."""
+    gate_up = (fused("gate_up", f"{ours}.gate_up.{w}", f"{theirs}.gate_proj.{w}", f"{theirs}.up_proj.{w}") for w in WB)
+    return (*gate_up, *(copy(f"{ours}.down.{w}", f"{theirs}.down_proj.{w}") for w in WB))
+
+
 CONVERTERS: dict[str, tuple[Callable, Callable]] = {}  # a family's own rule kinds: how -> (to_ours, to_theirs)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..schema import ModelConfig, config_to_dict
-from .common import Exporting, Family, HFConfig, copy, fused
+from .common import Exporting, Family, HFConfig, copy, fused, swiglu_rules
 from .rope_scaling import rope_from_hf_scaled, rope_to_hf_scaled
 
 L, A = "model.layers.{i}", "model.layers.{i}.self_attn"
@@ -31,8 +31,7 @@ RULES = (
     *(copy(f"layers.{{i}}.attn.{m}.{p}", f"{A}.{m}.{p}") for m in (*ATTENTION, "o_proj") for p in ("weight", "bias")),
     copy("layers.{i}.ffn_norm.weight", f"{L}.post_attention_layernorm.weight"),
     # the first_k_dense_replace dense layers
-    fused("gate_up", "layers.{i}.ffn.gate_up.weight", f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"),
-    copy("layers.{i}.ffn.down.weight", f"{L}.mlp.down_proj.weight"),
+    *swiglu_rules(f"{L}.mlp"),
     # the mixture-of-experts layers
     copy("layers.{i}.ffn.router.weight", f"{L}.mlp.gate.weight"),
     copy("layers.{i}.ffn.router.load.e_score_correction_bias", f"{L}.mlp.gate.e_score_correction_bias"),

@@ -16,38 +16,21 @@ from .common import (
     Family,
     HFConfig,
     attention_from_heads,
+    attention_rules,
     copy,
     differing_slots,
-    fused,
     rope_from_hf,
     rope_to_hf,
+    swiglu_rules,
 )
 
 L = "model.layers.{i}"
 RULES = (
     copy("embed.weight", "model.embed_tokens.weight", vocab=True),
     copy("layers.{i}.attn_norm.weight", f"{L}.input_layernorm.weight"),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.weight",
-        f"{L}.self_attn.q_proj.weight",
-        f"{L}.self_attn.k_proj.weight",
-        f"{L}.self_attn.v_proj.weight",
-    ),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.bias",
-        f"{L}.self_attn.q_proj.bias",
-        f"{L}.self_attn.k_proj.bias",
-        f"{L}.self_attn.v_proj.bias",
-    ),
-    copy("layers.{i}.attn.out.weight", f"{L}.self_attn.o_proj.weight"),
-    copy("layers.{i}.attn.out.bias", f"{L}.self_attn.o_proj.bias"),
+    *attention_rules(f"{L}.self_attn"),
     copy("layers.{i}.ffn_norm.weight", f"{L}.post_attention_layernorm.weight"),
-    fused("gate_up", "layers.{i}.ffn.gate_up.weight", f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"),
-    fused("gate_up", "layers.{i}.ffn.gate_up.bias", f"{L}.mlp.gate_proj.bias", f"{L}.mlp.up_proj.bias"),
-    copy("layers.{i}.ffn.down.weight", f"{L}.mlp.down_proj.weight"),
-    copy("layers.{i}.ffn.down.bias", f"{L}.mlp.down_proj.bias"),
+    *swiglu_rules(f"{L}.mlp"),
     copy("final_norm.weight", "model.norm.weight"),
     copy("head.proj.weight", "lm_head.weight", vocab=True),
 )

@@ -13,34 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..schema import ModelConfig
-from .common import Exporting, Family, HFConfig, copy, fused
+from .common import Exporting, Family, HFConfig, attention_rules, copy, swiglu_rules
 from .qwen3 import attention_dict, check_layers_alike, check_plain_scores
 from .rope_scaling import rope_from_hf_scaled, rope_to_hf_scaled
 
 L = "model.layers.{i}"
 RULES = (
     copy("embed.weight", "model.embed_tokens.weight", vocab=True),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.weight",
-        f"{L}.self_attn.q_proj.weight",
-        f"{L}.self_attn.k_proj.weight",
-        f"{L}.self_attn.v_proj.weight",
-    ),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.bias",
-        f"{L}.self_attn.q_proj.bias",
-        f"{L}.self_attn.k_proj.bias",
-        f"{L}.self_attn.v_proj.bias",
-    ),
-    copy("layers.{i}.attn.out.weight", f"{L}.self_attn.o_proj.weight"),
-    copy("layers.{i}.attn.out.bias", f"{L}.self_attn.o_proj.bias"),
-    copy("layers.{i}.attn.q_norm.weight", f"{L}.self_attn.q_norm.weight"),  # [H D]
-    copy("layers.{i}.attn.k_norm.weight", f"{L}.self_attn.k_norm.weight"),  # [Hkv D]
+    *attention_rules(f"{L}.self_attn", qk_norm=True),  # q_norm [H D], k_norm [Hkv D]
     copy("layers.{i}.attn_norm.weight", f"{L}.post_attention_layernorm.weight"),
-    fused("gate_up", "layers.{i}.ffn.gate_up.weight", f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"),
-    copy("layers.{i}.ffn.down.weight", f"{L}.mlp.down_proj.weight"),
+    *swiglu_rules(f"{L}.mlp"),
     copy("layers.{i}.ffn_norm.weight", f"{L}.post_feedforward_layernorm.weight"),
     copy("final_norm.weight", "model.norm.weight"),
     copy("head.proj.weight", "lm_head.weight", vocab=True),

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..schema import ModelConfig, config_to_dict
-from .common import CONVERTERS, Exporting, Family, HFConfig, copy, fused
+from .common import CONVERTERS, Exporting, Family, HFConfig, attention_rules, copy, fused, swiglu_rules
 from .mixtral import moe_ffn
 from .qwen3 import attention_dict, check_plain_scores
 from .qwen3_moe import dense_layers
@@ -77,24 +77,7 @@ RULES = (
     copy("layers.{i}.attn.norm.weight", f"{L}.linear_attn.norm.weight"),
     copy("layers.{i}.attn.out_proj.weight", f"{L}.linear_attn.out_proj.weight"),
     # gated attention layers
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.weight",
-        f"{L}.self_attn.q_proj.weight",
-        f"{L}.self_attn.k_proj.weight",
-        f"{L}.self_attn.v_proj.weight",
-    ),
-    fused(
-        "qkv",
-        "layers.{i}.attn.qkv.bias",
-        f"{L}.self_attn.q_proj.bias",
-        f"{L}.self_attn.k_proj.bias",
-        f"{L}.self_attn.v_proj.bias",
-    ),
-    copy("layers.{i}.attn.out.weight", f"{L}.self_attn.o_proj.weight"),
-    copy("layers.{i}.attn.out.bias", f"{L}.self_attn.o_proj.bias"),
-    copy("layers.{i}.attn.q_norm.weight", f"{L}.self_attn.q_norm.weight"),  # [D]
-    copy("layers.{i}.attn.k_norm.weight", f"{L}.self_attn.k_norm.weight"),
+    *attention_rules(f"{L}.self_attn", qk_norm=True),  # q_norm / k_norm [D]
     # the mixture of experts (one tensor per expert in the checkpoint, stacked here) and its shared expert
     copy("layers.{i}.ffn.router.weight", f"{M}.gate.weight"),
     fused(
@@ -113,8 +96,7 @@ RULES = (
     copy("layers.{i}.ffn.shared.down.weight", f"{M}.shared_expert.down_proj.weight"),
     copy("layers.{i}.ffn.shared_gate.weight", f"{M}.shared_expert_gate.weight"),
     # dense layers (mlp_only_layers)
-    fused("gate_up", "layers.{i}.ffn.gate_up.weight", f"{M}.gate_proj.weight", f"{M}.up_proj.weight"),
-    copy("layers.{i}.ffn.down.weight", f"{M}.down_proj.weight"),
+    *swiglu_rules(M),
     copy("final_norm.weight", "model.norm.weight"),
     copy("head.proj.weight", "lm_head.weight", vocab=True),
 )
