@@ -48,6 +48,7 @@ from components.kernels import (  # noqa: F401  (build_mask, sdpa_*: also import
     make_mask,
     sdpa_folding_groups,
     sdpa_reads_grouped_heads,
+    training_facts,
 )
 from components.kv_cache import KVCache, SlotWrite
 from components.linear_cross_entropy import compute_dtype
@@ -349,19 +350,7 @@ class SelfAttention(MixerBase):
     def planned_choice(self, call: CostCall) -> Choice:
         """The path of the training step ``call`` describes (unpadded batches, no cache), from the same
         chooser the forward pass asks."""
-        mask = "bias" if call.position_bias else "causal" if self.causal else "none"
-        facts = CallFacts(
-            call.device,
-            call.dtype,
-            grad=True,
-            training=True,
-            mask=mask,
-            cache="none",
-            queries=call.seq_len,
-            keys=call.seq_len,
-            fused=call.fused_attention,
-        )
-        return choose(self.spec, facts)
+        return choose(self.spec, training_facts(call, self.causal))
 
     def cost(self, call: CostCall) -> Cost:
         """Parameters, FLOPs, bytes saved for backward and KV-cache bytes of one token (training step)."""

@@ -139,6 +139,14 @@ def facts_of(
     )
 
 
+def training_facts(call: Any, causal: bool) -> CallFacts:
+    """The facts of the training step a plan's ``call`` (a CostCall) describes: unpadded batches, no
+    cache, gradients on; ``causal`` is the attention's."""
+    mask = "bias" if call.position_bias else "causal" if causal else "none"
+    t = call.seq_len
+    return CallFacts(call.device, call.dtype, True, True, mask, "none", t, t, fused=call.fused_attention)
+
+
 @dataclass(frozen=True)
 class Choice:
     """What the attention runs: ``kernel`` (sdpa | flex | explicit), how grouped K/V heads are read

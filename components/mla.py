@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import AttentionSpec, CallFacts, Choice, attend, choose, facts_of, make_mask
+from components.kernels import AttentionSpec, CallFacts, Choice, attend, choose, facts_of, make_mask, training_facts
 from components.kv_cache import SlotWrite
 from components.linear_cross_entropy import compute_dtype
 from components.mla_cache import LatentCache
@@ -312,19 +312,7 @@ class LatentAttention(MixerBase):
     def planned_choice(self, call: CostCall) -> Choice:
         """The path of the training step ``call`` describes (decompressed, unpadded, no cache), from the
         same chooser the forward pass asks."""
-        mask = "bias" if call.position_bias else "causal" if self.causal else "none"
-        facts = CallFacts(
-            call.device,
-            call.dtype,
-            grad=True,
-            training=True,
-            mask=mask,
-            cache="none",
-            queries=call.seq_len,
-            keys=call.seq_len,
-            fused=call.fused_attention,
-        )
-        return choose(self.spec, facts)
+        return choose(self.spec, training_facts(call, self.causal))
 
     def cost(self, call: CostCall) -> Cost:
         """Parameters, FLOPs, bytes saved for backward (the decompressed training step) and cache bytes
