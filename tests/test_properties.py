@@ -251,6 +251,68 @@ def test_valid_configs_compose_and_keep_shapes(raw, batch, data):
     assert resolve_model_config(cfg.to_dict()) == cfg
 
 
+PATTERN_KINDS = ("mha", "gqa", "mqa", "sliding_window", "mamba2", "gated_deltanet", "gla", "mla")
+
+
+@st.composite
+def patterned_configs(draw) -> tuple[dict, list[str]]:
+    """A valid config whose mixers come from a ``layer_pattern`` (the list or the first/last/cycle form,
+    ``name*k`` repeats) with ``mixers`` options per type, and the mixer type each layer should get."""
+    cfg = draw(valid_configs())
+    s = {"heads": cfg["num_heads"], "head_dim": cfg["hidden_size"] // cfg["num_heads"], "layer_heads": True}
+    s["max_pos"], n = cfg["max_position_embeddings"], draw(st.integers(1, 6))
+    kinds = draw(st.lists(st.sampled_from(PATTERN_KINDS), min_size=1, max_size=3))
+    repeats = [draw(st.integers(1, 2)) for _ in kinds]
+    cycle = [k if r == 1 else f"{k}*{r}" for k, r in zip(kinds, repeats, strict=True)]
+    order = [k for k, r in zip(kinds, repeats, strict=True) for _ in range(r)]
+    first = draw(st.lists(st.sampled_from(PATTERN_KINDS), max_size=min(1, n - 1)))
+    last = draw(st.lists(st.sampled_from(PATTERN_KINDS), max_size=min(1, n - 1 - len(first))))
+    middle = n - len(first) - len(last)
+    expected = first + [order[i % len(order)] for i in range(middle)] + last
+    pattern: Any = cycle if not (first or last) else {"cycle": cycle, "first": first, "last": last}
+    if isinstance(pattern, dict) and middle % len(order) == 0:
+        pattern["exact"] = draw(st.booleans())  # the cycle tiles the unpinned layers: exact may be asked
+    mixers = {}
+    for kind in set(expected):
+        options = COMPONENT_STRATEGIES["attention"][kind](draw, s)
+        mixers[kind] = {k: v for k, v in options.items() if k != "type"}
+    # the model-wide mixer is a bare type: options a type change carries over are tested elsewhere
+    cfg.update(num_layers=n, layer_pattern=pattern, mixers=mixers, layers=[], attention={"type": expected[0]})
+    if cfg["position"]["type"] == "learned" or cfg["ffn"]["type"] == "none":
+        cfg["position"], cfg["ffn"] = {"type": "rope"}, {"type": "swiglu"}
+    return cfg, expected
+
+
+@VALID_SETTINGS
+@given(drawn=patterned_configs(), data=st.data())
+def test_layer_patterns_compose_to_the_mixer_each_layer_was_given(drawn, data):
+    raw, expected = drawn
+    model = compose(raw, seed=0).eval()
+    cfg = model.config
+    assert [cfg.layer(i).attention.type for i in range(cfg.num_layers)] == expected
+    for i in range(cfg.num_layers):  # the mixers' options reach every layer of their type
+        given = raw["mixers"][expected[i]]
+        assert {k: getattr(cfg.layer(i).attention, k) for k in given} == given
+    t = data.draw(st.integers(1, cfg.max_position_embeddings), label="seq_len")
+    with torch.no_grad():
+        logits = model(torch.randint(0, cfg.vocab_size, (1, t))).logits
+    assert torch.isfinite(logits[..., : cfg.vocab_size] if logits.dim() == 3 else logits).all()  # padding: -inf
+    assert resolve_model_config(cfg.to_dict()) == cfg
+
+
+@VALID_SETTINGS
+@given(drawn=patterned_configs(), extra=st.integers(1, 3))
+def test_a_cycle_that_cannot_tile_exactly_is_named(drawn, extra):
+    raw, expected = drawn
+    cycle = raw["layer_pattern"]["cycle"] if isinstance(raw["layer_pattern"], dict) else raw["layer_pattern"]
+    length = sum(int(k.split("*")[1]) if "*" in k else 1 for k in cycle)
+    if extra % length == 0:
+        return  # these layers still tile
+    raw = {**raw, "num_layers": length * 2 + extra, "layer_pattern": {"cycle": cycle, "exact": True}}
+    with pytest.raises(ConfigError, match=r"model\.layer_pattern"):
+        compose(raw, device="meta")
+
+
 # ============================================================================ invalid configs
 BASE = {"vocab_size": 16, "hidden_size": 8, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 16}
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
