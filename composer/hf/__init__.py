@@ -4,8 +4,9 @@
     export_hf(model, "path/to/out")                # -> config.json + model.safetensors for transformers
 
 Families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2 (llama.py), GPT-NeoX, Qwen3, OLMo 2
-and Phi-3 (qwen3.py, olmo2.py, phi3.py; YaRN in rope_scaling.py), Gemma 2 and Gemma 3 text (gemma.py), and
-the others listed in FAMILIES. Each family module holds ONE parameter-name table used in both directions.
+and Phi-3 (qwen3.py, olmo2.py, phi3.py; YaRN in rope_scaling.py), Gemma 2 and Gemma 3 text (gemma.py),
+gpt-oss (gpt_oss.py), and the others listed in FAMILIES. Each family module holds ONE parameter-name table
+used in both directions.
 No network access and no ``transformers`` import: configs are read and written as JSON, weights as
 safetensors (validated like composer checkpoints: names, shapes and dtypes are checked before any data is
 read).
@@ -46,6 +47,7 @@ from . import (
     gemma,
     gpt2,
     gpt_neox,
+    gpt_oss,
     llama,
     mamba2,
     mixtral,
@@ -73,6 +75,7 @@ FAMILIES: tuple[Family, ...] = (
     qwen3_next.FAMILY,
     mixtral.FAMILY,
     qwen3_moe.FAMILY,
+    gpt_oss.FAMILY,
 )
 MODEL_TYPES: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}
 SLOTS = ("block", "attention", "ffn", "norm", "position")
@@ -114,9 +117,11 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} holds no *.safetensors weights beside its config.json")
 
 
-def _attention_of(model: Any, name: str) -> Any:
-    m = re.match(r"layers\.(\d+)\.attn\.", name)
-    return model.layers[int(m.group(1))].attn if m else None
+def _module_of(model: Any, name: str) -> Any:
+    """The module a rule's conversion reads its sizes from: the layer's attention, or its feed-forward for
+    a feed-forward tensor (gpt_oss.py's fused experts); None for the others."""
+    m = re.match(r"layers\.(\d+)\.(attn|ffn)\.", name)
+    return getattr(model.layers[int(m.group(1))], m.group(2)) if m else None
 
 
 def import_hf(directory: Union[str, Path], device: Any = None, dtype: Optional[torch.dtype] = None) -> Any:
@@ -167,7 +172,7 @@ def _plan(
         if rule.ours not in expected:
             continue
         mapped.add(rule.ours)
-        attn = _attention_of(model, rule.ours)
+        attn = _module_of(model, rule.ours)
         wanted = to_theirs(rule, expected[rule.ours], attn)
         plan.append((rule, _match_rule(family, found, rule, wanted, used, missing, lines), attn))
     unmapped = [k for k in expected if k not in mapped]
@@ -381,7 +386,7 @@ def export_hf(
         t = state.pop(rule.ours, None)
         if t is None:
             continue
-        pieces = to_theirs(rule, t, _attention_of(model, rule.ours))
+        pieces = to_theirs(rule, t, _module_of(model, rule.ours))
         for name, piece in zip(rule.theirs, pieces, strict=True):
             if rule.vocab:
                 piece = piece[: cfg.vocab_size]  # drop the rows of a padded vocabulary
