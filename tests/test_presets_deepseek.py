@@ -8,7 +8,7 @@ import math
 import time
 
 import pytest
-import torch
+from preset_helpers import hf_counts, hf_on_meta
 
 from composer import compose, load_config
 from composer.plan import plan
@@ -60,20 +60,7 @@ PUBLISHED = dict(
 def published():
     """transformers' DeepseekV3ForCausalLM of the published configuration, on the meta device."""
     config = T.DeepseekV3Config(**PUBLISHED)
-    with torch.device("meta"):
-        return T.AutoModelForCausalLM.from_config(config), config
-
-
-def _hf_counts(model, config) -> tuple[int, int]:
-    """(total, active): active drops the E - k routed experts a token does not use in each MoE layer."""
-    total = sum(p.numel() for p in model.parameters())
-    idle = 0
-    for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if experts is not None:
-            e, k = experts.num_experts, config.num_experts_per_tok
-            idle += (e - k) * (experts.gate_up_proj.numel() + experts.down_proj.numel()) // e
-    return total, total - idle
+    return hf_on_meta(config), config
 
 
 def test_total_and_active_parameters_match_transformers(published):
@@ -84,7 +71,7 @@ def test_total_and_active_parameters_match_transformers(published):
     t1 = time.perf_counter()
     report = plan(cfg, seq_len=4096)
     t2 = time.perf_counter()
-    total, active = _hf_counts(model_hf, config)
+    total, active = hf_counts(model_hf, config.num_experts_per_tok)
     assert model.num_parameters() == total  # 671.0B
     assert report.params_total == total and report.params_active == active  # 37.6B active
     assert 670e9 < total < 672e9 and 37e9 < active < 38e9  # the release's "671B, 37B activated"

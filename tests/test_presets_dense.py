@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
+from preset_helpers import hf_counts, hf_on_meta, preset_on_meta
 
-from composer import compose, load_config
+from composer import load_config
 from composer.hf import choose_family
 from composer.plan import plan
 
@@ -94,27 +94,16 @@ PUBLISHED = {
 MODEL_TYPE = {"qwen3_0_6b": "qwen3", "qwen3_8b": "qwen3", "olmo2_1b": "olmo2", "olmo2_7b": "olmo2", "phi3_mini": "phi3"}
 
 
-def transformers_count(preset: str) -> int:
-    """Parameters of transformers' model for the published config, built on meta (tied weights once)."""
-    with torch.device("meta"):
-        model = T.AutoModelForCausalLM.from_config(PUBLISHED[preset]())
-    return sum(p.numel() for p in model.parameters())
-
-
-def meta_model(preset: str):
-    return compose(load_config([f"model={preset}"]).model, device="meta")
-
-
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_preset_count_is_transformers_count(preset):
-    model = meta_model(preset)
-    assert model.num_parameters() == transformers_count(preset)
+    model = preset_on_meta(preset)
+    assert model.num_parameters() == hf_counts(hf_on_meta(PUBLISHED[preset]()))[0]
     assert model.tied == PUBLISHED[preset]().tie_word_embeddings
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_preset_is_the_family_composition(preset):
-    cfg = meta_model(preset).config
+    cfg = preset_on_meta(preset).config
     family, model_type = choose_family(cfg)
     assert model_type == MODEL_TYPE[preset]
     a = cfg.attention
@@ -131,5 +120,5 @@ def test_composer_plan_plans_each_preset_in_under_5_s(preset):
     start = time.perf_counter()
     report = plan(load_config([f"model={preset}"]).model, batch_size=1, seq_len=2048)
     assert time.perf_counter() - start < 5.0
-    assert report.params_total == meta_model(preset).num_parameters()
+    assert report.params_total == preset_on_meta(preset).num_parameters()
     assert not report.not_planned

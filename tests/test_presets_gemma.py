@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from preset_helpers import hf_counts, hf_on_meta
 
 from composer import compose, load_config
 from composer.hf import choose_family
@@ -87,15 +88,9 @@ PUBLISHED = {
 }
 
 
-def hf_on_meta(kind: str, hyper: dict):
+def hf_model(kind: str, hyper: dict):
     config = getattr(T, f"{kind}Config")(**hyper)
-    with torch.device("meta"):
-        model = getattr(T, f"{kind.removesuffix('Text')}ForCausalLM")(config)
-    return config, model
-
-
-def hf_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # tied weights once
+    return config, hf_on_meta(config, getattr(T, f"{kind.removesuffix('Text')}ForCausalLM"))
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +100,15 @@ def presets() -> dict:
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_parameter_count_is_transformers_count_of_the_published_configuration(presets, name):
-    config, hf = hf_on_meta(*PUBLISHED[name])
+    config, hf = hf_model(*PUBLISHED[name])
     ours = presets[name]
-    assert ours.num_parameters() == hf_count(hf)
+    assert ours.num_parameters() == hf_counts(hf)[0]
     assert ours.tied and ours.config.name == name
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_layers_follow_the_published_local_global_pattern(presets, name):
-    config, _ = hf_on_meta(*PUBLISHED[name])
+    config, _ = hf_model(*PUBLISHED[name])
     specs = presets[name].config.layer_specs()
     assert [s.attention.window_size() for s in specs] == [
         config.sliding_window if t == "sliding_attention" else None for t in config.layer_types
@@ -143,13 +138,13 @@ def test_exports_as_the_published_configuration(presets, name):
     cfg = presets[name].config
     family, model_type = choose_family(cfg)
     written = family.to_hf(cfg, model_type)
-    config, hf = hf_on_meta(kind, {k: v for k, v in written.items() if k not in ("rope_scaling", "rope_theta")})
-    published, _ = hf_on_meta(kind, hyper)
+    config, hf = hf_model(kind, {k: v for k, v in written.items() if k not in ("rope_scaling", "rope_theta")})
+    published, _ = hf_model(kind, hyper)
     assert config.layer_types == published.layer_types
     assert config.rope_parameters == published.rope_parameters
     for key in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
         assert getattr(config, key) == getattr(published, key), key
-    assert hf_count(hf) == presets[name].num_parameters()
+    assert hf_counts(hf)[0] == presets[name].num_parameters()
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
+from preset_helpers import hf_counts, hf_on_meta
 
 from composer import ConfigError, compose, load_config
 from composer.hf import choose_family
@@ -59,21 +59,6 @@ def published(layers: int, experts: int) -> dict:
 PUBLISHED = {"gpt_oss_20b": published(24, 32), "gpt_oss_120b": published(36, 128)}
 
 
-def hf_counts(preset: str) -> tuple[int, int]:
-    """(total, active) of transformers' model: active drops, in every layer, the (E - k) experts a token
-    does not use, an expert's size (weights and biases) read from the model's own fused expert tensors."""
-    config = T.GptOssConfig(**PUBLISHED[preset])
-    with torch.device("meta"):
-        model = T.AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    idle = 0
-    for layer in model.model.layers:
-        experts = layer.mlp.experts
-        per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
-        idle += (experts.num_experts - config.num_experts_per_tok) * per_expert
-    return total, total - idle
-
-
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_total_and_active_parameters_match_transformers(preset):
     cfg = load_config([f"model={preset}"]).model
@@ -82,7 +67,7 @@ def test_total_and_active_parameters_match_transformers(preset):
     t1 = time.perf_counter()
     report = plan(cfg, seq_len=4096)
     t2 = time.perf_counter()
-    total, active = hf_counts(preset)
+    total, active = hf_counts(hf_on_meta(T.GptOssConfig(**PUBLISHED[preset])), 4)
     assert model.num_parameters() == total
     assert report.params_total == total and report.params_active == active
     assert t1 - t0 < 5 and t2 - t1 < 5, f"compose {t1 - t0:.2f} s, plan {t2 - t1:.2f} s"

@@ -10,9 +10,9 @@ import math
 import time
 
 import pytest
-import torch
+from preset_helpers import hf_counts, hf_on_meta, preset_on_meta
 
-from composer import compose, load_config
+from composer import load_config
 from composer.hf import choose_family
 from composer.plan import plan
 
@@ -117,27 +117,16 @@ def attention_layers(cfg) -> list[int]:
     return [i for i in range(cfg.num_layers) if cfg.layer(i).attention.type not in LINEAR]
 
 
-def transformers_count(preset: str) -> int:
-    """Parameters of transformers' model for the published config, built on meta (tied weights once)."""
-    with torch.device("meta"):
-        model = T.AutoModelForCausalLM.from_config(PUBLISHED[preset]())
-    return sum(p.numel() for p in model.parameters())
-
-
-def meta_model(preset: str):
-    return compose(load_config([f"model={preset}"]).model, device="meta")
-
-
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_preset_count_is_transformers_count(preset):
-    model = meta_model(preset)
-    assert model.num_parameters() == transformers_count(preset)
+    model = preset_on_meta(preset)
+    assert model.num_parameters() == hf_counts(hf_on_meta(PUBLISHED[preset]()))[0]
     assert model.tied == PUBLISHED[preset]().tie_word_embeddings
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_preset_is_the_family_composition(preset):
-    cfg = meta_model(preset).config
+    cfg = preset_on_meta(preset).config
     assert choose_family(cfg)[1] == MODEL_TYPE[preset]
     attention = attention_layers(cfg)
     if preset == "olmo_hybrid_7b":
@@ -162,9 +151,9 @@ def test_composer_plan_plans_each_preset_in_under_5_s_with_state_constant_in_t(p
     start = time.perf_counter()
     short, long = plan(cfg, batch_size=1, seq_len=1024), plan(cfg, batch_size=1, seq_len=4096)
     assert time.perf_counter() - start < 5.0
-    assert short.params_total == meta_model(preset).num_parameters()
+    assert short.params_total == preset_on_meta(preset).num_parameters()
     assert not short.not_planned
-    model = meta_model(preset)
+    model = preset_on_meta(preset)
     attention = attention_layers(model.config)
     mixer = model.layers[0].attn  # a Mamba-2 / Gated DeltaNet layer: its conv tail and float32 state [H, K, V]
     state = 4 * math.prod(mixer.state_shape())
@@ -174,3 +163,11 @@ def test_composer_plan_plans_each_preset_in_under_5_s_with_state_constant_in_t(p
     fixed = short.kv_cache_bytes_max - short.kv_cache_bytes_per_token * 1024
     assert fixed == long.kv_cache_bytes_max - long.kv_cache_bytes_per_token * 4096
     assert fixed >= (model.config.num_layers - len(attention)) * state > 0
+
+
+def test_qwen3_next_active_parameters_are_transformers_count():
+    """3.87B of the 79.7B: the routed top-10 of 512 experts, the shared expert, attention and mixers."""
+    config = PUBLISHED["qwen3_next_80b_a3b"]()
+    total, active = hf_counts(hf_on_meta(config), config.num_experts_per_tok)
+    report = plan(load_config(["model=qwen3_next_80b_a3b"]).model, seq_len=1024)
+    assert (report.params_total, report.params_active) == (total, active) and active < total / 20

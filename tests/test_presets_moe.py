@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from preset_helpers import hf_counts, hf_on_meta
 
 from composer import compose, load_config
 from composer.plan import plan
@@ -55,23 +56,6 @@ PUBLISHED = {
 }
 
 
-def hf_counts(preset: str) -> tuple[int, int]:
-    """(total, active) of transformers' model: active drops the (E - k) experts a token does not use in
-    every MoE layer, an expert's size read from the model's own stacked expert weights."""
-    config = PUBLISHED[preset]()
-    with torch.device("meta"):
-        model = T.AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    idle = 0
-    for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if experts is None:
-            continue
-        e, k = experts.num_experts, config.num_experts_per_tok
-        idle += (e - k) * (experts.gate_up_proj.numel() + experts.down_proj.numel()) // e
-    return total, total - idle
-
-
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_total_and_active_parameters_match_transformers(preset):
     cfg = load_config([f"model={preset}"]).model
@@ -80,7 +64,8 @@ def test_total_and_active_parameters_match_transformers(preset):
     t1 = time.perf_counter()
     report = plan(cfg, seq_len=4096)
     t2 = time.perf_counter()
-    total, active = hf_counts(preset)
+    config = PUBLISHED[preset]()
+    total, active = hf_counts(hf_on_meta(config), config.num_experts_per_tok)
     assert model.num_parameters() == total
     assert report.params_total == total and report.params_active == active
     assert t1 - t0 < 5 and t2 - t1 < 5, f"compose {t1 - t0:.2f} s, plan {t2 - t1:.2f} s"
