@@ -7,10 +7,14 @@ must evaluate to that value: what the README shows as a result is checked too.
 from __future__ import annotations
 
 import ast
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_train_helpers import cli_env
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -76,3 +80,36 @@ def test_the_shown_results_are_checked():
     """The check above is not vacuous: the first block's shape comment is read as a value."""
     results = shown_results(BLOCKS[0][1])
     assert any(ok for ok, _ in (as_value(c, {"torch": torch}) for _, _, c in results))
+
+
+def bash_commands_after(marker: str) -> list[str]:
+    """The commands of the first ```bash block after the README line holding ``marker``: continuation
+    lines joined, trailing comments dropped."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line)
+    start = next(i for i in range(start, len(lines)) if lines[i].strip() == "```bash") + 1
+    end = next(i for i in range(start, len(lines)) if lines[i].strip() == "```")
+    text = "\n".join(lines[start:end]).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_hybrid_walkthrough_runs_as_written(tmp_path):
+    """README "A hybrid of linear-time mixers ...": plan a preset hybrid and a pattern, train the pattern,
+    generate from what it wrote, each through its console script (the run folder pinned to find it)."""
+    commands = bash_commands_after("A hybrid of linear-time mixers")
+    assert [c[0] for c in commands] == ["composer-plan", "composer-plan", "composer-train", "composer-generate"]
+    run = tmp_path / "run"
+    for argv in commands:
+        if argv[0] == "composer-train":
+            argv = [*argv, f"hydra.run.dir={run}", "trainer.cpu_threads=1"]
+        if argv[0] == "composer-generate":
+            argv = [a.replace("outputs/<date>/<time>/model", str(run / "model")) for a in argv] + ["device=cpu"]
+        exe = Path(sys.executable).with_name(argv[0])
+        res = subprocess.run(
+            [str(exe), *argv[1:]], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600
+        )
+        assert res.returncode == 0, (argv, res.stderr[-2000:])
+        if argv[0] == "composer-plan" and "bamba_9b" in argv:
+            assert "12.00 KiB" in res.stdout  # the KV cache per token the README's comment states
+    assert (run / "model").is_dir() and res.stdout.strip()
