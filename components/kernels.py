@@ -17,9 +17,10 @@ Softmax attention has three kernels, each saying what it supports:
   padding, a position bias or a cache.
 - ``sdpa``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels), everything else
   except a soft-cap. Grouped K/V heads are read as they are where a fused kernel does so
-  (``enable_gqa``, see :func:`sdpa_reads_grouped_heads`); otherwise, with a mask, each group's query
-  heads are folded into one head's rows (:func:`sdpa_folding_groups`: K/V read once, no copy), and
-  without one K/V are repeated.
+  (``enable_gqa``, see :func:`sdpa_reads_grouped_heads`); otherwise each group's query heads are folded
+  into one head's rows (:func:`sdpa_folding_groups`: K/V read once, no copy) where the call has a mask or
+  needs none (a decoding query sees every key: MLA's absorbed decode reads its one latent head so), and
+  K/V are repeated only for SDPA's causal kernel, whose rows must stay in order.
 - ``explicit``: scores, soft-cap and softmax written out (float32 scores, [B, H, T, S]): the only
   kernel that takes a logit soft-cap, and the one that takes attention sinks with gradients.
 
@@ -275,7 +276,7 @@ def choose(spec: AttentionSpec | ScanSpec, f: CallFacts) -> Choice:
     masked = mask in ("boolean", "additive")
     if sdpa_reads_grouped_heads(f.device, f.dtype, masked, spec.head_dim):
         return Choice("sdpa", "native", mask, materialises=extra, fallback=fallback)
-    if masked:
+    if mask != "causal":  # folded rows need no order: a mask, or none (every query sees every key: decoding)
         return Choice("sdpa", "folded", mask, materialises=("folded_queries", *extra), fallback=fallback)
     return Choice("sdpa", "repeated", mask, materialises=("repeated_kv", *extra), fallback=fallback)
 
@@ -440,16 +441,19 @@ def _fused_with_sinks(
 
 
 def sdpa_folding_groups(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float = 0.0, scale: Optional[float] = None
 ) -> Tensor:
     """SDPA over grouped K/V heads without copying them and without ``enable_gqa``: each group's query
     heads become one head's rows. q [B, H, T, D], k/v [B, Hkv, S, D], mask [B|1, 1|H, T, S] (bool or
-    additive; required: the rows of a causal kernel would be out of order) -> [B, H, T, D]."""
+    additive) or None where every query sees every key (never SDPA's causal kernel: the folded rows are out
+    of its order) -> [B, H, T, D]."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     groups = h // hkv
     folded = q.reshape(b, hkv, groups * t, d)  # query head j reads K/V head j // groups
-    if mask.shape[1] == 1:  # [B|1, 1, T, S] -> [B|1, 1, G T, S]: row g T + i is query i's row
+    if mask is None:
+        pass
+    elif mask.shape[1] == 1:  # [B|1, 1, T, S] -> [B|1, 1, G T, S]: row g T + i is query i's row
         mask = mask.repeat(1, 1, groups, 1)
     else:  # a per-head bias [B|1, H, T, S] -> [B|1, Hkv, G T, S]
         mask = mask.reshape(mask.shape[0], hkv, groups * t, mask.shape[-1])

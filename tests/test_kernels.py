@@ -155,6 +155,11 @@ CUDA_TABLE = [  # the CUDA rows, from the kernels' documented rules
     (spec(softcap=50.0, groups=1), cuda(cache="dynamic", queries=1), "explicit", "none"),
     (spec(), cuda(cache="dynamic", queries=1, grad=False, training=False), "sdpa_gqa", "none"),
     (spec(), cuda(cache="static", queries=1, grad=False, training=False), "sdpa_folded", "boolean"),
+    # decoding in float32 (no flash): one query sees the whole cache, so queries fold without a mask
+    (spec(), cuda(torch.float32, cache="dynamic", queries=1, grad=False, training=False), "sdpa_folded", "none"),
+    # MLA's absorbed decode: 8 query heads over one latent head of 576 dims (past flash): folded, no copy
+    (spec(groups=8, head_dim=576), cuda(cache="dynamic", queries=1, grad=False, training=False), "sdpa_folded", "none"),
+    (spec(causal=False), cuda(torch.float32), "sdpa_folded", "none"),  # an encoder: no mask at all
 ]
 
 
@@ -189,6 +194,17 @@ def test_the_plan_asks_the_chooser_for_cuda_too(device, dtype):
             keys=64,
         )
         assert attn.planned_choice(call) == choose(attn.spec, facts)
+
+
+def test_folded_queries_need_no_mask_where_every_query_sees_every_key():
+    """Decoding (one query over the cache) and encoders: the folded rows read K/V once, no copy, no mask."""
+    s = AttentionSpec(6, 2, 8, causal=False)
+    q = torch.randn(2, 6, 3, 8, generator=torch.Generator().manual_seed(0))
+    k, v = (torch.randn(2, 2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    for t in (1, 3):
+        folded = kernels.attend(kernels.Choice("sdpa", "folded", "none"), s, q[:, :, :t], k, v, None)
+        repeated = kernels.attend(kernels.Choice("sdpa", "repeated", "none"), s, q[:, :, :t], k, v, None)
+        torch.testing.assert_close(folded, repeated, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("softcap", [None, 10.0])
