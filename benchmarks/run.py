@@ -30,6 +30,7 @@ BENCHMARKS = {
     "moe": "benchmarks.bench_moe",
     "mixers": "benchmarks.bench_mixers",
     "families": "benchmarks.bench_families",
+    "plan_memory": "benchmarks.bench_plan_memory",
 }
 # the options every benchmark takes (benchmarks/harness.py cli_args), listed in --help and passed to each
 PASSED: list[tuple[str, dict]] = [
@@ -44,7 +45,7 @@ PASSED: list[tuple[str, dict]] = [
     ("--no-record", {"action": "store_true", "help": "do not append rows to RESULTS.md"}),
 ]
 # benchmarks whose cases have their own shapes: --shape / --batch-size are not passed
-OWN_SHAPES = {"gqa", "moe", "mixers"}
+OWN_SHAPES = {"gqa", "moe", "mixers", "plan_memory"}
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -19,16 +19,25 @@ Conventions (stated so the figures can be checked):
   component counts them. The peak of a step is weights + AdamW state + the larger of two moments:
   the start of the backward pass (every activation, plus the logits' gradients) and its end (every
   gradient, plus the tied embedding's two partial gradients before they are summed). Gradients are
-  freed between steps (``zero_grad(set_to_none=True)``, Lightning's default). Calibrated against
-  measured peaks (benchmarks/bench_checkpointing.py: within a few percent on CPUs).
+  freed between steps (``zero_grad(set_to_none=True)``, Lightning's default). A checkpointed layer
+  keeps its input (a checkpointed part its input); rebuilding it in backward adds the largest
+  rebuilt_j - (bytes kept by the layers after j, freed by then: backward runs from the last layer).
+  Calibrated against measured peaks (benchmarks/bench_checkpointing.py, bench_plan_memory.py for
+  hybrids: within 15% on CPUs).
+- Per layer (``Plan.rows``): parameters, forward FLOPs per token, activations kept for backward under
+  that layer's checkpointing, the KV cache of one sequence (window-capped) and the fixed recurrent and
+  convolution state; ``Plan.model_row`` holds the embedding, norms and head, so rows + model_row (+
+  ``memory.recompute``) add up to the totals. ``kv_cache_bytes_max`` is KV cache + state (the
+  decoding cache of one sequence), ``recurrent_state_bytes`` the state's part.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -52,6 +61,13 @@ class LayerRow:
     norm: str
     position: str
     params: int
+    # what the layer costs (zeros where a component states no cost: Plan.not_planned names it)
+    flops: float = 0.0  # forward FLOPs per token (attention's grow with the context; a linear mixer's do not)
+    activation_bytes: int = 0  # saved for backward over batch x seq_len, under this layer's checkpointing
+    kv_cache_bytes: int = 0  # the KV cache of one sequence of seq_len (capped by a window)
+    state_bytes: int = 0  # fixed per sequence, whatever its length: recurrent and convolution state
+    checkpointing: str = "none"  # what this layer recomputes in backward: none, layer, attention or ffn
+    planned: bool = True
 
 
 @dataclass
@@ -66,6 +82,7 @@ class MemoryEstimate:
     activations_every_layer: int
     transient: int  # short-lived buffers at the start of the backward pass (the logits' gradients)
     gradient_transient: int = 0  # short-lived at its end (a tied embedding's partial gradients)
+    recompute: int = 0  # in ``activations``: a checkpointed layer's activations while it is recomputed
 
     @property
     def total(self) -> int:
@@ -98,6 +115,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     not_planned: list[str] = field(default_factory=list)  # components with no cost method (left out above)
     params_active: int = 0  # parameters one token uses (MoE: top_k of the routed experts)
+    recurrent_state_bytes: int = 0  # fixed state of one sequence (linear mixers), included in kv_cache_bytes_max
+    # the model-level modules (embedding, its norm, final norm, head) as a row with index -1: ``rows`` plus
+    # this row add up to the parameters, forward FLOPs and activations above (+ memory.recompute)
+    model_row: Optional[LayerRow] = None
 
 
 def _bytes(precision: str) -> tuple[int, int, int, int, int]:
@@ -251,18 +272,7 @@ def plan(
     model = _skeleton(cfg)
     layers = _Layers.of(model, call)
     n = cfg.num_layers
-    rows = [
-        LayerRow(
-            i,
-            (s := cfg.layer(i)).block.summary(),
-            s.attention.summary(),
-            s.ffn.summary(),
-            s.norm.summary(),
-            s.position.summary(),
-            layers.params(i),
-        )
-        for i in range(n)
-    ]
+    rows = [_row(cfg, i, layers.params(i), layers.cost(i), call) for i in range(n)]
     top = _model_level(model)
     total = param_count(*top) + sum(layers.params(i) for i in range(n))
     trainable = sum(
@@ -277,6 +287,9 @@ def plan(
     fwd = head.flops + sum(c.flops for c in planned)
     memory, recompute = _memory(cfg, layers, head, call, total, trainable, (wb, gb, ob), model.tied)
     notes = _notes(cfg, padding, head, planned, fused_attention, layers.not_planned)
+    model_row = LayerRow(
+        -1, "", "embedding + head", "", "", "", param_count(*top), head.flops, head.saved * call.tokens
+    )
     return Plan(
         cfg.name or "model",
         batch_size,
@@ -297,7 +310,30 @@ def plan(
         notes,
         layers.not_planned,
         total - sum(c.params - c.active for c in planned),
+        sum(c.state for c in planned),
+        model_row,
     )
+
+
+def _row(cfg: ModelConfig, i: int, params: int, cost: Optional[Cost], call: CostCall) -> LayerRow:
+    """Layer i's row: its kinds, parameters and (when planned) FLOPs, saved bytes, KV cache and state."""
+    s, mode = cfg.layer(i), cfg.checkpointed(i)
+    kinds = (s.block.summary(), s.attention.summary(), s.ffn.summary(), s.norm.summary(), s.position.summary())
+    if cost is None:
+        return LayerRow(i, *kinds, params, checkpointing=mode, planned=False)
+    kept = _kept(cost, mode, call, cfg.hidden_size) * call.tokens
+    kv = cost.cache_bytes(call.seq_len) - cost.state
+    return LayerRow(i, *kinds, params, cost.flops, kept, kv, cost.state, mode)
+
+
+def _kept(cost: Cost, mode: str, call: CostCall, width: int) -> int:
+    """Bytes per token a layer keeps for backward under its checkpointing ``mode``."""
+    if mode == "layer":  # only its input
+        return call.residual_bytes * width
+    if mode == "none":
+        return cost.saved
+    part = cost.parts.get(mode, Cost())  # attention / ffn: that part is recomputed, its input kept
+    return cost.saved - part.saved + call.activation_bytes * width
 
 
 def _head_cost(model: ComposedModel, call: CostCall, not_planned: list[str]) -> Cost:
@@ -326,38 +362,51 @@ def _memory(
 ) -> tuple[MemoryEstimate, float]:
     """The training-memory estimate and the FLOPs checkpointing recomputes, per token."""
     wb, gb, ob = sizes
-    r, c, tokens = call.residual_bytes, cfg.hidden_size, call.tokens
-    full = whole_sum = 0
-    recompute = 0.0
-    biggest = 0
-    for i in range(cfg.num_layers):
-        cost = layers.cost(i)
-        if cost is None:
-            continue
-        whole = cost.saved
-        biggest = max(biggest, whole)
-        whole_sum += whole
-        mode = cfg.checkpointed(i)
-        kept = {"layer": r * c, "none": whole}.get(mode)
-        if kept is None:  # attention / ffn: that part is recomputed, its input kept
-            part = cost.parts.get(mode, Cost())
-            kept = whole - part.saved + call.activation_bytes * c
-        full += kept
-        if mode != "none":
-            recompute += cost.flops if mode == "layer" else cost.parts.get(mode, Cost()).flops
-    any_layer = any(cfg.checkpointed(i) == "layer" for i in range(cfg.num_layers))
+    c, tokens = cfg.hidden_size, call.tokens
+    planned = [(cost, cfg.checkpointed(i)) for i in range(cfg.num_layers) if (cost := layers.cost(i)) is not None]
+    kept = [_kept(cost, mode, call, c) for cost, mode in planned]
+    rebuilt = [_rebuilt(cost, mode) for cost, mode in planned]
+    recompute = 0.0 + sum(
+        cost.flops if mode == "layer" else cost.parts.get(mode, Cost()).flops
+        for cost, mode in planned
+        if mode != "none"
+    )
+    every = [cost.saved for cost, _ in planned]  # every layer checkpointed: each keeps its input, rebuilds all
+    every_kept = [call.residual_bytes * c] * len(planned)
     model_bytes = head.saved
+    recomputed = _recompute_peak(kept, rebuilt) * tokens
     memory = MemoryEstimate(
         weights=total * wb + (total * 2 if wb == 4 and call.activation_bytes == 2 else 0),  # + autocast copies
         gradients=trainable * gb,
         optimizer=trainable * ob,
-        activations=int((full + (biggest if any_layer else 0) + model_bytes) * tokens),
-        activations_no_checkpointing=int((whole_sum + model_bytes) * tokens),
-        activations_every_layer=int((cfg.num_layers * r * c + biggest + model_bytes) * tokens),
+        activations=int((sum(kept) + model_bytes) * tokens) + recomputed,
+        activations_no_checkpointing=int((sum(every) + model_bytes) * tokens),
+        activations_every_layer=int((sum(every_kept) + _recompute_peak(every_kept, every) + model_bytes) * tokens),
         transient=head.transient,
         gradient_transient=2 * cfg.padded_vocab_size * c * gb if tied else 0,
+        recompute=recomputed,
     )
     return memory, recompute
+
+
+def _rebuilt(cost: Cost, mode: str) -> int:
+    """Bytes per token a checkpointed layer's recomputation rebuilds in backward (0: not checkpointed)."""
+    if mode == "none":
+        return 0
+    return cost.saved if mode == "layer" else cost.parts.get(mode, Cost()).saved
+
+
+def _recompute_peak(kept: list[int], rebuilt: list[int]) -> int:
+    """Bytes per token above the start of the backward pass while a checkpointed layer is recomputed. The
+    backward pass runs from the last layer down, so when layer j is rebuilt the layers after it have freed
+    what they kept: the peak is the largest rebuilt_j - sum(kept after j), if positive (every layer
+    checkpointed: about the largest layer; every other layer: the rebuilt layer less its freed neighbour)."""
+    peak = after = 0
+    for k, b in zip(reversed(kept), reversed(rebuilt), strict=True):
+        if b:
+            peak = max(peak, b - after)
+        after += k
+    return peak
 
 
 def _notes(
@@ -390,43 +439,121 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
-def render(report: Plan, console: Any = None) -> None:
-    """Print a plan as rich tables."""
-    console = console or Console()
-    layers = Table(title=f"{report.name}: layers", title_justify="left")
-    for col in ("layer", "block", "attention", "ffn", "norm", "position", "params"):
-        layers.add_column(col, justify="right" if col in ("layer", "params") else "left")
+_KINDS = ("block", "ffn", "norm", "position")  # stated once in the title where every layer has the same
+_CKPT = {"layer": "yes", "none": "no"}  # the ckpt column: is the layer recomputed in backward
+# the cost columns: LayerRow field -> header
+_COSTS = {
+    "params": "params",
+    "flops": "FLOPs",
+    "activation_bytes": "saved",
+    "kv_cache_bytes": "KV",
+    "state_bytes": "state",
+}
+
+
+_COMPACT = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, show_footer=True)
+
+
+def _cell(row: LayerRow, key: str) -> str:
+    value = getattr(row, key)
+    if key != "params" and not row.planned:
+        return "?"
+    if key in ("params", "flops"):
+        return human(value)
+    return human(value, "B") if value else "-"
+
+
+def _kinds(rows: list[LayerRow], varying: list[str]) -> tuple[dict[tuple, str], list[str]]:
+    """A short label per kind of layer (its mixer's type; numbered where kinds share one) and the legend
+    lines of the labels that leave something out: the mixer's options and the slots that vary."""
+    kinds: dict[tuple, str] = {}
+    for r in rows:
+        kinds.setdefault((r.attention, *(getattr(r, k) for k in varying)), r.attention.split("(")[0])
+    counts = Counter(kinds.values())
+    seen: Counter = Counter()
+    legend = []
+    for kind, name in kinds.items():
+        if counts[name] > 1:
+            seen[name] += 1
+            kinds[kind] = name = f"{name}:{seen[name]}"
+        full = ", ".join([kind[0], *(f"{k} {v}" for k, v in zip(varying, kind[1:], strict=True))])
+        if full != name:
+            legend.append(f"{name} = {full}")
+    return kinds, legend
+
+
+def layer_table(report: Plan) -> Table:
+    """The layers as a table that fits 80 columns. Runs of identical layers are collapsed into one row;
+    each row names its kind of layer by its mixer's type, and a legend under the table gives each kind in
+    full (the mixer's options, and the block, ffn, norm or position where layers differ; one the same on
+    every layer is stated once in the title). The ckpt column appears where layers checkpoint differently,
+    KV and state where some layer has one. The model-level modules (and a checkpointed layer's
+    recomputation) are rows too, so each column adds up to its total (the footer)."""
+    rows, m = report.rows, report.memory
+    same = {k: getattr(rows[0], k) for k in _KINDS if len({getattr(r, k) for r in rows}) == 1}
+    labels, legend = _kinds(rows, [k for k in _KINDS if k not in same])
+    ckpt = len({r.checkpointing for r in rows}) > 1
+    costs = [k for k in _COSTS if k not in ("kv_cache_bytes", "state_bytes") or any(getattr(r, k) for r in rows)]
+    totals = {
+        "params": human(report.params_total),
+        "flops": human(report.flops_forward_per_token),
+        "activation_bytes": human(m.activations, "B"),
+        "kv_cache_bytes": human(report.kv_cache_bytes_max - report.recurrent_state_bytes, "B"),
+        "state_bytes": human(report.recurrent_state_bytes, "B"),
+    }
+    title = f"{report.name}: layers" + (f" (all: {', '.join(f'{k} {v}' for k, v in same.items())})" if same else "")
+    caption = "\n".join(legend) + "\n" if legend else ""
+    caption += (
+        f"per layer: FLOPs = forward FLOPs per token; saved = activations kept for backward (batch "
+        f"{report.batch_size} x {report.seq_len}, checkpointing {report.checkpointing})"
+        + (f"; KV = KV cache of one sequence of {report.seq_len}" if "kv_cache_bytes" in costs else "")
+        + ("; state = recurrent + convolution state per sequence" if "state_bytes" in costs else "")
+    )
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left", **_COMPACT)
+    table.add_column("layer", "total", justify="right", no_wrap=True)
+    table.add_column("kind", overflow="fold", min_width=8)  # the one column that gives way (numbers never do)
+    if ckpt:
+        table.add_column("ckpt", no_wrap=True)
+    for k in costs:
+        table.add_column(_COSTS[k], totals[k], justify="right", no_wrap=True)
     groups: list[list[LayerRow]] = []
-    for row in report.rows:  # collapse runs of identical layers
-        key = (row.block, row.attention, row.ffn, row.norm, row.position, row.params)
-        if (
-            groups
-            and (
-                groups[-1][0].block,
-                groups[-1][0].attention,
-                groups[-1][0].ffn,
-                groups[-1][0].norm,
-                groups[-1][0].position,
-                groups[-1][0].params,
-            )
-            == key
-        ):
+    for row in rows:  # collapse runs of identical layers
+        if groups and replace(groups[-1][0], index=row.index) == row:
             groups[-1].append(row)
         else:
             groups.append([row])
+    pad = [""] if ckpt else []
     for g in groups:
-        idx = str(g[0].index) if len(g) == 1 else f"{g[0].index}-{g[-1].index}"
         r = g[0]
-        layers.add_row(
-            idx,
-            r.block,
-            r.attention,
-            r.ffn,
-            r.norm,
-            r.position,
-            f"{r.params:,}" + (f" x{len(g)}" if len(g) > 1 else ""),
-        )
-    console.print(layers)
+        label = labels[(r.attention, *(getattr(r, k) for k in _KINDS if k not in same))]
+        idx = str(r.index) if len(g) == 1 else f"{r.index}-{g[-1].index}"
+        mode = [_CKPT.get(r.checkpointing, r.checkpointing)] if ckpt else []
+        table.add_row(idx, label, *mode, *(_cell(r, k) for k in costs))
+    if report.model_row is not None:
+        table.add_row("", "embedding+head", *pad, *(_cell(report.model_row, k) for k in costs))
+    if m.recompute:  # a checkpointed layer's activations while it is recomputed in backward
+        cells = {"activation_bytes": human(m.recompute, "B")}
+        table.add_row("", "recompute", *pad, *(cells.get(k, "") for k in costs))
+    return table
+
+
+def _cache_rows(report: Plan) -> list[tuple[str, str]]:
+    """The summary's cache lines: KV cache and recurrent state apart (and their sum) when a model has
+    both; a model without recurrent state keeps the two KV-cache lines."""
+    state, t = report.recurrent_state_bytes, report.seq_len
+    kv = report.kv_cache_bytes_max - state
+    rows = [("KV cache / token", human(report.kv_cache_bytes_per_token, "B"))]
+    if not state:
+        return rows + [(f"KV cache / sequence of {t}", human(kv, "B"))]
+    rows += [(f"KV cache / sequence of {t}", human(kv, "B"))] if kv else []
+    rows.append(("recurrent state / sequence (any length)", human(state, "B")))
+    return rows + ([(f"KV cache + state / sequence of {t}", human(kv + state, "B"))] if kv else [])
+
+
+def render(report: Plan, console: Any = None) -> None:
+    """Print a plan as rich tables."""
+    console = console or Console()
+    console.print(layer_table(report))
 
     m = report.memory
     summary = Table(
@@ -446,8 +573,7 @@ def render(report: Plan, console: Any = None) -> None:
         ("FLOPs / token, forward", human(report.flops_forward_per_token, "FLOP")),
         ("FLOPs / token, training (3x forward)", human(report.flops_training_per_token, "FLOP")),
         ("FLOPs / token, checkpoint recompute", human(report.flops_recompute_per_token, "FLOP")),
-        ("KV cache / token", human(report.kv_cache_bytes_per_token, "B")),
-        (f"KV cache / sequence of {report.seq_len}", human(report.kv_cache_bytes_max, "B")),
+        *_cache_rows(report),
         ("memory: weights", human(m.weights, "B")),
         ("memory: gradients", human(m.gradients, "B")),
         ("memory: AdamW state", human(m.optimizer, "B")),

@@ -33,6 +33,8 @@ def bench(module: str, *args: str) -> subprocess.CompletedProcess:
         ("bench_gqa", ["--batch-size", "4"], "--shape / --batch-size do not apply"),
         ("bench_train_step", ["--contenders", "composed,fast"], "argument --contenders: unknown contender(s) fast"),
         ("bench_decode", ["--device", "tpu:x"], "--device: 'tpu:x' is not a device"),
+        ("bench_plan_memory", ["--stacks", "mamba3_gqa"], "argument --stacks: 'mamba3_gqa': a comma-separated subset"),
+        ("bench_plan_memory", ["--shape", "cpu"], "--shape / --batch-size do not apply"),
     ],
 )
 def test_a_bad_option_is_named_without_a_traceback(module, args, message):
