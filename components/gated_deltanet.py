@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import fla_available
+from components.kernels import FLA_FIX, fla_available
 from components.linear_recurrence import (
     FORMS,
     KERNELS,
@@ -114,7 +114,7 @@ class GatedDeltaNetConfig(ComponentConfig):
         if not 0 < self.dt_min <= self.dt_max:
             check.fail("dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}", "e.g. 0.001 and 0.1")
         if self.kernel == "fla" and not fla_available():
-            check.fail("kernel", "fla needs flash-linear-attention installed", "pip install flash-linear-attention")
+            check.fail("kernel", "fla needs flash-linear-attention installed", FLA_FIX)
 
 
 @ATTENTION.register("gated_deltanet", config=GatedDeltaNetConfig)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import fla_available
+from components.kernels import FLA_FIX, fla_available
 from components.linear_recurrence import (
     FORMS,
     KERNELS,
@@ -102,7 +102,7 @@ class GLAConfig(ComponentConfig):
                     f"pick {name} so that {name} * {model.hidden_size} divides into {self.num_heads} heads",
                 )
         if self.kernel == "fla" and not fla_available():
-            check.fail("kernel", "fla needs flash-linear-attention installed", "pip install flash-linear-attention")
+            check.fail("kernel", "fla needs flash-linear-attention installed", FLA_FIX)
 
 
 @ATTENTION.register("gla", config=GLAConfig)

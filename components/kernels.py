@@ -281,6 +281,9 @@ def choose(spec: AttentionSpec | ScanSpec, f: CallFacts) -> Choice:
     return Choice("sdpa", "repeated", mask, materialises=("repeated_kv", *extra), fallback=fallback)
 
 
+FLA_FIX = "pip install 'transformer-composer[fla]' (flash-linear-attention, CUDA), or kernel: auto / torch"
+
+
 @functools.cache
 def fla_available() -> bool:
     """Whether flash-linear-attention is installed (looked up once, without importing it)."""

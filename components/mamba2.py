@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import fla_available
+from components.kernels import FLA_FIX, fla_available
 from components.linear_recurrence import (
     FORMS,
     KERNELS,
@@ -106,7 +106,7 @@ class Mamba2Config(ComponentConfig):
         if self.dt_limit_max is not None and self.dt_limit_max < self.dt_limit_min:
             check.fail("dt_limit_max", f"{self.dt_limit_max} < dt_limit_min={self.dt_limit_min}", "use null or more")
         if self.kernel == "fla" and not fla_available():
-            check.fail("kernel", "fla needs flash-linear-attention installed", "pip install flash-linear-attention")
+            check.fail("kernel", "fla needs flash-linear-attention installed", FLA_FIX)
 
 
 @ATTENTION.register("mamba2", config=Mamba2Config)

@@ -12,6 +12,8 @@ Parametrised from the registry at collection time: a new mixer is covered withou
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,6 +373,15 @@ def test_kernel_choice_goes_through_the_attention_chooser(monkeypatch):
     m = compose(small_model_dict(attention={"type": "gla"}), seed=0)
     x = torch.randn(2, 5, m.config.hidden_size)
     assert m.layers[0].attn.choice(x) == choose(ScanSpec(), CallFacts(grad=True, training=True, queries=5, keys=5))
+
+
+@pytest.mark.skipif(fla_available(), reason="flash-linear-attention is installed here")
+@pytest.mark.parametrize("name", MIXERS)
+def test_asking_for_fla_without_it_names_the_extra(name):
+    with pytest.raises(ConfigError, match=r"attention\.kernel: fla needs flash-linear-attention.*\[fla\]"):
+        compose(small_model_dict(attention={"type": name, "kernel": "fla"}), device="meta")
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()  # no tomllib on Python 3.10
+    assert re.search(r'^fla = \["flash-linear-attention>=[\d.]+"\]$', pyproject, re.M)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and flash-linear-attention")
