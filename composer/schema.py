@@ -235,22 +235,39 @@ def parse_select(select: Any, num_layers: int, path: str, problems: list[Problem
     return sorted(set(out))
 
 
+def _field_defaults(family: str, kind: Any) -> dict[str, Any]:
+    """{option: default} of the ``family`` component ``kind`` ({} for an unknown one: reported elsewhere)."""
+    try:
+        config = FAMILIES[family].get(kind).config
+    except (ConfigError, TypeError):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = dataclasses.MISSING  # required: known, never equal to a value
+    return out
+
+
 def _merge_override(family: str, base_data: Mapping, override: Any, shared: Mapping = {}) -> dict:  # noqa: B006
-    """Override options on top of a component's options. When the type changes, options of
-    the base that the new type also has carry over, the others are dropped, and the new type's
-    ``shared`` options (``model.mixers``) come on top of them."""
+    """Override options on top of a component's options. When the type changes, the options set on the
+    base that the new type also has carry over (not the old type's defaults, nor what it took from
+    ``shared``, ``model.mixers``: those are the old type's), the others are dropped, and the new type's
+    ``shared`` options come on top of them."""
     override = normalize_component(override)
     if not isinstance(override, Mapping):
         return override  # reported by build_component (expected a type name or a mapping)
     if not isinstance(base_data, Mapping):  # an earlier override of this layer was not a mapping
         base_data = {}
-    kind = override.get("type", base_data.get("type"))
-    if kind != base_data.get("type"):
-        try:
-            known = {f.name for f in dataclasses.fields(FAMILIES[family].get(kind).config)}
-        except ConfigError:
-            known = set()
-        base_data = {k: v for k, v in base_data.items() if k in known}
+    kind, old = override.get("type", base_data.get("type")), base_data.get("type")
+    if kind != old:
+        known = set(_field_defaults(family, kind))
+        # what stays with the old type: its defaults and the options it took from model.mixers
+        own = {**_field_defaults(family, old), **(shared.get(old, {}) if isinstance(old, str) else {})}
+        base_data = {k: v for k, v in base_data.items() if k in known and not (k in own and own[k] == v)}
         base_data.update(shared.get(kind, {}) if isinstance(kind, str) else {})
     return {**base_data, **override, "type": kind}
 

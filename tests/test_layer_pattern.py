@@ -83,6 +83,23 @@ def test_mixers_options_apply_to_every_layer_of_that_type_and_explicit_options_w
     assert resolve_model_config({**wide.to_dict(), "attention": own}).attention.window == 2
 
 
+def test_one_types_mixers_options_do_not_carry_over_to_another_type():
+    """model.attention gla takes mixers.gla (no convolution: conv_size 0); its mamba2 layers must not
+    inherit that, nor gla's defaults (chunks of 16), while options written on model.attention carry over."""
+    raw = {
+        **BASE,
+        "num_layers": 2,
+        "attention": {"type": "gla", "num_heads": 2},
+        "layer_pattern": ["gla", "mamba2"],
+        "mixers": {"gla": {"conv_size": 0}, "mamba2": {"head_dim": 16}},
+    }
+    cfg = resolve_model_config(raw)
+    gla, mamba2 = cfg.layer(0).attention, cfg.layer(1).attention
+    assert (gla.conv_size, gla.num_heads) == (0, 2)
+    assert (mamba2.conv_size, mamba2.chunk_size) == (4, 64)  # its own defaults
+    assert (mamba2.head_dim, mamba2.num_heads) == (16, 2)  # its mixers options; the option model.attention set
+
+
 def test_the_pattern_builds_a_model_that_round_trips_through_a_checkpoint(tmp_path):
     raw = {**BASE, "layer_pattern": ["local*2", "global"], "layer_kinds": KINDS}
     model = compose(raw)
