@@ -139,7 +139,9 @@ def _failing_override(exc: ConfigError, overrides: list[str]) -> str | None:
     return None
 
 
-def _compose(overrides: list[str], config_name: str, config_dirs: Iterable, return_hydra_config: bool) -> Any:
+def _compose(
+    overrides: list[str], config_name: str, config_dirs: Iterable, return_hydra_config: bool, hints: bool = True
+) -> Any:
     import yaml  # late: only composing reads YAML
     from hydra import compose as hydra_compose  # late: only composing needs Hydra (0.3 s)
     from hydra import initialize_config_dir  # late: only composing needs Hydra (0.3 s)
@@ -159,7 +161,7 @@ def _compose(overrides: list[str], config_name: str, config_dirs: Iterable, retu
                     return_hydra_config=return_hydra_config,
                 )
             except (HydraException, OmegaConfBaseException, TypeError, ValueError) as exc:  # Type/ValueError:
-                raise _wrap(exc, overrides, config_name, config_dirs) from None  # Hydra's, on odd group options
+                raise _wrap(exc, overrides, config_name, config_dirs, hints) from None  # Hydra's, on odd options
             except yaml.YAMLError as exc:  # a config file that is not YAML
                 raise _yaml_error(exc) from None
     finally:
@@ -186,7 +188,7 @@ def _siblings(key: str, overrides: list[str], config_name: str, config_dirs: Ite
 
     choices = [o for o in overrides if re.fullmatch(r"[\w/\-]+=[\w\-]+", o)]  # group=option only
     try:  # the presets chosen (model=gpt2), without the other overrides (more of them may fail)
-        cfg = _compose(choices, config_name, config_dirs, False)
+        cfg = _compose(choices, config_name, config_dirs, False, hints=False)  # no hints of hints: no recursion
     except ConfigError:
         return []
     parent = key.rsplit(".", 1)[0] if "." in key else ""
@@ -212,7 +214,9 @@ def _culprit(exc: Exception, overrides: list[str], config_name: str, config_dirs
     return ""
 
 
-def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: Iterable) -> ConfigError:
+def _wrap(
+    exc: Exception, overrides: list[str], config_name: str, config_dirs: Iterable, hints: bool = True
+) -> ConfigError:
     from hydra.errors import MissingConfigException, OverrideParseException  # late: only composing needs Hydra (0.3 s)
 
     text = str(exc)
@@ -251,7 +255,7 @@ def _wrap(exc: Exception, overrides: list[str], config_name: str, config_dirs: I
     if m:
         inner = re.search(r"full_key: (\S+)", cause)  # a mapping merged into a node: the key inside it
         key = inner.group(1) if inner and inner.group(1).startswith(m.group(1) + ".") else m.group(1)
-        siblings = _siblings(key, overrides, config_name, config_dirs)
+        siblings = _siblings(key, overrides, config_name, config_dirs) if hints else []
         hint = did_you_mean(key.rsplit(".", 1)[-1], siblings)
         return ConfigError([Problem(key, "no such key", f"{hint}to add a new key write +{key}=...")])
     m = re.search(r"full_key: (\S+)", text) or re.search(r"full_key: (\S+)", cause)

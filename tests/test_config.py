@@ -179,3 +179,11 @@ def test_the_selectors_the_catalogue_prints_work(family):
         cfg = resolve_model_config(load_config([override]).model)
         chosen = cfg.layer(0).block if family == "block" else getattr(cfg.layer(0), family)
         assert chosen.type == name, override
+
+
+def test_an_unknown_group_option_beside_an_unknown_key_is_named_not_recursed_on():
+    """Looking up the unknown key's siblings recomposes the group choices, which fail the same way: the
+    lookup is made once (this recursed until Python's limit)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(["experiment=no_such_experiment", "mixer=mamba2"])
+    assert {p.path for p in info.value.problems} == {"experiment", "mixer"}
