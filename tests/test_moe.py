@@ -524,3 +524,25 @@ def test_narrow_experts_are_not_warned_about_but_a_narrow_dense_ffn_is(caplog):
     with caplog.at_level("WARNING"):
         compose(small_model_dict(ffn=narrow), device="meta")
     assert "model.ffn.intermediate_size: 8 is smaller than hidden_size" in caplog.text
+
+
+def test_placement_first_dense_layers_and_every_kth_layer_through_a_layer_pattern():
+    """DeepSeek's first_k_dense and "MoE every other layer" are layer patterns of two layer kinds."""
+    moe = {"type": "moe", "num_experts": 4, "top_k": 2, "expert": {"type": "swiglu", "intermediate_size": 16}}
+    kinds = {"dense": {"ffn": {"type": "swiglu", "intermediate_size": 48}}, "sparse": {"ffn": moe}}
+    first_k = small_model_dict(
+        num_layers=5, layer_kinds=kinds, layer_pattern={"first": ["dense"] * 2, "cycle": ["sparse"]}
+    )
+    every_2 = small_model_dict(num_layers=6, layer_kinds=kinds, layer_pattern=["dense", "sparse"])
+    for raw, want in ((first_k, ["swiglu"] * 2 + ["moe"] * 3), (every_2, ["swiglu", "moe"] * 3)):
+        m = compose(raw, seed=0)
+        assert [m.config.layer(i).ffn.type for i in range(m.config.num_layers)] == want
+        report = plan(m.config, seq_len=16)
+        routed_idle = sum(
+            sum(p.numel() for p in layer.ffn.experts.parameters()) // 2  # 2 of 4 experts idle per token
+            for layer in m.layers
+            if hasattr(layer.ffn, "experts")
+        )
+        assert report.params_total == m.num_parameters() and report.params_active == m.num_parameters() - routed_idle
+        out = m(torch.randint(0, m.config.vocab_size, (2, 9)), labels=torch.randint(0, m.config.vocab_size, (2, 9)))
+        assert torch.isfinite(out.loss) and out.aux_loss is not None
