@@ -15,7 +15,8 @@ from rich.console import Console
 from benchmarks.bench_plan_memory import hybrid as bench_hybrid
 from benchmarks.bench_plan_memory import measure
 from composer import compose, load_config
-from composer.plan import human, plan, render
+from composer.plan import plan
+from composer.plan_render import human, render
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,8 @@ import sys
 
 from ..config import load_config, split_overrides, with_model_problems
 from ..errors import ConfigError
-from ..plan import plan, render
+from ..plan import plan
+from ..plan_render import render
 from ..schema import resolve_model_config
 from . import drop_leftovers, parse_value, run, take_config_dirs
 
