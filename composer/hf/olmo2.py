@@ -14,7 +14,7 @@ from typing import Any
 
 from ..schema import ModelConfig
 from .common import Exporting, Family, HFConfig, attention_rules, copy, swiglu_rules
-from .qwen3 import attention_dict, check_layers_alike, check_plain_scores
+from .qwen3 import attention_dict, check_layers_alike, check_plain_scores, check_qk_norms
 from .rope_scaling import rope_from_hf_scaled, rope_to_hf_scaled
 
 L = "model.layers.{i}"
@@ -63,24 +63,7 @@ def match(e: Exporting) -> str:
     e.require(not sliding, "attention.type", "OLMo 2 has no sliding window", "use mha / gqa / mqa")
     s = e.cfg.layer(0)
     a = s.attention
-    e.require(
-        a.qk_norm_placement() == "across_heads",
-        "attention.qk_norm",
-        f"{a.qk_norm!r}: OLMo 2 normalises queries and keys across all heads",
-        "use qk_norm: across_heads",
-    )
-    e.require(
-        not getattr(a, "qk_norm_zero_centred", False),
-        "attention.qk_norm_zero_centred",
-        "OLMo 2's q/k norms scale by their weight, not (1 + weight)",
-        "set qk_norm_zero_centred: false",
-    )
-    e.require(
-        a.qk_norm_eps == s.norm.eps,
-        "attention.qk_norm_eps",
-        f"{a.qk_norm_eps}: OLMo 2's q/k norms use rms_norm_eps ({s.norm.eps}, norm.eps)",
-        "set qk_norm_eps equal to norm.eps",
-    )
+    check_qk_norms(e, a, s.norm.eps, "across_heads")
     e.require(
         a.head_dim * a.num_heads == e.cfg.hidden_size,
         "attention.head_dim",

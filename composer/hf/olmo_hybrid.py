@@ -27,7 +27,7 @@ from typing import Any
 
 from ..schema import ModelConfig, config_to_dict
 from .common import Exporting, Family, HFConfig, Rule, attention_rules, copy, fused, swiglu_rules
-from .qwen3 import attention_dict, check_plain_scores
+from .qwen3 import attention_dict, check_plain_scores, check_qk_norms
 from .rope_scaling import _merged, rope_from_hf_scaled, rope_to_hf_scaled
 
 L = "model.layers.{i}"
@@ -160,8 +160,7 @@ def _check_attention(e: Exporting, s: Any) -> None:
     e.require(a.type in ("mha", "gqa", "mqa"), "attention.type", f"{where}: {a.type} has no equivalent")
     if a.type not in ("mha", "gqa", "mqa"):
         return
-    e.require(a.qk_norm_placement() == "across_heads", "attention.qk_norm", "q/k are normalised across heads")
-    e.require(a.qk_norm_eps == s.norm.eps, "attention.qk_norm_eps", "the q/k norms use rms_norm_eps (norm.eps)")
+    check_qk_norms(e, a, s.norm.eps, "across_heads")  # OLMo 2's: by the weight, not (1 + weight)
     e.require(a.head_dim * a.num_heads == e.cfg.hidden_size, "attention.head_dim", "head_dim * num_heads == C")
     e.require(a.bias == a.out_bias, "attention.out_bias", "attention_bias is on all four projections or none")
     e.require(s.position.type == "rope", "position.type", "its attention layers use rope", "position: rope")

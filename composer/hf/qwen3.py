@@ -119,6 +119,30 @@ def check_layers_alike(e: Exporting, family: str) -> list[int]:
     return sliding
 
 
+def check_qk_norms(e: Exporting, a: Any, norm_eps: float, placement: str, zero_centred: bool = False) -> None:
+    """The q/k norms a family's checkpoint holds: normalised ``placement`` (per_head / across_heads), scaled by
+    (1 + weight) when ``zero_centred`` and by the weight otherwise, with the model norms' eps (rms_norm_eps)."""
+    where = "per head" if placement == "per_head" else "across heads"
+    e.require(
+        a.qk_norm_placement() == placement,
+        "attention.qk_norm",
+        f"{a.qk_norm!r}: q/k are normalised {where}",
+        f"use qk_norm: {placement}",
+    )
+    e.require(
+        bool(getattr(a, "qk_norm_zero_centred", False)) == zero_centred,
+        "attention.qk_norm_zero_centred",
+        f"its q/k norms scale by {'(1 + weight)' if zero_centred else 'their weight, not (1 + weight)'}",
+        f"set qk_norm_zero_centred: {'true' if zero_centred else 'false'}",
+    )
+    e.require(
+        a.qk_norm_eps == norm_eps,
+        "attention.qk_norm_eps",
+        f"{a.qk_norm_eps}: its q/k norms use rms_norm_eps ({norm_eps}, norm.eps)",
+        "set qk_norm_eps equal to norm.eps",
+    )
+
+
 def check_plain_scores(e: Exporting, a: Any, family: str) -> None:
     """The score scale is 1/sqrt(head_dim) in these families."""
     scale = a.score_scale()
@@ -135,24 +159,7 @@ def match(e: Exporting) -> str:
     specs = e.cfg.layer_specs()
     base = next((s for s in specs if s.index not in sliding), specs[0])
     a = base.attention
-    e.require(
-        a.qk_norm_placement() == "per_head",
-        "attention.qk_norm",
-        f"{a.qk_norm!r}: Qwen3 normalises each query and key head",
-        "use qk_norm: per_head",
-    )
-    e.require(
-        not getattr(a, "qk_norm_zero_centred", False),
-        "attention.qk_norm_zero_centred",
-        "Qwen3's q/k norms scale by their weight, not (1 + weight)",
-        "set qk_norm_zero_centred: false",
-    )
-    e.require(
-        a.qk_norm_eps == base.norm.eps,
-        "attention.qk_norm_eps",
-        f"{a.qk_norm_eps}: Qwen3's q/k norms use rms_norm_eps ({base.norm.eps}, norm.eps)",
-        "set qk_norm_eps equal to norm.eps",
-    )
+    check_qk_norms(e, a, base.norm.eps, "per_head")
     e.require(a.bias == a.out_bias, "attention.out_bias", "attention_bias is on all four projections or none")
     e.require(base.position.rotary_fraction == 1.0, "position.rotary_fraction", "Qwen3 rotates whole heads")
     e.require(not base.ffn.bias, "ffn.bias", "Qwen3 has no feed-forward biases", "set ffn.bias: false")

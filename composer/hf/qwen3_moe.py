@@ -64,8 +64,7 @@ def match(e: Exporting) -> str:
     sliding = qwen3.check_layers_alike(e, "qwen3_moe")
     base = next((s for s in specs if s.index not in sliding), specs[0])
     a = base.attention
-    e.require(a.qk_norm_placement() == "per_head", "attention.qk_norm", "it normalises each query and key head")
-    e.require(a.qk_norm_eps == base.norm.eps, "attention.qk_norm_eps", "its q/k norms use rms_norm_eps (norm.eps)")
+    qwen3.check_qk_norms(e, a, base.norm.eps, "per_head")  # Qwen3's: by the weight, not (1 + weight)
     e.require(a.bias == a.out_bias, "attention.out_bias", "attention_bias is on all four projections or none")
     e.require(base.position.rotary_fraction == 1.0, "position.rotary_fraction", "it rotates whole heads")
     qwen3.check_plain_scores(e, a, "qwen3_moe")

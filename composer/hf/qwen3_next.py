@@ -28,7 +28,7 @@ from torch import Tensor
 from ..schema import ModelConfig, config_to_dict
 from .common import CONVERTERS, Exporting, Family, HFConfig, attention_rules, copy, fused, swiglu_rules
 from .mixtral import moe_ffn
-from .qwen3 import attention_dict, check_plain_scores
+from .qwen3 import attention_dict, check_plain_scores, check_qk_norms
 from .qwen3_moe import dense_layers
 from .rope_scaling import rope_from_hf_scaled, rope_to_hf_scaled
 
@@ -191,9 +191,7 @@ def _check_attention(e: Exporting, s: Any) -> None:
     a = s.attention
     e.require(a.type in ("mha", "gqa", "mqa"), "attention.type", f"layer {s.index}: {a.type} has no equivalent")
     e.require(a.output_gate == "elementwise", "attention.output_gate", "its attention has an elementwise gate")
-    e.require(a.qk_norm_placement() == "per_head", "attention.qk_norm", "it normalises each query and key head")
-    e.require(bool(getattr(a, "qk_norm_zero_centred", False)), "attention.qk_norm_zero_centred", "q/k norms are 1 + w")
-    e.require(a.qk_norm_eps == s.norm.eps, "attention.qk_norm_eps", "its q/k norms use rms_norm_eps (norm.eps)")
+    check_qk_norms(e, a, s.norm.eps, "per_head", zero_centred=True)
     e.require(a.bias == a.out_bias, "attention.out_bias", "attention_bias is on all four projections or none")
     e.require(s.position.type == "rope", "position.type", "its attention layers use rope", "position: rope")
     check_plain_scores(e, a, "qwen3_next")
