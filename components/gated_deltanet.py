@@ -36,17 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import FLA_FIX, fla_available
 from components.linear_recurrence import (
-    FORMS,
-    KERNELS,
     GatedRMSNorm,
     RecurrentCache,
     RecurrentMixer,
     ShortConv,
+    check_kernel,
     chunk_gated_delta,
     dt_bias_init,
     fla_ops,
+    form_option,
+    kernel_option,
     l2norm,
     masked,
     recurrent_gated_delta,
@@ -88,8 +88,8 @@ class GatedDeltaNetConfig(ComponentConfig):
     dt_min: float = option(0.001, help="smallest initial time step (dt_bias)", min=0.0)
     dt_max: float = option(0.1, help="largest initial time step", min=0.0)
     a_init_max: float = option(16.0, help="initial A = exp(A_log) spread over [1, a_init_max]", min=1.0, max=1e4)
-    form: str = option("auto", help="auto (recurrent for one token, else chunks) | chunk | recurrent", choices=FORMS)
-    kernel: str = option("auto", help="auto (fla on CUDA when installed) | torch | fla", choices=KERNELS)
+    form: str = form_option()
+    kernel: str = kernel_option()
 
     def summary(self) -> str:
         return f"gated_deltanet(h={self.num_heads}, kh={self.num_key_heads})"
@@ -113,8 +113,7 @@ class GatedDeltaNetConfig(ComponentConfig):
             )
         if not 0 < self.dt_min <= self.dt_max:
             check.fail("dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}", "e.g. 0.001 and 0.1")
-        if self.kernel == "fla" and not fla_available():
-            check.fail("kernel", "fla needs flash-linear-attention installed", FLA_FIX)
+        check_kernel(self, check)
 
 
 @ATTENTION.register("gated_deltanet", config=GatedDeltaNetConfig)

@@ -30,16 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import FLA_FIX, fla_available
 from components.linear_recurrence import (
-    FORMS,
-    KERNELS,
     GatedRMSNorm,
     RecurrentCache,
     RecurrentMixer,
     ShortConv,
+    check_kernel,
     chunk_gated_linear,
     fla_ops,
+    form_option,
+    kernel_option,
     masked,
     recurrent_gated_linear,
     scan_flops,
@@ -85,8 +85,8 @@ class GLAConfig(ComponentConfig):
     chunk_size: int = option(
         16, help="tokens per chunk of the chunk form (its per-channel decays are [L, L, Dk] per chunk)", min=1, max=1024
     )
-    form: str = option("auto", help="auto (recurrent for one token, else chunks) | chunk | recurrent", choices=FORMS)
-    kernel: str = option("auto", help="auto (fla on CUDA when installed) | torch | fla", choices=KERNELS)
+    form: str = form_option()
+    kernel: str = kernel_option()
 
     def summary(self) -> str:
         return f"gla(h={self.num_heads})"
@@ -101,8 +101,7 @@ class GLAConfig(ComponentConfig):
                     f"{name} * hidden_size = {width:g} is not a positive multiple of num_heads={self.num_heads}",
                     f"pick {name} so that {name} * {model.hidden_size} divides into {self.num_heads} heads",
                 )
-        if self.kernel == "fla" and not fla_available():
-            check.fail("kernel", "fla needs flash-linear-attention installed", FLA_FIX)
+        check_kernel(self, check)
 
 
 @ATTENTION.register("gla", config=GLAConfig)

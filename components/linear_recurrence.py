@@ -39,10 +39,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import SCAN_FORMS, SCAN_KERNELS, Choice, ScanSpec, choose, scan_facts
-from composer.contract import LayerInputs, MixerBase
+from components.kernels import FLA_FIX, SCAN_FORMS, SCAN_KERNELS, Choice, ScanSpec, choose, fla_available, scan_facts
+from composer.contract import LayerInputs, MixerBase, option
 
-FORMS, KERNELS = SCAN_FORMS, SCAN_KERNELS  # the mixers' `form` and `kernel` options
+
+# ----------------------------------------------------------------------------- the kernel options
+def form_option() -> Any:
+    """Every mixer's ``form`` option: which of the two forms runs (auto: by the call's length)."""
+    return option("auto", help="auto (recurrent for one token, else chunks) | chunk | recurrent", choices=SCAN_FORMS)
+
+
+def kernel_option() -> Any:
+    """Every mixer's ``kernel`` option: the preference the kernel chooser (components.kernels) reads."""
+    return option("auto", help="auto (fla on CUDA when installed) | torch | fla", choices=SCAN_KERNELS)
+
+
+def check_kernel(cfg: Any, check: Any) -> None:
+    """``kernel: fla`` needs flash-linear-attention installed (named with the extra that brings it)."""
+    if cfg.kernel == "fla" and not fla_available():
+        check.fail("kernel", "fla needs flash-linear-attention installed", FLA_FIX)
 
 
 # ----------------------------------------------------------------------------- short convolution

@@ -30,17 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.kernels import FLA_FIX, fla_available
 from components.linear_recurrence import (
-    FORMS,
-    KERNELS,
     GatedRMSNorm,
     RecurrentCache,
     RecurrentMixer,
     ShortConv,
+    check_kernel,
     chunk_gated_linear,
     dt_bias_init,
     fla_ops,
+    form_option,
+    kernel_option,
     masked,
     recurrent_gated_linear,
     scan_flops,
@@ -81,8 +81,8 @@ class Mamba2Config(ComponentConfig):
     dt_limit_min: float = option(0.0, help="time steps are clamped to at least this", min=0.0)
     dt_limit_max: Optional[float] = option(None, help="... and at most this (null: no limit)", min=0.0)
     norm_eps: float = option(1e-5, help="epsilon of the gated RMSNorm", min=0.0)
-    form: str = option("auto", help="auto (recurrent for one token, else chunks) | chunk | recurrent", choices=FORMS)
-    kernel: str = option("auto", help="auto (fla on CUDA when installed) | torch | fla", choices=KERNELS)
+    form: str = form_option()
+    kernel: str = kernel_option()
 
     def summary(self) -> str:
         return f"mamba2(h={self.num_heads}, n={self.state_size})"
@@ -105,8 +105,7 @@ class Mamba2Config(ComponentConfig):
             check.fail("dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}", "e.g. 0.001 and 0.1")
         if self.dt_limit_max is not None and self.dt_limit_max < self.dt_limit_min:
             check.fail("dt_limit_max", f"{self.dt_limit_max} < dt_limit_min={self.dt_limit_min}", "use null or more")
-        if self.kernel == "fla" and not fla_available():
-            check.fail("kernel", "fla needs flash-linear-attention installed", FLA_FIX)
+        check_kernel(self, check)
 
 
 @ATTENTION.register("mamba2", config=Mamba2Config)
